@@ -1,0 +1,24 @@
+"""Fused optimizer-step ops on flat ZeRO shards (installed as ``dsforget.kernels``).
+
+Each op lives in its own module beside a plain-PyTorch reference of the same math. Importing
+this package never needs a GPU or Triton.
+"""
+
+from .histogram import abs_histogram
+from .masked_update import masked_adamw
+from .moments import update_moments
+from .radix import NUM_LEVELS, RadixState, level_bins, refine
+from .segments import DENSE, NO_ROWSCALE, SegmentTable
+
+__all__ = [
+    "DENSE",
+    "NO_ROWSCALE",
+    "NUM_LEVELS",
+    "RadixState",
+    "SegmentTable",
+    "abs_histogram",
+    "level_bins",
+    "masked_adamw",
+    "refine",
+    "update_moments",
+]

