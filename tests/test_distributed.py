@@ -1,0 +1,143 @@
+"""Sharding invariance: real 2-rank gloo DeepSpeed runs against a dense single-process run.
+
+Each configuration names the baseline it must equal. Data is drawn once with shape
+(steps, world, micro_batch, seq); the dense run trains on all of it, rank r on column r.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from launcher import REPO, RankFailure, run_ranks
+from tiny import TinyLM, batches, initial_state, train_dense
+
+import dsforget
+
+pytestmark = pytest.mark.distributed
+
+WORLD = 2
+STEPS = 4
+MICRO_BATCH = 3
+WORKER = str(REPO / "tests" / "workers" / "train_tiny.py")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    stage: int
+    method: str = "mofo"
+    options: dict = field(default_factory=lambda: {"fraction": 0.3})
+    topk: str = "exact"
+    offload: bool = False
+    weight_decay: float = 0.0
+    lr: float = 1e-2
+    dropin: bool = False
+
+
+MATRIX = [
+    Config("no-zero", stage=0),
+    Config("zero1", stage=1, weight_decay=0.1),
+    Config("zero2", stage=2),
+    Config("zero3", stage=3, weight_decay=0.1),
+    Config("zero3-offload", stage=3, offload=True),
+    Config("zero2-full", stage=2, method="full", options={}),
+    Config("zero3-mofo-dropin", stage=3, dropin=True),
+]
+
+
+def run_config(config: Config, tmp_path: Path, steps: int = STEPS) -> dict:
+    torch.save(initial_state(), tmp_path / "init.pt")
+    torch.save(batches(steps, WORLD, MICRO_BATCH), tmp_path / "data.pt")
+    spec = {
+        **asdict(config),
+        "fraction": config.options.get("fraction", 1.0),
+        "micro_batch": MICRO_BATCH,
+        "init": str(tmp_path / "init.pt"),
+        "data": str(tmp_path / "data.pt"),
+        "out": str(tmp_path / "out.pt"),
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    run_ranks([WORKER, str(tmp_path / "spec.json")], WORLD)
+    return torch.load(tmp_path / "out.pt")
+
+
+def dense_reference(config: Config, steps: int = STEPS) -> TinyLM:
+    model = TinyLM()
+    model.load_state_dict(initial_state())
+    hyper = dict(lr=config.lr, weight_decay=config.weight_decay)
+    if config.method == "full":
+        optimizer = torch.optim.AdamW(model.parameters(), **hyper)
+    else:
+        plan = dsforget.plan_for(model, config.method, **config.options)
+        optimizer = dsforget.ForgetAdamW(model.named_parameters(), plan=plan, backend="torch", **hyper)
+    train_dense(model, optimizer, batches(steps, WORLD, MICRO_BATCH))
+    return model
+
+
+def assert_same_parameters(reference: TinyLM, sharded: dict[str, torch.Tensor], lr: float) -> None:
+    """Equal to float tolerance; a top-k boundary flip (|diff| ~ lr) is allowed in 1 of 10^4 entries."""
+    flips, total, report = 0, 0, []
+    for name, param in reference.named_parameters():
+        diff = (param.detach() - sharded[name]).abs()
+        near = diff <= 1e-5 + 1e-5 * param.detach().abs()
+        flips += int((~near).sum())
+        total += diff.numel()
+        if not near.all():
+            report.append(f"{name}: {int((~near).sum())} of {diff.numel()} differ, max {diff.max():.3g}")
+        assert diff.max() <= 2 * lr * STEPS, f"{name} differs by {diff.max()}, more than a boundary flip"
+    assert flips <= max(1, total // 10_000), "\n".join(report)
+
+
+@pytest.mark.parametrize("config", MATRIX, ids=[c.name for c in MATRIX])
+def test_sharded_run_equals_dense_single_process(config: Config, tmp_path: Path) -> None:
+    """Catches layouts that map shard elements to the wrong parameter entries, top-k taken per
+    shard instead of per parameter, row scales tiled from the shard start, and DeepSpeed
+    configurations the optimizer silently mis-binds."""
+    result = run_config(config, tmp_path)
+    assert_same_parameters(dense_reference(config), result["params"], config.lr)
+    initial = initial_state()
+    moved = [name for name, p in result["params"].items() if not torch.equal(p, initial[name])]
+    assert "llama.lm_head.weight" in moved
+    assert ("never_used" in moved) == (config.weight_decay > 0), (
+        "only weight decay moves a gradient-free param"
+    )
+
+
+def test_shard_mode_selects_per_rank_slice(tmp_path: Path) -> None:
+    """Shard mode must pick the top fraction of each rank's own ZeRO-3 slice (the MoFO reference
+    code's behaviour), not of the whole parameter: after one step from zero moments, each
+    slice of a filtered matrix changes in exactly max(1, floor(fraction * slice length)) entries."""
+    config = Config("zero3-shard", stage=3, topk="shard", options={"fraction": 0.25})
+    result = run_config(config, tmp_path, steps=1)
+    initial = initial_state()
+    for name in ("llama.model.layers.0.mlp.down_proj.weight", "llama.lm_head.weight"):
+        changed = (result["params"][name] != initial[name]).flatten()
+        slice_len = -(-changed.numel() // WORLD)
+        for rank in range(WORLD):
+            piece = changed[rank * slice_len : (rank + 1) * slice_len]
+            assert int(piece.sum()) == max(1, int(0.25 * piece.numel())), (name, rank)
+
+
+def test_rank_with_other_plan_fails_fast(tmp_path: Path) -> None:
+    """A rank that built its own plan (other fraction) must stop before training, naming itself."""
+    torch.save(initial_state(), tmp_path / "init.pt")
+    torch.save(batches(1, WORLD, MICRO_BATCH), tmp_path / "data.pt")
+    spec = {
+        **asdict(Config("mismatch", stage=2)),
+        "fraction": 0.3,
+        "corrupt_plan_on_rank": 1,
+        "micro_batch": MICRO_BATCH,
+        "init": str(tmp_path / "init.pt"),
+        "data": str(tmp_path / "data.pt"),
+        "out": str(tmp_path / "out.pt"),
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(RankFailure) as failure:
+        run_ranks([WORKER, str(tmp_path / "spec.json")], WORLD, timeout=120)
+    assert failure.value.ranks == [0, 1]
+    assert "rank(s) [1] hold a plan whose digest differs from rank 0" in failure.value.outputs[0]
+    assert not (tmp_path / "out.pt").exists()

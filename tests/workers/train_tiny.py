@@ -1,0 +1,69 @@
+"""One rank of a DeepSpeed run of TinyLM; rank 0 saves the final full parameters.
+
+Usage: python train_tiny.py SPEC.json   (SPEC: see tests/test_distributed.py)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import deepspeed
+import torch
+from tiny import SEQ, TinyLM
+
+import dsforget
+
+
+def zero_config(spec: dict) -> dict:
+    zero: dict = {"stage": spec["stage"]}
+    if spec.get("offload"):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if spec["stage"] == 3:
+        zero["stage3_param_persistence_threshold"] = 0  # partition even the tiny parameters
+    return {
+        "train_micro_batch_size_per_gpu": spec["micro_batch"],
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,  # DeepSpeed's default 1.0 would differ from the reference
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+    }
+
+
+def main() -> None:
+    spec = json.loads(open(sys.argv[1]).read())
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = deepspeed.comm.get_rank()
+    model = TinyLM()
+    model.load_state_dict(torch.load(spec["init"]))
+    hyper = dict(lr=spec["lr"], weight_decay=spec.get("weight_decay", 0.0))
+    if spec.get("dropin"):
+        optimizer = dsforget.MoFOAdamW(
+            model.parameters(), fraction=spec["fraction"], topk=spec["topk"], **hyper
+        )
+    else:
+        if spec.get("corrupt_plan_on_rank") == rank:
+            plan = dsforget.plan_for(model, spec["method"], fraction=spec["fraction"] / 2)
+        else:
+            plan = dsforget.build_plan(model, spec["method"], **spec.get("options", {}))
+        optimizer = dsforget.ForgetAdamW(
+            model.named_parameters(), plan=plan, topk=spec["topk"], backend="torch", **hyper
+        )
+    engine, *_ = dsforget.initialize(model=model, optimizer=optimizer, config=zero_config(spec))
+    data = torch.load(spec["data"])
+    losses = []
+    for step_batches in data:
+        loss = engine(step_batches[rank].reshape(-1, SEQ))
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=spec["stage"] == 3):
+        final = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
+    if rank == 0:
+        torch.save({"params": final, "losses": losses}, spec["out"])
+    print(f"rank {rank} done, losses {losses}")
+
+
+if __name__ == "__main__":
+    main()
