@@ -4,7 +4,7 @@ Importing dsforget needs neither a GPU nor Triton nor an initialised DeepSpeed.
 """
 
 from .coordinator import build_plan, verify_plan_agreement
-from .engine import UnsupportedSetupError, initialize
+from .engine import UnsupportedSetupError, initialize, load_deepspeed_config
 from .methods import METHODS, plan_for
 from .optimizer import ForgetAdamW, MoFOAdamW
 from .plan import MaskPlan, ParamRule, PlanError
@@ -19,6 +19,7 @@ __all__ = [
     "UnsupportedSetupError",
     "build_plan",
     "initialize",
+    "load_deepspeed_config",
     "plan_for",
     "verify_plan_agreement",
 ]

@@ -29,6 +29,19 @@ class UnsupportedSetupError(RuntimeError):
     """A DeepSpeed version or configuration dsforget cannot bind to."""
 
 
+def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
+    """A DeepSpeed JSON config as a dict, without its documentation keys (those starting with "_")."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"DeepSpeed config {path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"DeepSpeed config {path}: the top level must be a JSON object")
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
 def prepare_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     """A copy of the DeepSpeed config with the keys a client optimizer needs, checked.
 
@@ -37,12 +50,7 @@ def prepare_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     filled in when absent and rejected when the user set the opposite on purpose.
     """
     if isinstance(config, str | Path):
-        try:
-            config = json.loads(Path(config).read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"DeepSpeed config {config} does not exist") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"DeepSpeed config {config}: not valid JSON ({err})") from None
+        config = load_deepspeed_config(config)
     config = copy.deepcopy(dict(config))
     if "optimizer" in config:
         raise ValueError(
@@ -230,4 +238,4 @@ def initialize(model: nn.Module, optimizer: ForgetAdamW, config: str | Path | Ma
     return engine, ds_optimizer, dataloader, scheduler
 
 
-__all__ = ["UnsupportedSetupError", "bind_to_engine", "initialize", "prepare_config"]
+__all__ = ["UnsupportedSetupError", "bind_to_engine", "initialize", "load_deepspeed_config", "prepare_config"]

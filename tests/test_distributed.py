@@ -49,11 +49,12 @@ MATRIX = [
 ]
 
 
-def run_config(config: Config, tmp_path: Path, steps: int = STEPS) -> dict:
+def run_config(config: Config, tmp_path: Path, steps: int = STEPS, **extra) -> dict:
     torch.save(initial_state(), tmp_path / "init.pt")
     torch.save(batches(steps, WORLD, MICRO_BATCH), tmp_path / "data.pt")
     spec = {
         **asdict(config),
+        **extra,
         "fraction": config.options.get("fraction", 1.0),
         "micro_batch": MICRO_BATCH,
         "init": str(tmp_path / "init.pt"),
@@ -141,3 +142,17 @@ def test_rank_with_other_plan_fails_fast(tmp_path: Path) -> None:
     assert failure.value.ranks == [0, 1]
     assert "rank(s) [1] hold a plan whose digest differs from rank 0" in failure.value.outputs[0]
     assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_checkpoint_resumes_bit_identically(stage: int, tmp_path: Path) -> None:
+    """DeepSpeed's own save/load_checkpoint must carry ForgetAdamW's moments and step count
+    through every ZeRO layout: resuming after step 2 of 4 gives the uninterrupted parameters."""
+    config = Config(f"zero{stage}-resume", stage=stage, weight_decay=0.1)
+    checkpoints = tmp_path / "checkpoints"
+    straight = run_config(config, tmp_path, save_after=2, checkpoint_dir=str(checkpoints))
+    resumed = run_config(config, tmp_path, resume_from=str(checkpoints))
+    assert len(resumed["losses"]) == STEPS - 2
+    assert resumed["losses"] == straight["losses"][2:]
+    for name, param in straight["params"].items():
+        assert torch.equal(param, resumed["params"][name]), name

@@ -51,12 +51,18 @@ def main() -> None:
         )
     engine, *_ = dsforget.initialize(model=model, optimizer=optimizer, config=zero_config(spec))
     data = torch.load(spec["data"])
+    first_step = 0
+    if spec.get("resume_from"):
+        engine.load_checkpoint(spec["resume_from"])
+        first_step = engine.global_steps
     losses = []
-    for step_batches in data:
+    for step, step_batches in enumerate(data[first_step:], start=first_step):
         loss = engine(step_batches[rank].reshape(-1, SEQ))
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
+        if step + 1 == spec.get("save_after"):
+            engine.save_checkpoint(spec["checkpoint_dir"])
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=spec["stage"] == 3):
         final = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
