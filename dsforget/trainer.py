@@ -1,0 +1,214 @@
+"""The training loop of the main job: deterministic, resumable batches and rank-0 reporting.
+
+Batch order comes from ``torch.utils.data.DistributedSampler`` (shuffled per epoch from the run
+seed, tail dropped so every rank takes the same number of micro-batches), so the position
+(epoch, micro-batch) fully determines what comes next, which is what resume restores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from .checkpoint import TrainerState
+
+logger = logging.getLogger("dsforget")
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)
+    last_loss: float = float("nan")
+    validation_loss: float | None = None
+
+    @property
+    def median_step_ms(self) -> float:
+        times = sorted(self.step_seconds[1:] or self.step_seconds)  # the first step includes warm-up
+        return 1000 * times[len(times) // 2] if times else float("nan")
+
+
+def steps_per_epoch(examples: int, micro_batch: int, world: int, accumulation: int) -> int:
+    """Optimizer steps in one pass; an error when the data cannot fill one step."""
+    per_step = micro_batch * world * accumulation
+    steps = examples // per_step
+    if steps == 0:
+        raise ValueError(
+            f"the training data has {examples} examples, fewer than one optimizer step takes "
+            f"(micro_batch_size {micro_batch} x {world} ranks x gradient_accumulation {accumulation} "
+            f"= {per_step})"
+        )
+    return steps
+
+
+class Trainer:
+    def __init__(
+        self,
+        engine: Any,
+        train: Sequence[dict],
+        validation: Sequence[dict],
+        collate: Callable[[Sequence[dict]], dict[str, torch.Tensor]],
+        *,
+        micro_batch: int,
+        accumulation: int,
+        total_steps: int,
+        seed: int,
+        output_dir: Path,
+        log_every: int,
+        eval_every: int,
+        save_every: int,
+        save: Callable[[TrainerState], None],
+    ) -> None:
+        from deepspeed import comm
+
+        self.engine, self.train, self.validation, self.collate = engine, train, validation, collate
+        self.micro_batch, self.accumulation, self.total_steps, self.seed = (
+            micro_batch,
+            accumulation,
+            total_steps,
+            seed,
+        )
+        self.log_every, self.eval_every, self.save_every, self.save = log_every, eval_every, save_every, save
+        self.rank, self.world = comm.get_rank(), comm.get_world_size()
+        self.per_epoch = steps_per_epoch(len(train), micro_batch, self.world, accumulation)
+        self.metrics_file = output_dir / "metrics.jsonl"
+        self.writer = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's micro-batches of `epoch`, as lists of example indices."""
+        sampler = DistributedSampler(
+            range(len(self.train)),
+            num_replicas=self.world,
+            rank=self.rank,
+            shuffle=True,
+            seed=self.seed,
+            drop_last=True,
+        )
+        sampler.set_epoch(epoch)
+        indices = list(sampler)
+        batches = [indices[i : i + self.micro_batch] for i in range(0, len(indices), self.micro_batch)]
+        return batches[: self.per_epoch * self.accumulation]
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.to(self.engine.device) for key, value in batch.items()}
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        from deepspeed import comm
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
+        comm.all_reduce(tensor)
+        return tensor.tolist()
+
+    def validation_loss(self) -> float | None:
+        """Token-weighted mean loss over the validation split, every rank on its share."""
+        if not self.validation:
+            return None
+        sampler = DistributedSampler(
+            range(len(self.validation)),
+            num_replicas=self.world,
+            rank=self.rank,
+            shuffle=False,
+            drop_last=False,
+        )
+        indices = list(sampler)
+        self.engine.eval()
+        loss_sum, tokens = 0.0, 0.0
+        with torch.no_grad():
+            for start in range(0, len(indices), self.micro_batch):
+                batch = self._to_device(
+                    self.collate([self.validation[i] for i in indices[start : start + self.micro_batch]])
+                )
+                count = float((batch["labels"][:, 1:] != -100).sum())
+                loss_sum += float(self.engine(**batch).loss) * count
+                tokens += count
+        self.engine.train()
+        loss_sum, tokens = self._all_sum([loss_sum, tokens])
+        return loss_sum / max(tokens, 1.0)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        with open(self.metrics_file, "a") as file:
+            file.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, float | int):
+                self.writer.add_scalar(key, value, record["step"])
+        self.writer.flush()
+
+    def fit(self, state: TrainerState) -> TrainStats:
+        stats = TrainStats(steps=state.step)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=state.step,
+            disable=self.rank != 0,
+            desc="fine-tune",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        window = [0.0, 0.0, 0.0]  # loss sum, micro-batches, tokens since the last log line
+        window_start = start = time.perf_counter()
+        position = state
+        self.engine.train()
+        while stats.steps < self.total_steps:
+            batches = self.epoch_batches(position.epoch)
+            step_start = time.perf_counter()
+            for index in range(position.micro_batch, len(batches)):
+                batch = self._to_device(self.collate([self.train[i] for i in batches[index]]))
+                loss = self.engine(**batch).loss
+                self.engine.backward(loss)
+                self.engine.step()
+                window[0] += loss.item()
+                window[1] += 1
+                window[2] += float((batch["labels"] != -100).sum())
+                if (index + 1) % self.accumulation:
+                    continue
+                stats.steps += 1
+                stats.step_seconds.append(time.perf_counter() - step_start)
+                step_start = time.perf_counter()
+                # An epoch holds a whole number of steps, so its last micro-batch ends a step.
+                ended = index + 1 == len(batches)
+                position = TrainerState(stats.steps, position.epoch + ended, 0 if ended else index + 1)
+                if stats.steps % self.log_every == 0 or stats.steps == self.total_steps:
+                    loss_sum, count, tokens = self._all_sum(window)
+                    elapsed = time.perf_counter() - window_start
+                    stats.last_loss = loss_sum / count
+                    record = {
+                        "step": stats.steps,
+                        "loss": stats.last_loss,
+                        "lr": self.engine.get_lr()[0],
+                        "tokens_per_second": tokens / elapsed,
+                        "epoch": position.epoch,
+                    }
+                    self._log(record)
+                    bar.set_postfix(loss=f"{stats.last_loss:.4f}", tok_s=f"{tokens / elapsed:.0f}")
+                    window, window_start = [0.0, 0.0, 0.0], time.perf_counter()
+                bar.update(1)
+                if stats.steps == self.total_steps:
+                    break
+                if self.eval_every and stats.steps % self.eval_every == 0:
+                    self._log({"step": stats.steps, "validation_loss": self.validation_loss()})
+                if self.save_every and stats.steps % self.save_every == 0:
+                    self.save(position)
+        bar.close()
+        stats.seconds = time.perf_counter() - start
+        stats.validation_loss = self.validation_loss()
+        if stats.validation_loss is not None:
+            self._log({"step": stats.steps, "validation_loss": stats.validation_loss})
+        self.save(position)
+        if self.writer is not None:
+            self.writer.close()
+        return stats
