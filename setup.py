@@ -6,7 +6,7 @@ an sdist that imports torch while building, so it must be installed after torch 
 ``pip install --no-build-isolation deepspeed`` (``make venv`` does this).
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="dsforget",
@@ -15,7 +15,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["dsforget", "dsforget.kernels"],
+    packages=[*find_packages(include=["dsforget", "dsforget.*"]), "dsforget.kernels"],
     package_dir={"dsforget": "dsforget", "dsforget.kernels": "kernels"},
     install_requires=[
         "torch==2.13.0",
