@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import sys
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -30,6 +33,12 @@ def setup_logging(rank: int) -> None:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    # DeepSpeed 0.19 calls torch collectives that torch 2.13 deprecates, once per step and rank.
+    warnings.filterwarnings(
+        "ignore",
+        message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
+        category=FutureWarning,
+    )
 
 
 @dataclass(frozen=True)
@@ -110,30 +119,25 @@ def resolve_precision(config: RunConfig) -> str:
     return "bf16" if accelerator.device_name() != "cpu" and accelerator.is_bf16_supported() else "fp32"
 
 
-def deepspeed_config(config: RunConfig, total_steps: int) -> dict[str, Any]:
-    """The DeepSpeed config file, completed with the run's batch, precision and schedule.
+def deepspeed_config(config: RunConfig) -> dict[str, Any]:
+    """The DeepSpeed config file, completed with the run's batch sizes, clipping and precision.
 
     A value the file sets differently from the run config is an error, not a silent override.
     """
     ds = load_deepspeed_config(config.deepspeed)
     precision = resolve_precision(config)
-    decided = {
-        "train_micro_batch_size_per_gpu": config.micro_batch_size,
-        "gradient_accumulation_steps": config.gradient_accumulation,
-        "gradient_clipping": config.gradient_clipping,
+    decided = {  # DeepSpeed key: (run config key, value)
+        "train_micro_batch_size_per_gpu": ("micro_batch_size", config.micro_batch_size),
+        "gradient_accumulation_steps": ("gradient_accumulation", config.gradient_accumulation),
+        "gradient_clipping": ("gradient_clipping", config.gradient_clipping),
     }
-    run_keys = {
-        "train_micro_batch_size_per_gpu": "micro_batch_size",
-        "gradient_accumulation_steps": "gradient_accumulation",
-        "gradient_clipping": "gradient_clipping",
-    }
-    for key, value in decided.items():
+    for key, (run_key, value) in decided.items():
         if key in ds and ds[key] != value:
             raise ValueError(
-                f"{config.deepspeed} sets {key}={ds[key]} but the run has {run_keys[key]}={value}: "
+                f"{config.deepspeed} sets {key}={ds[key]} but the run has {run_key}={value}: "
                 "set it in one place only"
             )
-        ds.setdefault(key, value)
+        ds[key] = value
     if "train_batch_size" in ds:
         raise ValueError(
             f"{config.deepspeed}: remove train_batch_size; it follows from micro_batch_size, "
@@ -144,30 +148,26 @@ def deepspeed_config(config: RunConfig, total_steps: int) -> dict[str, Any]:
         raise ValueError(f"{config.deepspeed} enables fp16; dsforget trains in bf16 or fp32 (--precision)")
     if "scheduler" in ds:
         raise ValueError(f"{config.deepspeed} has a scheduler section; use --lr_schedule and --warmup_steps")
-    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
-    if config.lr_schedule == "cosine":
-        ds["scheduler"] = {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": max(total_steps, 1),
-                "warmup_num_steps": warmup,
-                "warmup_min_ratio": 0.0,
-                "cos_min_ratio": 0.1,
-                "warmup_type": "linear",
-            },
-        }
-    else:
-        ds["scheduler"] = {
-            "type": "WarmupLR",
-            "params": {
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": config.lr,
-                "warmup_num_steps": warmup,
-                "warmup_type": "linear",
-            },
-        }
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def lr_factor(config: RunConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at each step: linear warm-up, then cosine to 10% or constant.
+
+    (DeepSpeed's own schedulers require at least one warm-up step, so a torch LambdaLR is used.)
+    """
+    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def load_model(model_dir: Path, ds_config: dict[str, Any]) -> torch.nn.Module:

@@ -1,9 +1,11 @@
 """Fused optimizer-step ops on flat ZeRO shards (installed as ``dsforget.kernels``).
 
-Each op lives in its own module beside a plain-PyTorch reference of the same math. Importing
-this package never needs a GPU or Triton.
+Each op lives in its own module beside a plain-PyTorch reference of the same math; every op
+takes `backend=` ("torch", "cpu" or "triton", see `available_backends`). Importing this
+package never needs a GPU or Triton.
 """
 
+from .backends import available_backends, default_backend
 from .histogram import abs_histogram
 from .masked_update import masked_adamw
 from .moments import update_moments
@@ -17,6 +19,8 @@ __all__ = [
     "RadixState",
     "SegmentTable",
     "abs_histogram",
+    "available_backends",
+    "default_backend",
     "level_bins",
     "masked_adamw",
     "refine",

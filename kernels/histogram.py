@@ -9,8 +9,19 @@ from __future__ import annotations
 
 import torch
 
-from .radix import RESOLVED, abs_bits, digit_and_prefix, level_bins
+from ._cpu import cpu_ops
+from ._triton import LAUNCH_OPTIONS, addressable, jit, tl
+from .backends import check_backend
+from .radix import LEVELS, RESOLVED, abs_bits, digit_and_prefix, level_bins
 from .segments import DENSE, SegmentTable
+from .tiles import TileTable, check_block_tensor, check_buffers, segment_columns, tile_table
+
+# Triton: 2048 elements per program (8 KiB of m, its only input; the moments kernel reads three
+# inputs per element and takes 1024). Not yet tuned on a GPU.
+TRITON_TILE = 2048
+# CPU: 64K elements (256 KiB of m) per tile; the loop streams m once, so the tile only sets
+# the work-split granularity (~250 tiles for a 16M-element shard).
+CPU_TILE = 65536
 
 
 def abs_histogram_reference(
@@ -24,6 +35,115 @@ def abs_histogram_reference(
         histogram[block] += torch.bincount(digit[high == prefixes[block]], minlength=level_bins(level))
 
 
+@jit
+def _abs_histogram_kernel(
+    exp_avg_ptr,  # [N] fp32, read only
+    tile_segment_ptr,  # [T] int64, segment of each tile
+    tile_start_ptr,  # [T] int64, first shard element of each tile
+    shard_offset_ptr,  # [S] int64, the SegmentTable columns
+    length_ptr,  # [S] int64
+    block_ptr,  # [S] int64
+    prefix_ptr,  # [n_blocks] int64, RESOLVED (-1) once a block's threshold is known
+    histogram_ptr,  # [n_blocks, BINS] int64, accumulated into
+    DIGIT_SHIFT: tl.constexpr,  # this level's digit: (bits >> DIGIT_SHIFT) & (BINS - 1)
+    BINS: tl.constexpr,
+    PREFIX_SHIFT: tl.constexpr,  # the higher bits that must equal the prefix: bits >> PREFIX_SHIFT
+    TILE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    segment = tl.load(tile_segment_ptr + tile)
+    tile_start = tl.load(tile_start_ptr + tile)
+    segment_end = tl.load(shard_offset_ptr + segment) + tl.load(length_ptr + segment)
+    block = tl.load(block_ptr + segment)
+    prefix = tl.load(prefix_ptr + tl.maximum(block, 0), mask=block >= 0, other=-1)
+    # DENSE and resolved (prefix RESOLVED = -1) blocks read nothing: their bound collapses to the tile start.
+    end = tl.where((block >= 0) & (prefix >= 0), segment_end, tile_start)
+    offsets = tile_start + tl.arange(0, TILE)  # [TILE] int64 shard elements
+    in_block = offsets < end
+    bits = tl.abs(tl.load(exp_avg_ptr + offsets, mask=in_block)).to(tl.int32, bitcast=True)
+    digit = (bits >> DIGIT_SHIFT) & (BINS - 1)
+    # level 0: the prefix is 0 and so is bits >> 31 (|m| has no sign bit)
+    counted = in_block & ((bits >> PREFIX_SHIFT) == prefix)
+    ones = tl.full([TILE], 1, tl.int64)
+    tl.atomic_add(histogram_ptr + tl.maximum(block, 0) * BINS + digit, ones, mask=counted)
+
+
+def _abs_histogram_triton(
+    exp_avg: torch.Tensor,
+    table: SegmentTable,
+    tiles: TileTable,
+    prefix: torch.Tensor,
+    level: int,
+    histogram: torch.Tensor,
+) -> None:
+    if tiles.num_tiles == 0:
+        return
+    _abs_histogram_kernel[(tiles.num_tiles,)](
+        exp_avg,
+        tiles.tile_segment,
+        tiles.tile_start,
+        table.shard_offset,
+        table.length,
+        table.block,
+        addressable(prefix, tiles.tile_start),
+        addressable(histogram, tiles.tile_start),
+        DIGIT_SHIFT=LEVELS[level][0],
+        BINS=level_bins(level),
+        PREFIX_SHIFT=sum(LEVELS[level]),
+        TILE=tiles.tile_size,
+        **LAUNCH_OPTIONS,
+    )
+
+
+CPU_SOURCE = r"""
+namespace dsforget_cpu {
+
+void abs_histogram(const at::Tensor& exp_avg, at::TensorList segment_columns, const at::Tensor& tile_segment,
+                   const at::Tensor& tile_start, int64_t tile_size, const at::Tensor& prefix,
+                   at::Tensor histogram, int64_t shift, int64_t bits) {
+  const std::vector<Segment> segments = gather_segments(segment_columns);
+  const float* m = exp_avg.data_ptr<float>();
+  const int64_t* prefix_ptr = prefix.data_ptr<int64_t>();
+  const int64_t bins = int64_t(1) << bits;
+  for_each_tile(segments, tile_segment, tile_start, tile_size, histogram.data_ptr<int64_t>(), bins,
+                [&](const Segment& s, int64_t first, int64_t last, LocalHistogram& local) {
+    if (s.block < 0 || prefix_ptr[s.block] < 0) return;  // DENSE, or block already resolved
+    local.count_matching(s.block, m + first, last - first, shift, shift + bits, prefix_ptr[s.block]);
+  });
+}
+
+TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
+  ops.def("abs_histogram(Tensor exp_avg, Tensor[] segments, Tensor tile_segment, Tensor tile_start, "
+          "int tile_size, Tensor prefix, Tensor(a!) histogram, int shift, int bits) -> ()",
+          &abs_histogram);
+}
+
+}  // namespace dsforget_cpu
+"""
+
+
+def _abs_histogram_cpu(
+    exp_avg: torch.Tensor,
+    table: SegmentTable,
+    tiles: TileTable,
+    prefix: torch.Tensor,
+    level: int,
+    histogram: torch.Tensor,
+) -> None:
+    shift, bits = LEVELS[level]
+    cpu_ops().abs_histogram(
+        exp_avg,
+        segment_columns(table),
+        tiles.tile_segment,
+        tiles.tile_start,
+        tiles.tile_size,
+        addressable(prefix, tiles.tile_start),
+        addressable(histogram, tiles.tile_start),
+        shift,
+        bits,
+    )
+
+
 def abs_histogram(
     exp_avg: torch.Tensor,
     table: SegmentTable,
@@ -33,7 +153,20 @@ def abs_histogram(
     *,
     backend: str = "torch",
 ) -> None:
-    """Accumulate into `histogram` (int64 [n_blocks, level_bins(level)])."""
-    if backend != "torch":
-        raise ValueError(f"abs_histogram: backend {backend!r} is not available")
-    abs_histogram_reference(exp_avg, table, prefix, level, histogram)
+    """Accumulate into `histogram` (int64 [n_blocks, level_bins(level)]).
+
+    prefix: int64 [n_blocks], RadixState.prefix (the digits fixed by earlier levels, RESOLVED
+    for blocks that need no more counting).
+    """
+    check_backend("abs_histogram", backend, exp_avg.device)
+    if backend == "torch":
+        abs_histogram_reference(exp_avg, table, prefix, level, histogram)
+        return
+    if not 0 <= level < len(LEVELS):
+        raise ValueError(f"abs_histogram: level must be in [0, {len(LEVELS)}), got {level}")
+    tiles = tile_table(table, CPU_TILE if backend == "cpu" else TRITON_TILE)
+    check_buffers("abs_histogram", tiles, exp_avg=exp_avg)
+    check_block_tensor("abs_histogram", "prefix", prefix, table, exp_avg.device)
+    check_block_tensor("abs_histogram", "histogram", histogram, table, exp_avg.device, level_bins(level))
+    launch = _abs_histogram_cpu if backend == "cpu" else _abs_histogram_triton
+    launch(exp_avg, table, tiles, prefix, level, histogram)

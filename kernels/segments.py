@@ -69,7 +69,14 @@ class SegmentTable:
 
     def rows(self) -> list[tuple[int, int, int, int, int, int]]:
         """The rows back as Python ints (used by the reference implementations)."""
-        cols = [self.shard_offset, self.length, self.param_offset, self.row_len, self.block, self.rowscale_start]
+        cols = [
+            self.shard_offset,
+            self.length,
+            self.param_offset,
+            self.row_len,
+            self.block,
+            self.rowscale_start,
+        ]
         return list(zip(*(c.tolist() for c in cols), strict=True))
 
     def to(self, device: torch.device | str) -> SegmentTable:

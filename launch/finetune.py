@@ -29,7 +29,7 @@ from dsforget import checkpoint
 from dsforget.data import DataConfig, PaddingCollator, prepare_data
 from dsforget.export import gather_state_dict, save_hf_checkpoint
 from dsforget.forgetting import drift, evaluate, forgetting_summary, format_table, write_report
-from dsforget.job import deepspeed_config, environment, load_model, resolve_inputs, setup_logging
+from dsforget.job import deepspeed_config, environment, load_model, lr_factor, resolve_inputs, setup_logging
 from dsforget.run_config import RunConfig, parse_run_config
 from dsforget.trainer import Trainer, steps_per_epoch
 
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> None:
     )
     per_epoch = steps_per_epoch(len(data.train), config.micro_batch_size, world, config.gradient_accumulation)
     total_steps = config.max_steps or config.epochs * per_epoch
-    ds_config = deepspeed_config(config, total_steps)
+    ds_config = deepspeed_config(config)
     model = load_model(inputs.model_dir, ds_config)
     resume_from = (
         checkpoint.latest_checkpoint(output / "checkpoints")
@@ -96,7 +96,10 @@ def main(argv: list[str]) -> None:
         decay_scope=config.decay_scope,
         backend=config.kernel_backend,
     )
-    engine, *_ = dsforget.initialize(model=model, optimizer=optimizer, config=ds_config)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total_steps))
+    engine, *_ = dsforget.initialize(
+        model=model, optimizer=optimizer, config=ds_config, lr_scheduler=schedule
+    )
 
     # the base model's scores (once per output_dir, kept across resumes)
     before_file = output / "before.json"

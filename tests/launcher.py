@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def run_ranks(
 ) -> list[str]:
     """Run `python argv...` as ranks 0..world_size-1; return each rank's output, raise on failure."""
     port = str(free_port())
-    procs = []
+    procs, logs = [], []
     for rank in range(world_size):
         rank_env = {
             **os.environ,
@@ -38,25 +39,31 @@ def run_ranks(
             "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
             **(env or {}),
         }
+        # A file, not a pipe: a rank blocked on a full pipe would stall every collective.
+        log = tempfile.TemporaryFile(mode="w+")
+        logs.append(log)
         procs.append(
-            subprocess.Popen(
-                [sys.executable, *argv],
-                env=rank_env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
+            subprocess.Popen([sys.executable, *argv], env=rank_env, stdout=log, stderr=subprocess.STDOUT)
         )
     deadline = time.monotonic() + timeout
-    outputs = []
+    timed_out = None
     for rank, proc in enumerate(procs):
         try:
-            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            timed_out = rank
             for other in procs:
                 other.kill()
-            raise TimeoutError(f"rank {rank} of {argv} did not finish within {timeout} s") from None
-        outputs.append(out)
+                other.wait()
+            break
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    if timed_out is not None:
+        tails = "\n".join(f"--- rank {r} ---\n{out[-3000:]}" for r, out in enumerate(outputs))
+        raise TimeoutError(f"rank {timed_out} of {argv} did not finish within {timeout} s:\n{tails}")
     failed = [rank for rank, proc in enumerate(procs) if proc.returncode != 0]
     if failed:
         raise RankFailure(failed, outputs)

@@ -36,6 +36,7 @@ class Config:
     weight_decay: float = 0.0
     lr: float = 1e-2
     dropin: bool = False
+    backend: str = "auto"  # the C++ path on CPU tensors; "torch" = references; "triton" = interpreter
 
 
 MATRIX = [
@@ -46,6 +47,8 @@ MATRIX = [
     Config("zero3-offload", stage=3, offload=True),
     Config("zero2-full", stage=2, method="full", options={}),
     Config("zero3-mofo-dropin", stage=3, dropin=True),
+    Config("zero3-torch-path", stage=3, backend="torch"),
+    Config("zero2-triton-interpreted", stage=2, backend="triton"),
 ]
 
 
@@ -62,7 +65,8 @@ def run_config(config: Config, tmp_path: Path, steps: int = STEPS, **extra) -> d
         "out": str(tmp_path / "out.pt"),
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    run_ranks([WORKER, str(tmp_path / "spec.json")], WORLD)
+    env = {"TRITON_INTERPRET": "1"} if config.backend == "triton" else None
+    run_ranks([WORKER, str(tmp_path / "spec.json")], WORLD, env=env)
     return torch.load(tmp_path / "out.pt")
 
 

@@ -7,12 +7,14 @@ import math
 
 import pytest
 import torch
+from dsforget.kernels import available_backends
 from torch import nn
 
 import dsforget
 from dsforget import ForgetAdamW, MaskPlan, MoFOAdamW, ParamRule, PlanError
 
-BACKENDS = ["torch"]
+# Every backend that runs on CPU tensors here: the references and, with a compiler, the C++ path.
+BACKENDS = [b for b in available_backends("cpu") if b != "triton"]
 
 
 def make_model(seed: int = 0) -> nn.Module:

@@ -13,11 +13,14 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from transformers import AutoModelForCausalLM
 
 from ..data import load_conversations
@@ -125,7 +128,21 @@ def _build_and_publish(config: LabConfig, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         logger.info("building the lab (%s) in %s", config.name, target)
-        _build(config, staging)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # transformers writes checkpoints only from global rank 0 of an initialised process
+            # group; a clean child process lets whichever rank holds the lock build the lab.
+            command = [
+                sys.executable,
+                "-m",
+                "dsforget.lab",
+                "--build-into",
+                str(staging),
+                "--config-json",
+                json.dumps(asdict(config)),
+            ]
+            subprocess.run(command, check=True)
+        else:
+            _build(config, staging)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -39,15 +39,14 @@ def main() -> None:
     hyper = dict(lr=spec["lr"], weight_decay=spec.get("weight_decay", 0.0))
     if spec.get("dropin"):
         optimizer = dsforget.MoFOAdamW(
-            model.parameters(), fraction=spec["fraction"], topk=spec["topk"], **hyper
+            model.parameters(), fraction=spec["fraction"], topk=spec["topk"], backend=spec["backend"], **hyper
         )
     else:
-        if spec.get("corrupt_plan_on_rank") == rank:
+        plan = dsforget.build_plan(model, spec["method"], **spec.get("options", {}))
+        if spec.get("corrupt_plan_on_rank") == rank:  # e.g. a rank that read another plan.json
             plan = dsforget.plan_for(model, spec["method"], fraction=spec["fraction"] / 2)
-        else:
-            plan = dsforget.build_plan(model, spec["method"], **spec.get("options", {}))
         optimizer = dsforget.ForgetAdamW(
-            model.named_parameters(), plan=plan, topk=spec["topk"], backend="torch", **hyper
+            model.named_parameters(), plan=plan, topk=spec["topk"], backend=spec["backend"], **hyper
         )
     engine, *_ = dsforget.initialize(model=model, optimizer=optimizer, config=zero_config(spec))
     data = torch.load(spec["data"])

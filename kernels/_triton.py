@@ -1,0 +1,58 @@
+"""The only module that imports Triton; it decides whether the Triton kernels are usable.
+
+Importing dsforget never needs Triton or a GPU: without Triton, `jit` leaves kernels as plain
+Python functions that are never launched, because `triton_usable` is False everywhere and the
+backend check refuses "triton" first.
+
+Interpreter (TRITON_INTERPRET=1, the kernels run on CPU tensors through numpy). Triton reads
+the variable when a kernel is decorated, so it must be set before dsforget.kernels is first
+imported. Constraints the kernels respect so they run there as well as compiled:
+- no `tl.histogram` (known interpreter bugs): histograms are `tl.atomic_add` of ones at
+  `block * bins + digit`;
+- an atomic's mask must be a block-shaped comparison: `mask & scalar_bool` reaches the
+  interpreter's atomic with an unsupported mask dtype (Triton 3.9), so per-tile conditions are
+  folded into the bound instead (`offsets < where(active, end, start)`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is an optional extra (`pip install dsforget[triton]`)
+    triton = None
+    tl = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Passed to every launch: FMA contraction on, as nvcc compiles PyTorch's CUDA kernels by default
+# (--fmad=true). Explicit because Triton 3.9 warns that its default flips in 3.10. Contraction
+# changes rounding per element only, so results stay independent of the shard layout.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
+
+def jit(fn: Callable[..., Any]) -> Any:
+    """`triton.jit` when Triton is installed, else the function itself (never launched)."""
+    return fn if triton is None else triton.jit(fn)
+
+
+def addressable(tensor: torch.Tensor, stand_in: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or `stand_in` when it is empty: Triton wants a valid address for every pointer
+    argument, and an empty tensor may have none. Only for arguments the kernel then never reads
+    (no rowscale: no segment is row-scaled; no blocks: every segment is DENSE)."""
+    return tensor if tensor.numel() else stand_in
+
+
+def triton_usable(device: torch.device) -> bool:
+    """True when Triton kernels can run on tensors of `device`."""
+    if triton is None:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    return INTERPRET and device.type == "cpu"

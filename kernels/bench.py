@@ -1,0 +1,496 @@
+"""Benchmark one optimizer step on a flat fp32 shard: MoFO implementations against AdamW.
+
+    python -m dsforget.kernels.bench                       # default sizes for the device
+    python -m dsforget.kernels.bench --sizes 1M,4M --csv bench.csv
+    python -m dsforget.kernels.bench --tiny                # smoke run (the tests run it)
+
+The shard looks like a ZeRO partition of a transformer: square weight matrices (one top-k block
+each, fraction 0.15) and norm vectors (DENSE) back to back with a few padding elements after
+each segment, the first matrix entering mid-row. Implementations, all on the same shard:
+
+- mofo-reference:  the MoFO reference code's step (per parameter: lerp/addcmul, torch.topk of
+                   |m| for the threshold, torch.where mask, addcdiv);
+- dsforget-torch:  dsforget's plain-PyTorch references (exact radix select, 3 levels);
+- dsforget-cpu / dsforget-triton: the fused backend of the device;
+- torch-adamw-fused / -foreach: torch.optim.AdamW on the whole flat tensor (dense baselines;
+                   "x AdamW" is relative to the fused one);
+- deepspeed-cpu-adam / deepspeed-fused-adam: DeepSpeed's own dense Adam for the device, as
+                   ZeRO(-Offload) runs it.
+
+Columns: median step time with p20/p80; GB/s counts 28 B per element for every row (read p, g,
+m, v; write p, m, v: the least any Adam-family step moves), so GB/s ranks speed on one scale;
+exact-mode MoFO needs at least 44 B (moments 20, two histogram levels 4 each, update 16), at
+most 28/44 = 64% of AdamW's GB/s at equal efficiency. "% copy" relates that to a measured
+copy (8 B per element). Peak extra memory: on GPU torch.cuda.max_memory_allocated above the
+live state; on CPU the peak of live torch allocations during one step, from the profiler's
+per-op memory records (allocations inside C++ extensions are not seen; dsforget's are 64 KiB
+of counters and digit scratch per thread). Max error: largest |p - p_ref| after one step from
+the same state; p_ref is dsforget-torch (fp32) for the MoFO rows and
+torch.optim.AdamW(foreach=False) for the dense rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import torch
+
+from .backends import default_backend
+from .histogram import abs_histogram
+from .masked_update import masked_adamw
+from .moments import update_moments
+from .radix import NUM_LEVELS, RadixState, level_bins, refine
+from .segments import DENSE, NO_ROWSCALE, SegmentTable
+
+LR, BETA1, BETA2, EPS, WEIGHT_DECAY, FRACTION = 1e-3, 0.9, 0.999, 1e-8, 0.01, 0.15
+FIRST_STEP = 10  # the state has taken 9 steps: bias corrections away from their step-1 extremes
+STEP_BYTES_PER_ELEMENT = 28
+COPY_BYTES_PER_ELEMENT = 8
+PADDING = 5  # elements after each segment, never touched by the MoFO implementations
+
+Step = Callable[[], None]
+
+
+@dataclass
+class Shard:
+    numel: int
+    table: SegmentTable
+    rows: list[tuple[int, int, int, int, int, int]]
+    block_k: list[int]
+
+
+@dataclass
+class State:
+    param: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: int
+
+    def clone(self) -> State:
+        tensors = (t.clone() for t in (self.param, self.grad, self.exp_avg, self.exp_avg_sq))
+        return State(*tensors, step=self.step)
+
+
+def build_shard(numel: int, device: torch.device) -> Shard:
+    """Square matrices (top-k blocks) and norms (DENSE), each followed by PADDING elements."""
+    row_len = 1024 if numel >= 1 << 20 else 32
+    rows: list[tuple[int, int, int, int, int, int]] = []
+    block_k: list[int] = []
+    offset, kind = 0, 0
+    param_offset = row_len // 2 + 1  # the shard enters its first matrix mid-row, as ZeRO cuts it
+    while offset < numel - PADDING:
+        is_matrix = kind % 2 == 0
+        length = min((row_len * row_len if is_matrix else row_len) - param_offset, numel - PADDING - offset)
+        block = len(block_k) if is_matrix else DENSE
+        rows.append((offset, length, param_offset, row_len, block, NO_ROWSCALE))
+        if is_matrix:
+            block_k.append(max(1, math.floor(FRACTION * length)))
+        offset += length + PADDING
+        kind, param_offset = kind + 1, 0
+    return Shard(numel, SegmentTable.build(rows, None, block_k, device=device), rows, block_k)
+
+
+def initial_state(numel: int, device: torch.device, seed: int = 0) -> State:
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(scale: float) -> torch.Tensor:
+        return (torch.randn(numel, generator=generator) * scale).to(device)
+
+    exp_avg = normal(1e-3)
+    # v >= m^2, as in training (v averages g^2, m averages g): |m|/sqrt(v) <= 1, no update blows
+    # up from an independent, near-zero v
+    exp_avg_sq = exp_avg.square() + normal(1e-3).square_()
+    return State(normal(0.02), normal(1e-3), exp_avg, exp_avg_sq, step=FIRST_STEP - 1)
+
+
+def bias_corrections(step: int) -> tuple[float, float]:
+    return 1 - BETA1**step, 1 - BETA2**step
+
+
+def mofo_reference_step(shard: Shard, state: State) -> Step:
+    """The MoFO reference code's step, one parameter (segment) at a time."""
+    views = []
+    for shard_offset, length, _, _, block, _ in shard.rows:
+        span = slice(shard_offset, shard_offset + length)
+        k = None if block == DENSE else shard.block_k[block]
+        views.append((state.param[span], state.grad[span], state.exp_avg[span], state.exp_avg_sq[span], k))
+
+    def step() -> None:
+        state.step += 1
+        bias_correction1, bias_correction2 = bias_corrections(state.step)
+        step_size = LR / bias_correction1
+        for p, g, m, v, k in views:
+            p.mul_(1 - LR * WEIGHT_DECAY)
+            m.lerp_(g, 1 - BETA1)
+            v.mul_(BETA2).addcmul_(g, g, value=1 - BETA2)
+            denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(EPS)
+            if k is None:
+                p.addcdiv_(m, denom, value=-step_size)
+                continue
+            threshold = torch.topk(m.abs(), k)[0].min()
+            p.addcdiv_(torch.where(m.abs() >= threshold, m, 0), denom, value=-step_size)
+
+    return step
+
+
+def dsforget_step(backend: str) -> Callable[[Shard, State], Step]:
+    """dsforget's step: moments + level-0 histogram, radix refinement, masked update."""
+
+    def setup(shard: Shard, state: State) -> Step:
+        table, device = shard.table, state.param.device
+
+        def step() -> None:
+            state.step += 1
+            bias_correction1, bias_correction2 = bias_corrections(state.step)
+            histogram = torch.zeros(table.num_blocks, level_bins(0), dtype=torch.int64, device=device)
+            update_moments(
+                state.grad,
+                state.exp_avg,
+                state.exp_avg_sq,
+                table,
+                beta1=BETA1,
+                beta2=BETA2,
+                histogram=histogram,
+                backend=backend,
+            )
+            radix = RadixState.start(table.block_k)
+            refine(radix, histogram, 0)
+            for level in range(1, NUM_LEVELS):
+                if radix.done:
+                    break
+                histogram = torch.zeros(table.num_blocks, level_bins(level), dtype=torch.int64, device=device)
+                abs_histogram(state.exp_avg, table, radix.prefix, level, histogram, backend=backend)
+                refine(radix, histogram, level)
+            masked_adamw(
+                state.param,
+                state.exp_avg,
+                state.exp_avg_sq,
+                table,
+                radix.threshold,
+                lr=LR,
+                bias_correction1=bias_correction1,
+                bias_correction2=bias_correction2,
+                eps=EPS,
+                weight_decay=WEIGHT_DECAY,
+                decay_selected_only=False,
+                backend=backend,
+            )
+
+        return step
+
+    return setup
+
+
+def torch_adamw_step(**flavour: bool) -> Callable[[Shard, State], Step]:
+    """torch.optim.AdamW over the whole flat tensor, its state seeded with ours."""
+
+    def setup(shard: Shard, state: State) -> Step:
+        param = torch.nn.Parameter(state.param)  # shares storage with state.param
+        param.grad = state.grad
+        optimizer = torch.optim.AdamW(
+            [param], lr=LR, betas=(BETA1, BETA2), eps=EPS, weight_decay=WEIGHT_DECAY, **flavour
+        )
+        step_dtype_device = {
+            "dtype": torch.float32,
+            "device": param.device if flavour.get("fused") else "cpu",
+        }
+        optimizer.state[param] = {
+            "step": torch.tensor(float(state.step), **step_dtype_device),
+            "exp_avg": state.exp_avg,
+            "exp_avg_sq": state.exp_avg_sq,
+        }
+        return optimizer.step
+
+    return setup
+
+
+def deepspeed_adam_step(shard: Shard, state: State) -> Step:
+    """DeepSpeed's own dense Adam for the device: DeepSpeedCPUAdam, or FusedAdam on GPU."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    param = torch.nn.Parameter(state.param)
+    param.grad = state.grad
+    hyper = {"lr": LR, "betas": (BETA1, BETA2), "eps": EPS, "weight_decay": WEIGHT_DECAY}
+    if param.device.type == "cpu":
+        optimizer = DeepSpeedCPUAdam([param], adamw_mode=True, **hyper)
+    else:
+        optimizer = FusedAdam([param], adam_w_mode=True, **hyper)
+    optimizer.state[param] = {"step": state.step, "exp_avg": state.exp_avg, "exp_avg_sq": state.exp_avg_sq}
+    return optimizer.step
+
+
+@dataclass
+class Result:
+    implementation: str
+    status: str = "ok"
+    median_ms: float = math.nan
+    p20_ms: float = math.nan
+    p80_ms: float = math.nan
+    peak_extra_mb: float = math.nan
+    max_abs_error: float = math.nan
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(step: Step, device: torch.device, repeats: int) -> list[float]:
+    """Milliseconds of each of `repeats` steps after one warm-up step."""
+    step()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def peak_extra_mb(step: Step, device: torch.device) -> float:
+    """MiB allocated above the live state at the peak of one step (see the module docstring)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with kineto_banner_hidden(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    live = peak = 0
+    # an op's self memory is what it left allocated; "[memory]" records are frees outside ops
+    for event in sorted(profiler.events(), key=lambda event: event.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+@contextlib.contextmanager
+def kineto_banner_hidden() -> Iterator[None]:
+    """Kineto writes two "profiler_start/stop" lines straight to fd 2 per profile: hide them."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def quantile(times: list[float], q: float) -> float:
+    ordered = sorted(times)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run_one(
+    name: str,
+    setup: Callable[[Shard, State], Step],
+    shard: Shard,
+    initial: State,
+    reference: torch.Tensor,
+    repeats: int,
+) -> Result:
+    device = initial.param.device
+    try:
+        state = initial.clone()
+        step = setup(shard, state)
+        step()
+        synchronize(device)
+        error = (state.param - reference).abs().max().item()
+        times = time_step(step, device, repeats)
+        peak = peak_extra_mb(step, device)
+    except Exception as failure:  # a baseline that cannot build or run here is reported, not fatal
+        message = str(failure).strip().splitlines()
+        return Result(
+            name, status=f"unavailable: {type(failure).__name__}: {message[0] if message else ''}"[:200]
+        )
+    return Result(
+        name,
+        median_ms=statistics.median(times),
+        p20_ms=quantile(times, 0.2),
+        p80_ms=quantile(times, 0.8),
+        peak_extra_mb=peak,
+        max_abs_error=error,
+    )
+
+
+def reference_param(setup: Callable[[Shard, State], Step], shard: Shard, initial: State) -> torch.Tensor:
+    state = initial.clone()
+    setup(shard, state)()
+    return state.param
+
+
+def copy_gb_per_s(numel: int, device: torch.device, repeats: int) -> float:
+    source = torch.randn(numel, device=device)
+    target = torch.empty_like(source)
+    times = time_step(lambda: target.copy_(source), device, repeats)
+    return COPY_BYTES_PER_ELEMENT * numel / statistics.median(times) / 1e6
+
+
+def bench_size(numel: int, device: torch.device, repeats: int) -> tuple[list[Result], float]:
+    shard = build_shard(numel, device)
+    initial = initial_state(numel, device)
+    mofo_reference = reference_param(dsforget_step("torch"), shard, initial)
+    dense_reference = reference_param(torch_adamw_step(foreach=False), shard, initial)
+    fused = default_backend(device)
+    implementations: list[tuple[str, Callable[[Shard, State], Step], torch.Tensor]] = [
+        ("mofo-reference", mofo_reference_step, mofo_reference),
+        ("dsforget-torch", dsforget_step("torch"), mofo_reference),
+    ]
+    if fused != "torch":
+        implementations.append((f"dsforget-{fused}", dsforget_step(fused), mofo_reference))
+    implementations += [
+        ("torch-adamw-fused", torch_adamw_step(fused=True), dense_reference),
+        ("torch-adamw-foreach", torch_adamw_step(foreach=True), dense_reference),
+        (
+            "deepspeed-cpu-adam" if device.type == "cpu" else "deepspeed-fused-adam",
+            deepspeed_adam_step,
+            dense_reference,
+        ),
+    ]
+    results = [run_one(name, setup, shard, initial, ref, repeats) for name, setup, ref in implementations]
+    return results, copy_gb_per_s(numel, device, repeats)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for module in ("triton", "deepspeed"):
+        try:
+            found[module] = __import__(module).__version__
+        except ImportError:
+            found[module] = "not installed"
+    return found
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper()
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def default_sizes(device: torch.device) -> list[int]:
+    if device.type != "cuda":
+        return [1 << 20, 4 << 20, 16 << 20]
+    # ~48 B per element alive at once: initial and working state (2 x 16 B), two reference
+    # parameters, and the MoFO reference's per-parameter temporaries.
+    budget = torch.cuda.get_device_properties(device).total_memory * 0.9
+    return [n for n in (16 << 20, 128 << 20, 1 << 30) if 48 * n <= budget]
+
+
+def format_table(numel: int, results: list[Result], copy_rate: float, device: str) -> str:
+    adamw = next((r.median_ms for r in results if r.implementation == "torch-adamw-fused"), math.nan)
+    lines = [
+        f"### {numel:,} elements ({numel / 2**20:g} Mi) on {device}; copy {copy_rate:.1f} GB/s",
+        "",
+        "| implementation | median ms | p20–p80 ms | GB/s | % copy | × AdamW | peak extra MiB "
+        "| max abs err |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        if r.status != "ok":
+            lines.append(f"| {r.implementation} | {r.status} | | | | | | |")
+            continue
+        rate = STEP_BYTES_PER_ELEMENT * numel / r.median_ms / 1e6
+        lines.append(
+            f"| {r.implementation} | {r.median_ms:.2f} | {r.p20_ms:.2f}–{r.p80_ms:.2f} | {rate:.1f} | "
+            f"{100 * rate / copy_rate:.0f}% | {r.median_ms / adamw:.2f} | {r.peak_extra_mb:.1f} | "
+            f"{r.max_abs_error:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def csv_rows(numel: int, results: list[Result], copy_rate: float, device: str) -> list[dict[str, object]]:
+    adamw = next((r.median_ms for r in results if r.implementation == "torch-adamw-fused"), math.nan)
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows = []
+    for r in results:
+        rate = STEP_BYTES_PER_ELEMENT * numel / r.median_ms / 1e6
+        rows.append(
+            {
+                "date": stamp,
+                "device": device,
+                **versions(),
+                "numel": numel,
+                "implementation": r.implementation,
+                "status": r.status,
+                "median_ms": r.median_ms,
+                "p20_ms": r.p20_ms,
+                "p80_ms": r.p80_ms,
+                "gb_per_s": rate,
+                "copy_gb_per_s": copy_rate,
+                "fraction_of_copy": rate / copy_rate,
+                "ratio_to_adamw": r.median_ms / adamw,
+                "peak_extra_mib": r.peak_extra_mb,
+                "max_abs_error": r.max_abs_error,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", help="comma-separated element counts, K/M/G suffixes allowed (e.g. 1M,4M)")
+    parser.add_argument("--tiny", action="store_true", help="one small size, 2 repeats: a smoke run")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per implementation (default 10)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--csv", help="append one row per result to this CSV file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU ops, before it is imported
+    sizes = [5003] if args.tiny else [parse_size(s) for s in args.sizes.split(",")] if args.sizes else None
+    sizes = sizes or default_sizes(device)
+    repeats = 2 if args.tiny else args.repeats
+    name = device_name(device)
+    print(f"# dsforget kernel benchmark: {name}; " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+    if device.type == "cpu" and hasattr(os, "getloadavg"):
+        # other processes on these cores show up as noise (wide p20-p80): say how busy they were
+        print(f"# load average at start (1/5/15 min): {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    for numel in sizes:
+        results, copy_rate = bench_size(numel, device, repeats)
+        print("\n" + format_table(numel, results, copy_rate, name), flush=True)
+        if args.csv:
+            rows = csv_rows(numel, results, copy_rate, name)
+            new_file = not os.path.exists(args.csv) or os.path.getsize(args.csv) == 0
+            with open(args.csv, "a", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                if new_file:
+                    writer.writeheader()
+                writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The work decomposition shared by the fused backends: tiles of a SegmentTable.
+
+A tile is up to `tile_size` consecutive elements of one segment; tiles never cross a segment,
+so a kernel instance (a Triton program, a CPU loop iteration) reads its segment's columns once
+and sees plain contiguous memory. Elements outside every segment belong to no tile and are
+therefore never touched.
+
+The tile table is derived from `shard_offset` and `length` only, built once per
+(SegmentTable, tile_size) and cached: SegmentTables are immutable by contract, and one is
+built per flat shard, so a shard pays the build (and, on GPU, its few device syncs) once per
+run, not once per step.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from itertools import pairwise
+
+import torch
+
+from .segments import DENSE, NO_ROWSCALE, SegmentTable
+
+
+@dataclass(frozen=True)
+class TileTable:
+    """tile_segment int64 [T]: segment of each tile; tile_start int64 [T]: its first shard element.
+
+    extent is one past the last element any segment covers: buffers must hold at least that many.
+    """
+
+    tile_size: int
+    tile_segment: torch.Tensor
+    tile_start: torch.Tensor
+    extent: int
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.tile_segment.numel())
+
+
+_CACHE: dict[tuple[int, int], TileTable] = {}
+
+
+def tile_table(table: SegmentTable, tile_size: int) -> TileTable:
+    """The (cached) tiles of `table`; raises ValueError if segments overlap or are malformed."""
+    key = (id(table), tile_size)
+    tiles = _CACHE.get(key)
+    if tiles is None:
+        tiles = _build(table, tile_size)
+        _CACHE[key] = tiles
+        # id() is reused after garbage collection: drop the entry with its table.
+        weakref.finalize(table, _CACHE.pop, key, None)
+    return tiles
+
+
+def _build(table: SegmentTable, tile_size: int) -> TileTable:
+    _validate(table)
+    device = table.length.device
+    tiles_per_segment = (table.length + tile_size - 1) // tile_size
+    num_tiles = int(tiles_per_segment.sum())
+    tile_segment = torch.repeat_interleave(torch.arange(table.num_segments, device=device), tiles_per_segment)
+    # index of each tile inside its segment: global tile index minus the segment's first tile
+    first_tile = torch.cumsum(tiles_per_segment, 0) - tiles_per_segment
+    tile_in_segment = torch.arange(num_tiles, device=device) - first_tile[tile_segment]
+    tile_start = table.shard_offset[tile_segment] + tile_in_segment * tile_size
+    extent = int((table.shard_offset + table.length).max()) if table.num_segments else 0
+    return TileTable(tile_size, tile_segment.contiguous(), tile_start.contiguous(), extent)
+
+
+def _validate(table: SegmentTable) -> None:
+    rows = table.rows()
+    for index, (shard_offset, length, param_offset, row_len, block, rowscale_start) in enumerate(rows):
+        problem = None
+        if shard_offset < 0 or length < 0 or param_offset < 0 or row_len < 1:
+            problem = "offsets and lengths must be >= 0 and row_len >= 1"
+        elif not DENSE <= block < table.num_blocks:
+            problem = f"block must be DENSE ({DENSE}) or in [0, {table.num_blocks})"
+        elif rowscale_start != NO_ROWSCALE and (
+            rowscale_start < 0
+            or rowscale_start + (param_offset + length - 1) // row_len >= table.rowscale.numel()
+        ):
+            problem = f"its rows need row scales beyond the {table.rowscale.numel()} in `rowscale`"
+        if problem is not None:
+            raise ValueError(
+                f"segment {index} (shard_offset={shard_offset}, length={length}, "
+                f"param_offset={param_offset}, row_len={row_len}, block={block}, "
+                f"rowscale_start={rowscale_start}): {problem}"
+            )
+    spans = sorted((offset, offset + length, index) for index, (offset, length, *_) in enumerate(rows))
+    for (_, end, before), (start, _, after) in pairwise(spans):
+        if start < end:
+            raise ValueError(
+                f"segments {before} and {after} overlap (shard elements [{start}, {end})): "
+                "each shard element may belong to one segment only"
+            )
+
+
+def check_buffers(op: str, tiles: TileTable, grad: torch.Tensor | None = None, **state: torch.Tensor) -> None:
+    """Raise ValueError unless the flat buffers are ones the fused kernels may address directly.
+
+    `state` tensors (param, exp_avg, exp_avg_sq) must be contiguous 1-D float32; `grad` may be
+    float32 or bfloat16; all on one device and at least `tiles.extent` long, because the kernels
+    index raw memory where the references would merely slice short.
+    """
+    tensors = dict(state) if grad is None else {"grad": grad, **state}
+    device = next(iter(tensors.values())).device
+    if tiles.tile_start.device != device:
+        raise ValueError(
+            f"{op}: the segment table is on {tiles.tile_start.device} but the buffers are on {device}; "
+            "build it there or move it with table.to(device)"
+        )
+    for name, tensor in tensors.items():
+        allowed = (torch.float32, torch.bfloat16) if name == "grad" else (torch.float32,)
+        problem = None
+        if tensor.dtype not in allowed:
+            problem = f"dtype {tensor.dtype}, expected one of {allowed}"
+        elif tensor.dim() != 1 or not tensor.is_contiguous():
+            problem = f"shape {tuple(tensor.shape)}, strides {tensor.stride()}; expected contiguous 1-D"
+        elif tensor.device != device:
+            problem = f"device {tensor.device}, expected {device} like the other buffers"
+        elif tensor.numel() < tiles.extent:
+            problem = f"{tensor.numel()} elements, but the segment table reaches element {tiles.extent}"
+        if problem is not None:
+            raise ValueError(f"{op}: {name} has {problem}")
+
+
+def check_block_tensor(
+    op: str, name: str, tensor: torch.Tensor, table: SegmentTable, device: torch.device, bins: int = 0
+) -> None:
+    """Raise ValueError unless `tensor` is a contiguous int64 [n_blocks] (or [n_blocks, bins]) on `device`."""
+    shape = (table.num_blocks, bins) if bins else (table.num_blocks,)
+    if tensor.dtype != torch.int64 or tuple(tensor.shape) != shape or not tensor.is_contiguous():
+        raise ValueError(
+            f"{op}: {name} must be a contiguous int64 tensor of shape {shape}, "
+            f"got {tensor.dtype} {tuple(tensor.shape)}"
+        )
+    if tensor.device != device:
+        raise ValueError(f"{op}: {name} is on {tensor.device}, the buffers on {device}")
+
+
+def segment_columns(table: SegmentTable) -> list[torch.Tensor]:
+    """The six int64 columns in the order of SegmentTable.rows(), as the C++ ops take them."""
+    return [
+        table.shard_offset,
+        table.length,
+        table.param_offset,
+        table.row_len,
+        table.block,
+        table.rowscale_start,
+    ]

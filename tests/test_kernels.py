@@ -1,0 +1,846 @@
+"""Kernel tests: every fused backend against the plain-PyTorch references, on flat shards.
+
+Backends under test: "cpu" (the C++ extension) here; "triton" on CUDA tensors when a GPU is
+present, and under the Triton interpreter in a subprocess that re-runs this file's triton
+cases with TRITON_INTERPRET=1 (Triton reads it when kernels are decorated, i.e. when
+dsforget.kernels is first imported, so it cannot be switched on inside this process). The
+Triton kernels are also compiled for sm_90 here, which needs no GPU.
+
+Every test starts from seeded random state (never zeros) and a shard whose padding between
+segments is poisoned with NaN and +-1e30, which must come out bit for bit unchanged.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from dsforget.kernels import (
+    DENSE,
+    NO_ROWSCALE,
+    NUM_LEVELS,
+    RadixState,
+    SegmentTable,
+    abs_histogram,
+    available_backends,
+    default_backend,
+    level_bins,
+    masked_adamw,
+    refine,
+    update_moments,
+)
+from dsforget.kernels._triton import INTERPRET, triton, triton_usable
+from dsforget.kernels.radix import LEVELS, RESOLVED, abs_bits, digit_and_prefix
+
+REPO = Path(__file__).resolve().parents[1]
+POISON = (math.nan, 1e30, -1e30)
+BETA1, BETA2 = 0.9, 0.999
+# fp32 state: a fused kernel may round differently from ATen (FMA, sqrt) by an ulp or two.
+RTOL, ATOL = 1e-5, 1e-7
+
+
+def fused_backends(include_large: bool = False) -> list:
+    """(backend, device, size) cases that can run in this process."""
+    cases = [pytest.param("cpu", "cpu", "small", id="cpu-small")]
+    if include_large:
+        cases.append(pytest.param("cpu", "cpu", "large", id="cpu-large"))
+    if triton_usable(torch.device("cuda")):
+        cases.append(pytest.param("triton", "cuda", "small", id="triton-cuda-small"))
+        if include_large:
+            cases.append(pytest.param("triton", "cuda", "large", id="triton-cuda-large"))
+    if INTERPRET and triton is not None:
+        cases.append(pytest.param("triton", "cpu", "small", id="triton-interpret-small"))
+    return cases
+
+
+# ---------------------------------------------------------------------------- shard builders
+
+
+@dataclass
+class Shard:
+    """A flat shard: its table, its length and which elements belong to a segment."""
+
+    table: SegmentTable
+    numel: int
+    covered: torch.Tensor  # bool [numel]
+
+
+# (length, param_offset, row_len, block, rowscaled): odd lengths, mid-row starts, a second
+# piece of block 0, a one-element block, an empty segment, DENSE and row-scaled DENSE pieces.
+SMALL_LAYOUT = [
+    (1037, 5, 7, 0, False),
+    (33, 0, 1, DENSE, False),
+    (1501, 13, 10, 1, True),
+    (0, 0, 4, 2, False),
+    (500, 2000, 7, 0, False),
+    (1, 0, 1, 3, False),
+    (203, 9, 16, DENSE, True),
+]
+# > 2 x 64K elements so the CPU backend splits the work over threads mid-segment and mid-block.
+LARGE_LAYOUT = [
+    (70001, 100, 333, 0, False),
+    (4097, 0, 1, DENSE, False),
+    (90000, 777, 1000, 1, True),
+    (30011, 3, 17, 0, False),
+    (9000, 5, 64, DENSE, True),
+]
+LAYOUTS = {"small": SMALL_LAYOUT, "large": LARGE_LAYOUT}
+
+
+def build_shard(layout: list[tuple[int, int, int, int, bool]], device: str, seed: int = 0) -> Shard:
+    """Segments in layout order with 3..9 poisoned padding elements before each and at the end."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, scales, offset = [], [], 0
+    for index, (length, param_offset, row_len, block, rowscaled) in enumerate(layout):
+        offset += 3 + (index * 5) % 7
+        rowscale_start = NO_ROWSCALE
+        if rowscaled:
+            rowscale_start = sum(s.numel() for s in scales)
+            num_rows = (param_offset + length - 1) // row_len + 1
+            scales.append(torch.rand(num_rows, generator=generator) * 1.5 + 0.25)
+        rows.append((offset, length, param_offset, row_len, block, rowscale_start))
+        offset += length
+    numel = offset + 4
+    num_blocks = max(row[4] for row in rows) + 1
+    block_sizes = [sum(row[1] for row in rows if row[4] == block) for block in range(num_blocks)]
+    block_k = [max(1, int(0.15 * n)) for n in block_sizes]
+    rowscale = torch.cat(scales) if scales else None
+    covered = torch.zeros(numel, dtype=torch.bool)
+    for shard_offset, length, *_ in rows:
+        covered[shard_offset : shard_offset + length] = True
+    table = SegmentTable.build(rows, rowscale, block_k, device=device)
+    return Shard(table, numel, covered.to(device))
+
+
+def random_state(shard: Shard, seed: int, grad_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """param, grad, exp_avg, exp_avg_sq: random on segments, poisoned on padding."""
+    generator = torch.Generator().manual_seed(seed)
+    n = shard.numel
+    state = {
+        "param": torch.randn(n, generator=generator),
+        "grad": torch.randn(n, generator=generator).to(grad_dtype),
+        "exp_avg": torch.randn(n, generator=generator) * 0.1,
+        "exp_avg_sq": torch.rand(n, generator=generator) * 0.01 + 1e-4,
+    }
+    padding = (~shard.covered).nonzero().flatten().cpu()
+    for tensor in state.values():
+        tensor[padding] = torch.tensor(POISON, dtype=tensor.dtype).repeat(len(padding) // 3 + 1)[
+            : len(padding)
+        ]
+    return {name: tensor.to(shard.covered.device) for name, tensor in state.items()}
+
+
+def clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in state.items()}
+
+
+# ------------------------------------------------------------------------------ assertions
+
+
+def _report(what: str, bad: torch.Tensor, actual: torch.Tensor, expected: torch.Tensor, rule: str) -> str:
+    where = bad.nonzero().flatten()[:8].tolist()
+    first = ", ".join(f"[{i}] {actual[i].item()!r} vs expected {expected[i].item()!r}" for i in where)
+    return f"{what}: {int(bad.sum())} of {bad.numel()} elements differ ({rule}); first: {first}"
+
+
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = RTOL, atol: float = ATOL
+):
+    actual, expected = actual.float().cpu(), expected.float().cpu()
+    bad = ~torch.isclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
+    assert not bad.any(), _report(what, bad, actual, expected, f"rtol={rtol}, atol={atol}")
+
+
+def as_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """Floats as integers of their width, so NaN == NaN and -0.0 != +0.0."""
+    if not tensor.is_floating_point():
+        return tensor
+    return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
+def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str):
+    actual, expected = actual.cpu(), expected.cpu()
+    bad = as_bits(actual) != as_bits(expected)
+    assert not bad.any(), _report(what, bad, actual, expected, "bit for bit")
+
+
+def assert_padding_untouched(after: dict[str, torch.Tensor], before: dict[str, torch.Tensor], shard: Shard):
+    padding = ~shard.covered
+    for name in after:
+        assert_bitwise(after[name][padding], before[name][padding], f"{name} padding")
+
+
+# ------------------------------------------------------------------------------- the step
+
+
+def select_thresholds(shards, states, backend: str, levels_seen: list[int] | None = None) -> RadixState:
+    """Exact-mode selection over several shards (ranks) of the same blocks: the histograms of
+    every shard are summed before each refinement, as the all-reduce does."""
+    table = shards[0].table
+    radix = RadixState.start(table.block_k)
+    for level in range(NUM_LEVELS):
+        if radix.done:
+            break
+        total = torch.zeros(
+            table.num_blocks, level_bins(level), dtype=torch.int64, device=table.block_k.device
+        )
+        for shard, state in zip(shards, states, strict=True):
+            histogram = torch.zeros_like(total)
+            if level == 0:
+                update_moments(
+                    state["grad"],
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    shard.table,
+                    beta1=BETA1,
+                    beta2=BETA2,
+                    histogram=histogram,
+                    backend=backend,
+                )
+            else:
+                abs_histogram(state["exp_avg"], shard.table, radix.prefix, level, histogram, backend=backend)
+            total += histogram
+        refine(radix, total, level)
+        if levels_seen is not None:
+            levels_seen.append(level)
+    return radix
+
+
+UPDATE = {"lr": 1e-2, "bias_correction1": 1 - BETA1**5, "bias_correction2": 1 - BETA2**5, "eps": 1e-8}
+
+
+# ------------------------------------------------------------------------------ op tests
+
+
+@pytest.mark.parametrize("with_histogram", [True, False], ids=["histogram", "no-histogram"])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16], ids=["fp32-grad", "bf16-grad"])
+@pytest.mark.parametrize(("backend", "device", "size"), fused_backends(include_large=True))
+def test_update_moments_matches_reference(backend, device, size, grad_dtype, with_histogram):
+    """Catches wrong lerp/v formulas, row scales applied from the wrong row (mid-row segment
+    starts, tiles spanning rows), bf16 gradients read as fp32, histogram counts lost or doubled
+    when tiles, threads or segments of one block meet, DENSE segments counted, and writes into
+    padding or the gradient."""
+    shard = build_shard(LAYOUTS[size], device, seed=1)
+    before = random_state(shard, seed=2, grad_dtype=grad_dtype)
+    expected, actual = clone(before), clone(before)
+    bins = level_bins(0)
+    histograms = [
+        torch.zeros(shard.table.num_blocks, bins, dtype=torch.int64, device=device)
+        if with_histogram
+        else None
+        for _ in range(2)
+    ]
+    for state, histogram, name in zip((expected, actual), histograms, ("torch", backend), strict=True):
+        update_moments(
+            state["grad"],
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            shard.table,
+            beta1=BETA1,
+            beta2=BETA2,
+            histogram=histogram,
+            backend=name,
+        )
+    covered = shard.covered
+    assert (actual["exp_avg"] != before["exp_avg"])[covered].float().mean() > 0.99, "m barely changed"
+    assert_close(actual["exp_avg"][covered], expected["exp_avg"][covered], "exp_avg")
+    assert_close(actual["exp_avg_sq"][covered], expected["exp_avg_sq"][covered], "exp_avg_sq")
+    assert_bitwise(actual["grad"], before["grad"], "grad (read only)")
+    assert_bitwise(actual["param"], before["param"], "param (not an input)")
+    assert_padding_untouched(actual, before, shard)
+    if with_histogram:
+        # exact counts of the backend's own m (its m may differ from the reference's by an ulp)
+        own = torch.zeros_like(histograms[1])
+        for shard_offset, length, _, _, block, _ in shard.table.rows():
+            if block != DENSE:
+                digit, _ = digit_and_prefix(
+                    abs_bits(actual["exp_avg"][shard_offset : shard_offset + length]), 0
+                )
+                own[block] += torch.bincount(digit, minlength=bins)
+        assert_bitwise(histograms[1], own, "level-0 histogram")
+        assert int(histograms[1].sum()) == sum(r[1] for r in shard.table.rows() if r[4] != DENSE)
+
+
+def data_prefixes(exp_avg: torch.Tensor, shard: Shard, level: int) -> torch.Tensor:
+    """Prefixes for `level` taken from actual entries (so counts are non-zero); block 1 RESOLVED."""
+    shift, width = LEVELS[level]
+    prefix = torch.zeros(shard.table.num_blocks, dtype=torch.int64)
+    for shard_offset, length, _, _, block, _ in shard.table.rows():
+        if block != DENSE and length > 0 and level > 0:
+            entry = abs_bits(exp_avg[shard_offset + length // 2 : shard_offset + length // 2 + 1]).cpu()
+            prefix[block] = int(entry) >> (shift + width)
+    prefix[1] = RESOLVED
+    return prefix.to(exp_avg.device)
+
+
+@pytest.mark.parametrize("level", range(NUM_LEVELS))
+@pytest.mark.parametrize(("backend", "device", "size"), fused_backends(include_large=True))
+def test_abs_histogram_matches_reference(backend, device, size, level):
+    """Catches a wrong digit shift or prefix comparison, resolved or DENSE blocks still counted,
+    counts lost when several threads or tiles of one block flush, and level 0 mishandled."""
+    shard = build_shard(LAYOUTS[size], device, seed=3)
+    state = random_state(shard, seed=4)
+    # duplicates: the same |m| with both signs must land in one bin
+    exp_avg, covered = state["exp_avg"], shard.covered.nonzero().flatten()
+    originals, copies = covered[::9], covered[1::9]
+    exp_avg[copies] = -exp_avg[originals[: len(copies)]]
+    before = exp_avg.clone()
+    prefix = data_prefixes(exp_avg, shard, level)
+    bins = level_bins(level)
+    expected = torch.zeros(shard.table.num_blocks, bins, dtype=torch.int64, device=device)
+    actual = torch.zeros_like(expected)
+    abs_histogram(exp_avg, shard.table, prefix, level, expected, backend="torch")
+    abs_histogram(exp_avg, shard.table, prefix, level, actual, backend=backend)
+    assert int(expected.sum()) > 0, "test is vacuous: no entry matches the prefixes"
+    assert_bitwise(actual, expected, f"level-{level} histogram")
+    assert_bitwise(exp_avg, before, "exp_avg (read only)")
+
+
+def thresholds_with_ties(state: dict[str, torch.Tensor], shard: Shard) -> torch.Tensor:
+    """Per block, the bits of an entry near the 70th percentile of |m|; a tenth of the block's
+    entries are set to exactly that |m| (both signs): ties that must all be selected."""
+    generator = torch.Generator().manual_seed(7)
+    exp_avg = state["exp_avg"]
+    thresholds = torch.zeros(shard.table.num_blocks, dtype=torch.int64)
+    for block in range(shard.table.num_blocks):
+        index = torch.cat(
+            [
+                torch.arange(offset, offset + length, device=exp_avg.device)
+                for offset, length, _, _, b, _ in shard.table.rows()
+                if b == block
+            ]
+        )
+        if index.numel() == 0:
+            continue
+        value = exp_avg[index].abs().quantile(0.7) if index.numel() > 1 else exp_avg[index].abs()[0]
+        ties = index[
+            torch.randperm(index.numel(), generator=generator)[: max(1, index.numel() // 10)].to(index.device)
+        ]
+        signs = torch.where(torch.arange(ties.numel(), device=ties.device) % 2 == 0, 1.0, -1.0)
+        exp_avg[ties] = signs * value
+        thresholds[block] = int(abs_bits(value.reshape(1)).item())
+    return thresholds.to(exp_avg.device)
+
+
+@pytest.mark.parametrize(
+    ("weight_decay", "decay_selected_only"),
+    [(0.0, False), (0.1, False), (0.1, True)],
+    ids=["no-decay", "decay-all", "decay-selected"],
+)
+@pytest.mark.parametrize(("backend", "device", "size"), fused_backends(include_large=True))
+def test_masked_adamw_matches_reference(backend, device, size, weight_decay, decay_selected_only):
+    """Catches a wrong bias correction or eps placement, ties at the threshold dropped (>= vs >),
+    DENSE segments masked, decay applied in the wrong scope, unselected entries changed when
+    they must stay bit for bit, and writes into m, v or padding."""
+    shard = build_shard(LAYOUTS[size], device, seed=5)
+    before = random_state(shard, seed=6)
+    thresholds = thresholds_with_ties(before, shard)
+    expected, actual = clone(before), clone(before)
+    hyper = dict(UPDATE, weight_decay=weight_decay, decay_selected_only=decay_selected_only)
+    for state, name in ((expected, "torch"), (actual, backend)):
+        masked_adamw(
+            state["param"],
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            shard.table,
+            thresholds,
+            **hyper,
+            backend=name,
+        )
+    covered = shard.covered
+    assert_close(actual["param"][covered], expected["param"][covered], "param")
+    for name in ("grad", "exp_avg", "exp_avg_sq"):
+        assert_bitwise(actual[name], before[name], f"{name} (read only)")
+    assert_padding_untouched(actual, before, shard)
+
+    selected = torch.zeros_like(covered)
+    unselected = torch.zeros_like(covered)
+    for offset, length, _, _, block, _ in shard.table.rows():
+        span = slice(offset, offset + length)
+        if block == DENSE:
+            selected[span] = True
+            continue
+        chosen = abs_bits(before["exp_avg"][span]) >= thresholds[block]
+        selected[span], unselected[span] = chosen, ~chosen
+    assert (actual["param"] != before["param"])[selected].all(), (
+        "a selected (or tied, or DENSE) entry did not move"
+    )
+    assert unselected.any()
+    if weight_decay == 0 or decay_selected_only:
+        assert_bitwise(actual["param"][unselected], before["param"][unselected], "unselected param")
+    else:
+        assert_close(
+            actual["param"][unselected],
+            before["param"][unselected] * (1 - UPDATE["lr"] * weight_decay),
+            "decayed",
+        )
+
+
+@pytest.mark.parametrize(("backend", "device", "size"), fused_backends())
+def test_nothing_selected_leaves_param_bit_for_bit(backend, device, size):
+    """Catches an update that is 'almost' zero for unselected entries (e.g. p + 0*x rounding,
+    -0.0 turning into +0.0, NaN m leaking in)."""
+    shard = build_shard([(997, 3, 11, 0, False), (501, 0, 1, 1, True)], device, seed=8)
+    before = random_state(shard, seed=9)
+    before["param"][shard.covered.nonzero().flatten()[:4]] = torch.tensor(
+        [0.0, -0.0, 1e-38, -3.0], device=device
+    )
+    after = clone(before)
+    # 0x7f800000 is +inf's bit pattern: no finite |m| reaches it
+    thresholds = torch.full((2,), 0x7F800000, dtype=torch.int64, device=device)
+    masked_adamw(
+        after["param"],
+        after["exp_avg"],
+        after["exp_avg_sq"],
+        shard.table,
+        thresholds,
+        **UPDATE,
+        weight_decay=0.0,
+        decay_selected_only=False,
+        backend=backend,
+    )
+    assert_bitwise(after["param"], before["param"], "param")
+
+
+@pytest.mark.parametrize(("backend", "device", "size"), fused_backends())
+def test_shard_without_topk_blocks(backend, device, size):
+    """Catches kernels that read the (empty) per-block tensors of a shard holding only DENSE
+    segments (biases, norms, CoFiTune-only parameters): empty tensors may have no address."""
+    shard = build_shard([(300, 0, 1, DENSE, False), (257, 3, 10, DENSE, True)], device, seed=17)
+    before = random_state(shard, seed=18)
+    expected, actual = clone(before), clone(before)
+    no_blocks = torch.zeros(0, dtype=torch.int64, device=device)
+    for state, name in ((expected, "torch"), (actual, backend)):
+        histogram = torch.zeros(0, level_bins(0), dtype=torch.int64, device=device)
+        moments = (state["grad"], state["exp_avg"], state["exp_avg_sq"], shard.table)
+        update_moments(*moments, beta1=BETA1, beta2=BETA2, histogram=histogram, backend=name)
+        abs_histogram(state["exp_avg"], shard.table, no_blocks, 1, histogram[:, :1024], backend=name)
+        masked_adamw(
+            state["param"],
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            shard.table,
+            no_blocks,
+            **UPDATE,
+            weight_decay=0.1,
+            decay_selected_only=True,
+            backend=name,
+        )
+    for name in ("param", "exp_avg", "exp_avg_sq"):
+        assert_close(actual[name][shard.covered], expected[name][shard.covered], name)
+    assert_padding_untouched(actual, before, shard)
+
+
+# ---------------------------------------------------------------------- end-to-end checks
+
+
+def split_into_shards(params: list[tuple[torch.Tensor, int, int]], cut: int, device: str):
+    """ZeRO-1/2 style: parameters concatenated, the flat vector cut at `cut` into two ranks'
+    shards (a parameter straddles the cut), each shard padded by 3 elements in front and 5 at
+    the end. params: (values, row_len, block). Returns the shards and, per parameter, its
+    pieces as (rank, shard offset, parameter offset, length)."""
+    flat_len = sum(values.numel() for values, _, _ in params)
+    bounds = [(0, cut), (cut, flat_len)]
+    shards, pieces = [], [[] for _ in params]
+    for rank, (start, stop) in enumerate(bounds):
+        rows, position = [], 0
+        for index, (values, row_len, block) in enumerate(params):
+            begin, end = max(start, position), min(stop, position + values.numel())
+            if begin < end:
+                rows.append((3 + begin - start, end - begin, begin - position, row_len, block, NO_ROWSCALE))
+                pieces[index].append((rank, 3 + begin - start, begin - position, end - begin))
+            position += values.numel()
+        numel = 3 + stop - start + 5
+        covered = torch.zeros(numel, dtype=torch.bool)
+        covered[3 : 3 + stop - start] = True
+        block_k = [
+            max(1, math.floor(0.15 * values.numel()))
+            for values, _, block in sorted(params, key=lambda p: p[2])
+            if block >= 0
+        ]
+        shards.append(
+            Shard(SegmentTable.build(rows, None, block_k, device=device), numel, covered.to(device))
+        )
+    return shards, pieces
+
+
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [pytest.param("torch", "cpu", id="torch")]
+    + [pytest.param(c.values[0], c.values[1], id=c.id) for c in fused_backends()],
+)
+def test_three_ops_select_exactly_the_per_block_topk(backend, device):
+    """Catches any disagreement between the radix pipeline (moments + level-0 histogram,
+    refinement levels, masked update) and per-block torch.topk: off-by-one in k, ties at the
+    k-th value not all selected, histograms not summed across ranks, a block's threshold taken
+    from its shard instead of the whole block."""
+    generator = torch.Generator().manual_seed(11)
+    # block 1 is built with ties: 10% well above c, 20% exactly +-c, 70% below c/2, and g = m so
+    # the update leaves m exactly as built; its k-th largest |m| (15%) is c, tied 20% deep.
+    n_tied = 2000
+    order = torch.randperm(n_tied, generator=generator)
+    tied = torch.empty(n_tied)
+    c = 0.05
+    tied[order[:200]] = c * (2 + torch.rand(200, generator=generator))
+    tied[order[200:600]] = c
+    tied[order[600:]] = c * 0.5 * torch.rand(1400, generator=generator)
+    tied *= torch.where(torch.rand(n_tied, generator=generator) < 0.5, -1.0, 1.0)
+    params = [
+        (torch.randn(3001, generator=generator) * 0.1, 7, 0),  # random block, cut mid-row
+        (torch.randn(64, generator=generator), 1, DENSE),  # a norm
+        (tied, 10, 1),
+    ]
+    shards, pieces = split_into_shards(params, cut=1900, device=device)
+    states = [random_state(shard, seed=12 + rank) for rank, shard in enumerate(shards)]
+    for index, (values, _, _) in enumerate(params):
+        for rank, offset, param_offset, length in pieces[index]:
+            piece = values[param_offset : param_offset + length].to(device)
+            states[rank]["exp_avg"][offset : offset + length] = piece
+            if index == 2:
+                states[rank]["grad"][offset : offset + length] = piece
+    before = [clone(state) for state in states]
+
+    levels_seen: list[int] = []
+    radix = select_thresholds(shards, states, backend, levels_seen)
+    for shard, state in zip(shards, states, strict=True):
+        masked_adamw(
+            state["param"],
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            shard.table,
+            radix.threshold,
+            **UPDATE,
+            weight_decay=0.0,
+            decay_selected_only=False,
+            backend=backend,
+        )
+
+    assert levels_seen == [0, 1, 2], "the tied block needs all three levels"
+    for index, (values, _, block) in enumerate(params):
+        m = torch.cat([states[rank]["exp_avg"][o : o + n] for rank, o, _, n in pieces[index]]).cpu()
+        moved = torch.cat(
+            [(states[rank]["param"] != before[rank]["param"])[o : o + n] for rank, o, _, n in pieces[index]]
+        ).cpu()
+        if block == DENSE:
+            assert moved.all()
+            continue
+        k = max(1, math.floor(0.15 * values.numel()))
+        kth = torch.topk(m.abs(), k).values.min()
+        expected = m.abs() >= kth
+        assert_bitwise(moved, expected, f"block {block} selection")
+        # a block resolved early gets the start of the k-th value's bin, never more
+        assert int(radix.threshold[block]) <= int(abs_bits(kth.reshape(1))), f"block {block} threshold"
+        if index == 2:
+            assert int(radix.threshold[block]) == int(abs_bits(kth.reshape(1))), "tied block: exact threshold"
+            assert int(expected.sum()) == 600 > k, "every tie at the k-th value is selected"
+    for shard, state, old in zip(shards, states, before, strict=True):
+        assert_padding_untouched(state, old, shard)
+
+
+@pytest.mark.parametrize(("backend", "device", "size"), fused_backends())
+def test_fraction_one_equals_torch_adamw(backend, device, size):
+    """Catches any drift from torch.optim.AdamW's formula (lerp form, bias corrections, eps
+    outside the sqrt, decoupled decay order) when every entry is selected (k = n)."""
+    rows = [(2, 1500, 3, 9, 0, NO_ROWSCALE), (1505, 700, 0, 1, DENSE, NO_ROWSCALE)]
+    covered = torch.zeros(2210, dtype=torch.bool)
+    for offset, length, *_ in rows:
+        covered[offset : offset + length] = True
+    table = SegmentTable.build(rows, None, [1500], device=device)  # k = n: fraction 1
+    shard = Shard(table, 2210, covered.to(device))
+    state = random_state(shard, seed=13)
+    param = torch.nn.Parameter(state["param"].clone())
+    param.grad = state["grad"].clone()
+    reference = torch.optim.AdamW(
+        [param], lr=1e-2, betas=(BETA1, BETA2), eps=1e-8, weight_decay=0.1, foreach=False
+    )
+    reference.state[param] = {
+        "step": torch.tensor(4.0),
+        "exp_avg": state["exp_avg"].clone(),
+        "exp_avg_sq": state["exp_avg_sq"].clone(),
+    }
+    reference.step()
+    radix = select_thresholds([shard], [state], backend)
+    masked_adamw(
+        state["param"],
+        state["exp_avg"],
+        state["exp_avg_sq"],
+        table,
+        radix.threshold,
+        **UPDATE,
+        weight_decay=0.1,
+        decay_selected_only=False,
+        backend=backend,
+    )
+    covered = shard.covered
+    assert_close(state["param"][covered], param.detach()[covered], "param vs torch.optim.AdamW", atol=1e-6)
+
+
+@pytest.mark.parametrize(("backend", "device", "size"), fused_backends())
+def test_results_do_not_depend_on_the_layout(backend, device, size):
+    """Catches rounding that depends on an element's position (a vectorised body and a scalar
+    tail computing differently, tile- or thread-dependent paths): one parameter as one segment
+    and as three pieces at odd offsets in another shard must give identical bits, or exact-mode
+    selection would change with the number of ranks."""
+    generator = torch.Generator().manual_seed(14)
+    n, row_len = 3001, 13
+    g, m = torch.randn(n, generator=generator), torch.randn(n, generator=generator) * 0.1
+    v, p = torch.rand(n, generator=generator) * 0.01 + 1e-4, torch.randn(n, generator=generator)
+    scales = torch.rand(n // row_len + 1, generator=generator) + 0.5
+    layouts = {
+        "whole": [(0, n, 0)],
+        "pieces": [(5, 1001, 0), (1013, 777, 1001), (1797, n - 1778, 1778)],
+    }
+    results = {}
+    for name, pieces in layouts.items():
+        rows = [(offset, length, start, row_len, 0, 0) for offset, length, start in pieces]
+        numel = max(offset + length for offset, length, _ in pieces) + 3
+        table = SegmentTable.build(rows, scales, [450], device=device)
+        buffers = [torch.zeros(numel, device=device) for _ in range(4)]
+        for offset, length, start in pieces:
+            for buffer, values in zip(buffers, (g, m, v, p), strict=True):
+                buffer[offset : offset + length] = values[start : start + length].to(device)
+        grad, exp_avg, exp_avg_sq, param = buffers
+        histogram = torch.zeros(1, level_bins(0), dtype=torch.int64, device=device)
+        update_moments(
+            grad, exp_avg, exp_avg_sq, table, beta1=BETA1, beta2=BETA2, histogram=histogram, backend=backend
+        )
+        thresholds = torch.tensor(
+            [int(abs_bits(exp_avg[exp_avg != 0].abs().median().reshape(1)))], device=device
+        )
+        masked_adamw(
+            param,
+            exp_avg,
+            exp_avg_sq,
+            table,
+            thresholds,
+            **UPDATE,
+            weight_decay=0.1,
+            decay_selected_only=False,
+            backend=backend,
+        )
+        gather = [
+            torch.cat([b[o : o + length] for o, length, _ in pieces]) for b in (exp_avg, exp_avg_sq, param)
+        ]
+        results[name] = (*gather, histogram, thresholds)
+    for what, whole, split in zip(
+        ("exp_avg", "exp_avg_sq", "param", "histogram", "threshold"), *results.values(), strict=True
+    ):
+        assert_bitwise(split, whole, what)
+
+
+# ------------------------------------------------------------------ backends and validation
+
+
+def test_backend_choice_per_device():
+    """Catches the slow interpreter or the references being picked by default, and a CPU
+    default that depends on Triton being installed."""
+    cpu = available_backends("cpu")
+    assert cpu[:2] == ["torch", "cpu"]
+    assert default_backend("cpu") == "cpu"
+    assert ("triton" in cpu) == (INTERPRET and triton is not None)
+    expected_cuda = "triton" if triton_usable(torch.device("cuda")) else "torch"
+    assert default_backend("cuda") == expected_cuda
+
+
+@pytest.mark.parametrize("op", ["update_moments", "abs_histogram", "masked_adamw"])
+def test_unknown_or_unusable_backend_is_a_clear_error(op):
+    """Catches a typo silently running the slow reference, or Triton launched on CPU tensors
+    without the interpreter; the message must name the op and the usable backends."""
+    shard = build_shard([(100, 0, 10, 0, False)], "cpu")
+    state = random_state(shard, seed=15)
+    calls = {
+        "update_moments": lambda backend: update_moments(
+            state["grad"],
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            shard.table,
+            beta1=BETA1,
+            beta2=BETA2,
+            backend=backend,
+        ),
+        "abs_histogram": lambda backend: abs_histogram(
+            state["exp_avg"],
+            shard.table,
+            torch.zeros(1, dtype=torch.int64),
+            0,
+            torch.zeros(1, level_bins(0), dtype=torch.int64),
+            backend=backend,
+        ),
+        "masked_adamw": lambda backend: masked_adamw(
+            state["param"],
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            shard.table,
+            torch.zeros(1, dtype=torch.int64),
+            **UPDATE,
+            weight_decay=0.0,
+            decay_selected_only=False,
+            backend=backend,
+        ),
+    }
+    with pytest.raises(ValueError, match=rf"{op}: backend 'cuda' is not available .*\['torch', 'cpu'"):
+        calls[op]("cuda")
+    if not INTERPRET:
+        with pytest.raises(ValueError, match=rf"{op}: backend 'triton' is not available for cpu tensors"):
+            calls[op]("triton")
+
+
+@pytest.mark.parametrize(
+    ("rows", "numel", "problem"),
+    [
+        ([(0, 50, 0, 1, 0, NO_ROWSCALE), (40, 20, 0, 1, 0, NO_ROWSCALE)], 100, "overlap"),
+        ([(90, 20, 0, 1, 0, NO_ROWSCALE)], 100, "reaches element 110"),
+        ([(0, 50, 0, 0, 0, NO_ROWSCALE)], 100, "row_len >= 1"),
+        ([(0, 50, 0, 1, 3, NO_ROWSCALE)], 100, "block must be DENSE"),
+        ([(0, 50, 0, 10, 0, 0)], 100, "row scales beyond"),
+    ],
+    ids=["overlap", "past-the-end", "row-len-0", "unknown-block", "rowscale-short"],
+)
+def test_malformed_tables_are_refused_before_any_write(rows, numel, problem):
+    """Catches kernels writing out of bounds or racing on shared elements: the fused backends
+    index raw memory, so a bad table must raise before they run, and leave the state intact."""
+    table = SegmentTable.build(rows, torch.ones(3), [10])
+    exp_avg = torch.randn(numel)
+    before = exp_avg.clone()
+    with pytest.raises(ValueError, match=problem):
+        update_moments(
+            torch.randn(numel), exp_avg, torch.rand(numel), table, beta1=BETA1, beta2=BETA2, backend="cpu"
+        )
+    assert_bitwise(exp_avg, before, "exp_avg")
+
+
+def test_wrong_buffers_are_refused():
+    """Catches float64 state, non-contiguous views and wrong histogram shapes reaching the C++
+    kernels, which read raw memory as fp32/int64."""
+    shard = build_shard([(100, 0, 10, 0, False)], "cpu")
+    state = random_state(shard, seed=16)
+    common = dict(beta1=BETA1, beta2=BETA2, backend="cpu")
+    with pytest.raises(ValueError, match="exp_avg has dtype torch.float64"):
+        update_moments(state["grad"], state["exp_avg"].double(), state["exp_avg_sq"], shard.table, **common)
+    with pytest.raises(ValueError, match="exp_avg_sq has shape"):
+        strided = torch.rand(2 * shard.numel)[::2]
+        update_moments(state["grad"], state["exp_avg"], strided, shard.table, **common)
+    with pytest.raises(ValueError, match=r"histogram must be a contiguous int64 tensor of shape \(1, 2048\)"):
+        histogram = torch.zeros(1, 1024, dtype=torch.int64)
+        update_moments(
+            state["grad"], state["exp_avg"], state["exp_avg_sq"], shard.table, histogram=histogram, **common
+        )
+
+
+# ------------------------------------------------------------------------- subprocess runs
+
+
+def run_python(args: list[str], env: dict[str, str] | None = None, timeout: int = 240):
+    result = subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def test_import_needs_neither_triton_nor_a_gpu():
+    """Catches a module that imports triton unguarded: dsforget must import, pick the CPU
+    backend and run it where Triton is absent."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, dsforget.kernels as k\n"
+        "assert k.available_backends('cpu') == ['torch', 'cpu'], k.available_backends('cpu')\n"
+        "assert k.default_backend('cuda') == 'torch'\n"
+        "t = k.SegmentTable.build([(1, 5, 0, 1, k.DENSE, k.NO_ROWSCALE)], None, [])\n"
+        "m, v = torch.zeros(7), torch.zeros(7)\n"
+        "k.update_moments(torch.ones(7), m, v, t, beta1=0.9, beta2=0.999, backend='cpu')\n"
+        "assert m[1:6].eq(0.1).all() and m[0] == 0 and m[6] == 0, m\n"
+    )
+    run_python(["-c", code], env={"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""})
+
+
+@pytest.mark.skipif(triton is None, reason="Triton is not installed")
+@pytest.mark.skipif(INTERPRET, reason="already running under the interpreter")
+def test_triton_kernels_under_the_interpreter():
+    """Runs every triton case of this file with TRITON_INTERPRET=1 (see the module docstring):
+    catches kernels that only a GPU machine would otherwise ever execute."""
+    result = run_python(
+        ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton-interpret", str(Path(__file__))],
+        env={"TRITON_INTERPRET": "1"},
+    )
+    assert " passed" in result.stdout and "failed" not in result.stdout, result.stdout[-3000:]
+
+
+FP32_POINTERS = {"grad_ptr", "exp_avg_ptr", "exp_avg_sq_ptr", "rowscale_ptr", "param_ptr"}
+
+
+@pytest.mark.skipif(triton is None, reason="Triton is not installed")
+@pytest.mark.skipif(INTERPRET, reason="interpreted kernels cannot be compiled")
+def test_triton_kernels_compile_for_h100():
+    """Catches kernels that run in the interpreter but not compiled (a runtime `if` whose
+    branches disagree on types, int64 atomics, sqrt_rn/div_rn, pointer arithmetic): every
+    specialisation the launchers use is compiled ahead of time for sm_90 down to a cubin with
+    Triton's bundled ptxas; no GPU needed."""
+    from dsforget.kernels import histogram as histogram_op
+    from dsforget.kernels import masked_update as masked_op
+    from dsforget.kernels import moments as moments_op
+    from dsforget.kernels._triton import LAUNCH_OPTIONS
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def compile_kernel(kernel, constexprs: dict, grad_type: str = "*fp32") -> None:
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name == "grad_ptr":
+                signature[name] = grad_type
+            elif name.endswith("_ptr"):
+                signature[name] = "*fp32" if name in FP32_POINTERS else "*i64"
+            else:
+                signature[name] = "fp32"
+        indexed = {(i,): constexprs[name] for i, name in enumerate(kernel.arg_names) if name in constexprs}
+        source = ASTSource(kernel, signature, constexprs=indexed)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=LAUNCH_OPTIONS)
+        assert compiled.asm["cubin"], kernel
+
+    level0 = dict(DIGIT_SHIFT=LEVELS[0][0], BINS=level_bins(0), TILE=moments_op.TRITON_TILE)
+    for grad_type in ("*fp32", "*bf16"):
+        for with_histogram in (True, False):
+            compile_kernel(
+                moments_op._update_moments_kernel, dict(level0, HISTOGRAM=with_histogram), grad_type
+            )
+    for level, (shift, width) in enumerate(LEVELS):
+        constexprs = dict(
+            DIGIT_SHIFT=shift,
+            BINS=level_bins(level),
+            PREFIX_SHIFT=shift + width,
+            TILE=histogram_op.TRITON_TILE,
+        )
+        compile_kernel(histogram_op._abs_histogram_kernel, constexprs)
+    compile_kernel(masked_op._masked_adamw_kernel, dict(TILE=masked_op.TRITON_TILE))
+
+
+def test_benchmark_tiny_run(tmp_path):
+    """Keeps `python -m dsforget.kernels.bench` from rotting: every implementation runs (or is
+    reported unavailable with a reason), the fused step matches the reference, the CSV is written.
+    On a machine where DeepSpeed's cpu_adam op was never built, building it adds ~95 s (2 cores)."""
+    output = tmp_path / "bench.csv"
+    result = run_python(["-m", "dsforget.kernels.bench", "--tiny", "--csv", str(output)])
+    assert "| dsforget-cpu |" in result.stdout, result.stdout
+    with open(output, encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    names = [row["implementation"] for row in rows]
+    assert names[:3] == ["mofo-reference", "dsforget-torch", "dsforget-cpu"]
+    for row in rows:
+        assert row["status"] == "ok" or row["status"].startswith("unavailable: "), row
+        assert row["device"] and row["torch"] and row["deepspeed"]
+    fused = next(row for row in rows if row["implementation"] == "dsforget-cpu")
+    assert fused["status"] == "ok" and float(fused["max_abs_error"]) < 1e-6, fused
