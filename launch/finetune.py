@@ -176,6 +176,7 @@ def main(argv: list[str]) -> None:
             flush=True,
         )
     deepspeed.comm.barrier()
+    deepspeed.comm.destroy_process_group()  # an undestroyed gloo group can abort the exit
 
 
 if __name__ == "__main__":

@@ -68,6 +68,8 @@ def main() -> None:
     if rank == 0:
         torch.save({"params": final, "losses": losses}, spec["out"])
     print(f"rank {rank} done, losses {losses}")
+    deepspeed.comm.barrier()
+    deepspeed.comm.destroy_process_group()  # an undestroyed gloo group can abort the exit
 
 
 if __name__ == "__main__":
