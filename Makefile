@@ -18,8 +18,9 @@ $(VENV)/.installed: setup.py
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
+# All local GPUs, or 2 CPU ranks (gloo) without one.
 demo: venv
-	$(BIN)/deepspeed --num_gpus 2 launch/finetune.py
+	$(BIN)/deepspeed $(if $(filter cpu,$(DS_ACCELERATOR)),--num_gpus 2,) launch/finetune.py
 
 test: venv
 	$(BIN)/python -m pytest -q tests

@@ -98,9 +98,9 @@ def format_table(report: Mapping[str, Any]) -> str:
     lines = [f"{'metric':<22}{'base':>10}{'tuned':>10}{'change':>10}"]
     for metric, before in report["before"].items():
         after = report["after"][metric]
-        lines.append(f"{metric:<22}{before:>10.4f}{after:>10.4f}{after - before:>+10.4f}")
+        lines.append(f"{metric:<22}{before:>10.4g}{after:>10.4g}{after - before:>+10.4g}")
     for key, value in report["summary"].items():
-        lines.append(f"{key:<22}{'':>10}{'':>10}{value:>+10.4f}")
+        lines.append(f"{key:<22}{'':>10}{'':>10}{value:>+10.4g}")
     lines.append("")
     lines.append(f"{'drift':<22}{'rel. L2':>10}{'changed':>10}")
     for category, values in sorted(report["drift"].items()):

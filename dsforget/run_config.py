@@ -67,7 +67,7 @@ class RunConfig:
         "exact", "exact: top-k of the whole parameter; shard: of each rank's shard", ("exact", "shard")
     )
     kernel_backend: str = option("auto", "optimizer kernels", ("auto", "torch", "cpu", "triton"))
-    epochs: int = option(1, "passes over the training data (ignored when max_steps > 0)")
+    epochs: int = option(3, "passes over the training data (ignored when max_steps > 0)")
     max_steps: int = option(0, "optimizer steps to run; 0 = as many as `epochs` take")
     micro_batch_size: int = option(8, "examples per rank per forward pass")
     gradient_accumulation: int = option(1, "micro-batches per optimizer step")
