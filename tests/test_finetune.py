@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +126,36 @@ def test_bad_data_line_is_named(tmp_path: Path, lab_cache: Path) -> None:
     with pytest.raises(RankFailure) as failure:
         finetune(tmp_path / "out", lab_cache, "--data", str(data), timeout=300)
     assert f"{data}:2" in failure.value.outputs[0]
+
+
+def test_compare_runs_each_method_and_tabulates(tmp_path: Path, lab_cache: Path) -> None:
+    """The comparison command must run every method on the same data and tabulate measured values."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "DSFORGET_CACHE": str(lab_cache)}
+    command = [
+        sys.executable,
+        str(REPO / "launch" / "compare.py"),
+        "--methods",
+        "full,mofo",
+        "--output_dir",
+        str(tmp_path),
+        "--",
+        *TINY_RUN,
+        "--max_steps",
+        "6",
+        "--no-export",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in done.stdout.splitlines()
+        if line.startswith(("full ", "mofo "))
+    }
+    assert set(rows) == {"full", "mofo"} and all(len(cells) == 7 for cells in rows.values())
+    reports = json.loads((tmp_path / "compare.json").read_text())
+    assert reports["full"]["plan_digest"] != reports["mofo"]["plan_digest"]
+    assert (
+        reports["mofo"]["drift"]["all"]["changed_fraction"]
+        < reports["full"]["drift"]["all"]["changed_fraction"]
+    )
+    assert (tmp_path / "compare.png").exists()
