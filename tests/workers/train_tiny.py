@@ -6,6 +6,7 @@ Usage: python train_tiny.py SPEC.json   (SPEC: see tests/test_distributed.py)
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import deepspeed
@@ -69,7 +70,12 @@ def main() -> None:
         torch.save({"params": final, "losses": losses}, spec["out"])
     print(f"rank {rank} done, losses {losses}")
     deepspeed.comm.barrier()
-    deepspeed.comm.destroy_process_group()  # an undestroyed gloo group can abort the exit
+    deepspeed.comm.destroy_process_group()
+    # After a finished ZeRO-3 run on CPU ranks, interpreter teardown sometimes aborts in native
+    # code ("terminate called without an active exception", about 1 run in 10 here); the result
+    # is saved and checked above, so leave without that teardown. Root cause: open (issue 6).
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
