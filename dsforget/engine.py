@@ -94,9 +94,8 @@ def _require(obj: Any, *attributes: str) -> None:
         )
 
 
-def _fragment_layouts(wrapper: Any, optimizer: ForgetAdamW, params: dict[str, nn.Parameter]):
+def _fragment_layouts(optimizer: ForgetAdamW, params: dict[str, nn.Parameter]) -> list:
     """ZeRO-1/2 and the bf16 optimizer: group i is one flat slice; params carry _hp_mapping."""
-    _require(wrapper, "real_dp_process_group")
     layouts = []
     for index, (group, names) in enumerate(
         zip(optimizer.param_groups, optimizer.group_param_names, strict=True)
@@ -129,12 +128,7 @@ def _fragment_layouts(wrapper: Any, optimizer: ForgetAdamW, params: dict[str, nn
             )
         group_params = tuple((name, full_numel(params[name])) for name in names)
         layouts.append((flat, ShardLayout(flat.numel(), tuple(segments), group_params)))
-    dp_groups = {id(g) for g in wrapper.real_dp_process_group}
-    if len(dp_groups) != 1:
-        raise UnsupportedSetupError(
-            "param groups reduce over different data-parallel groups (MoE); not supported"
-        )
-    return layouts, wrapper.real_dp_process_group[0]
+    return layouts
 
 
 def _zero3_layouts(wrapper: Any, names: dict[int, str]):
@@ -182,6 +176,25 @@ def _zero3_layouts(wrapper: Any, names: dict[int, str]):
     return layouts, wrapper.dp_process_group
 
 
+def discover_layouts(optimizer: ForgetAdamW) -> tuple[list, Any]:
+    """Layouts found from the parameters alone, for an engine that plain ``deepspeed.initialize``
+    built (Hugging Face Trainer, accelerate): ZeRO-3 parameters point to their optimizer
+    (``_z3_optimizer``, what DeepSpeed's ``safe_get_local_*`` helpers use), ZeRO-1/2 parameters
+    carry ``_hp_mapping`` fragments. The data-parallel group is DeepSpeed's global one."""
+    from deepspeed.utils import groups
+
+    params = optimizer.trained_parameters
+    stage3 = next((p._z3_optimizer for p in params.values() if hasattr(p, "_z3_optimizer")), None)
+    if stage3 is not None:
+        return _zero3_layouts(stage3, {id(p): name for name, p in params.items()})
+    if any(getattr(p, "_hp_mapping", None) is not None for p in params.values()):
+        return _fragment_layouts(optimizer, params), groups._get_data_parallel_group()
+    raise UnsupportedSetupError(
+        "ForgetAdamW was handed a flat tensor, but its parameters carry no DeepSpeed partition "
+        "mapping: build the engine with dsforget.initialize"
+    )
+
+
 def bind_to_engine(engine: Any, optimizer: ForgetAdamW) -> None:
     """Read the engine's partitions and hand their layouts to the optimizer."""
     params = dict(engine.module.named_parameters())
@@ -191,7 +204,10 @@ def bind_to_engine(engine: Any, optimizer: ForgetAdamW) -> None:
     if engine.zero_optimization_stage() == 3:
         layouts, group = _zero3_layouts(wrapper, {id(p): n for n, p in params.items()})
     elif hasattr(wrapper, "_link_all_hp_params") or type(wrapper).__name__ == "BF16_Optimizer":
-        layouts, group = _fragment_layouts(wrapper, optimizer, params)
+        _require(wrapper, "real_dp_process_group")
+        if len({id(g) for g in wrapper.real_dp_process_group}) != 1:
+            raise UnsupportedSetupError("param groups reduce over different data-parallel groups (MoE)")
+        layouts, group = _fragment_layouts(optimizer, params), wrapper.real_dp_process_group[0]
     else:
         raise UnsupportedSetupError(
             f"DeepSpeed wrapped the optimizer in {type(wrapper).__name__} (fp16 without ZeRO?); "
@@ -238,4 +254,11 @@ def initialize(model: nn.Module, optimizer: ForgetAdamW, config: str | Path | Ma
     return engine, ds_optimizer, dataloader, scheduler
 
 
-__all__ = ["UnsupportedSetupError", "bind_to_engine", "initialize", "load_deepspeed_config", "prepare_config"]
+__all__ = [
+    "UnsupportedSetupError",
+    "bind_to_engine",
+    "discover_layouts",
+    "initialize",
+    "load_deepspeed_config",
+    "prepare_config",
+]

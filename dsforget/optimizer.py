@@ -108,6 +108,8 @@ class ForgetAdamW(torch.optim.Optimizer):
         for group in groups:
             for tensor in group["params"]:
                 self._check_rule(self._names[id(tensor)], tensor)
+                if not plan[self._names[id(tensor)]].trains and tensor.requires_grad:
+                    tensor.requires_grad_(False)  # no gradient, master copy or state under DeepSpeed
             group["params"] = [t for t in group["params"] if plan[self._names[id(t)]].trains]
         groups = [group for group in groups if group["params"]]
         if not groups:
@@ -117,6 +119,12 @@ class ForgetAdamW(torch.optim.Optimizer):
         # Names of each group's parameters in order: under ZeRO-1/2 a group becomes one flat
         # partition and these are its blocks.
         self.group_param_names: list[list[str]] = [[self._names[id(p)] for p in g["params"]] for g in groups]
+        # The parameters themselves, kept because DeepSpeed swaps the groups' tensors for flat
+        # partitions; their partition mappings are how the optimizer finds its layouts.
+        self.trained_parameters: dict[str, torch.Tensor] = {
+            self._names[id(p)]: p for g in groups for p in g["params"]
+        }
+        self._discovered = False
         self._layouts: dict[int, ShardLayout] = {}
         self._tables: dict[int, kernels.SegmentTable] = {}
         self._dp_group: Any = None
@@ -134,6 +142,7 @@ class ForgetAdamW(torch.optim.Optimizer):
             return
         self._names = renamed
         self.group_param_names = [[renamed[id(p)] for p in g["params"]] for g in self.param_groups]
+        self.trained_parameters = {renamed[id(p)]: p for p in self.trained_parameters.values()}
         self.plan = self._plan_for_names(self.plan)
         self._layouts.clear()
         self._tables.clear()
@@ -173,10 +182,21 @@ class ForgetAdamW(torch.optim.Optimizer):
         if layout is not None:
             return layout
         name = self._names.get(id(tensor))
+        if name is None and not self._discovered:
+            # An engine built by plain deepspeed.initialize (HF Trainer, accelerate): find the
+            # layouts from the parameters' partition mappings, once, on every rank alike.
+            from .coordinator import verify_plan_agreement
+            from .engine import discover_layouts
+
+            self._discovered = True
+            verify_plan_agreement(self.plan)
+            layouts, group = discover_layouts(self)
+            self.bind(layouts, data_parallel_group=group)
+            return self._layout(tensor)
         if name is None:
             raise RuntimeError(
                 "ForgetAdamW was handed a tensor it cannot map to parameters (a DeepSpeed flat "
-                "partition?): build the engine with dsforget.initialize, not deepspeed.initialize"
+                "partition?): build the engine with dsforget.initialize"
             )
         layout = ShardLayout.whole(name, full_shape(tensor))
         self._layouts[id(tensor)] = layout

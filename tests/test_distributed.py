@@ -37,6 +37,7 @@ class Config:
     lr: float = 1e-2
     dropin: bool = False
     backend: str = "auto"  # the C++ path on CPU tensors; "torch" = references; "triton" = interpreter
+    plain: bool = False  # built by deepspeed.initialize: the optimizer finds its layouts itself
 
 
 MATRIX = [
@@ -49,6 +50,8 @@ MATRIX = [
     Config("zero3-mofo-dropin", stage=3, dropin=True),
     Config("zero3-torch-path", stage=3, backend="torch"),
     Config("zero2-triton-interpreted", stage=2, backend="triton"),
+    Config("zero2-plain-deepspeed-initialize", stage=2, plain=True),
+    Config("zero3-plain-deepspeed-initialize", stage=3, plain=True, weight_decay=0.1),
 ]
 
 

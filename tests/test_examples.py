@@ -23,3 +23,31 @@ def test_dropin_example_runs_under_the_deepspeed_launcher() -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"^step +\d+  loss ([0-9.]+)$", done.stdout, flags=re.M)]
     assert len(losses) == 3 and losses[-1] < losses[0] - 0.3, done.stdout[-2000:]
+
+
+def run_example(command: list[str], output: Path) -> list[float]:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*command, "--output_dir", str(output)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    found = re.findall(r"^losses every 10 steps: (.*)$", done.stdout, flags=re.M)
+    assert found, done.stdout[-2000:]
+    return [float(x) for x in found[0].split(", ")]
+
+
+@pytest.mark.distributed
+def test_hf_trainer_example_with_and_without_deepspeed(tmp_path: Path) -> None:
+    """The Trainer builds the DeepSpeed engine itself: ForgetAdamW must find ZeRO-3's partitions on
+    its own (else its first step raises), and training must make progress in both set-ups."""
+    example = "launch/examples/hf_trainer.py"
+    plain = run_example([sys.executable, example], tmp_path / "plain")
+    launcher = str(Path(sys.executable).with_name("deepspeed"))
+    zero3 = run_example([launcher, "--num_gpus", "2", example, "--zero", "3"], tmp_path / "zero3")
+    for losses in (plain, zero3):
+        assert len(losses) == 3 and losses[-1] < losses[0] - 0.5, losses

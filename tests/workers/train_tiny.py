@@ -49,7 +49,11 @@ def main() -> None:
         optimizer = dsforget.ForgetAdamW(
             model.named_parameters(), plan=plan, topk=spec["topk"], backend=spec["backend"], **hyper
         )
-    engine, *_ = dsforget.initialize(model=model, optimizer=optimizer, config=zero_config(spec))
+    if spec.get("plain"):  # as the HF Trainer / accelerate do: DeepSpeed's own initialize
+        config = dsforget.engine.prepare_config(zero_config(spec))
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    else:
+        engine, *_ = dsforget.initialize(model=model, optimizer=optimizer, config=zero_config(spec))
     data = torch.load(spec["data"])
     first_step = 0
     if spec.get("resume_from"):
