@@ -23,8 +23,9 @@ import torch
 
 from . import kernels
 from .layout import ShardLayout
-from .params import full_shape, is_bias_or_norm_name
-from .plan import DENSE, MaskPlan, ParamRule, PlanError
+from .methods.mofo import mofo_plan_from_names
+from .params import full_shape
+from .plan import MaskPlan, PlanError
 
 logger = logging.getLogger("dsforget")
 
@@ -357,13 +358,6 @@ class ForgetAdamW(torch.optim.Optimizer):
                 f"decay_scope={saved['decay_scope']!r}; this run uses {self.topk!r}, {self.decay_scope!r}"
             )
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "dsforget"})
-
-
-def mofo_plan_from_names(names: Iterable[str], fraction: float) -> MaskPlan:
-    """MoFO's rule when only names are known: biases and norms dense, the rest top-k."""
-    filtered = ParamRule("topk", fraction=fraction)
-    rules = {name: DENSE if is_bias_or_norm_name(name) else filtered for name in names}
-    return MaskPlan(rules=rules, method="mofo", meta={"fraction": fraction})
 
 
 class MoFOAdamW(ForgetAdamW):
