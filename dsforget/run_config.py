@@ -188,8 +188,9 @@ def _flag_type(f: dataclasses.Field) -> Any:
 
 
 def argument_parser(description: str) -> argparse.ArgumentParser:
+    # allow_abbrev=False: "--warmup 5" must be an error, not a silent prefix match of --warmup_steps
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--config", help="YAML or JSON file of run settings (flags override it)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
