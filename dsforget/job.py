@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .data import load_conversations
 from .engine import load_deepspeed_config
 from .forgetting import EvalSources
 from .run_config import RunConfig
@@ -91,15 +92,20 @@ def resolve_inputs(config: RunConfig) -> Inputs:
         from .lab import LabConfig, build_lab
 
         lab = build_lab(LabConfig.preset(config.lab_preset))
-        task = _read_jsonl(config.eval_data, "eval_data") if config.eval_data else lab.load_task_eval()
+        task = _task_records(config.eval_data) if config.eval_data else lab.load_task_eval()
         general = _texts(config.general_text) if config.general_text else lab.load_heldout_texts()
         sources = EvalSources(task[:limit], lab.load_facts()[:limit], general[:limit])
         return Inputs(lab.model_dir, Path(config.data or lab.task_train), sources)
     sources = EvalSources(
-        task_records=_read_jsonl(config.eval_data, "eval_data")[:limit] if config.eval_data else [],
+        task_records=_task_records(config.eval_data)[:limit] if config.eval_data else [],
         general_texts=_texts(config.general_text)[:limit] if config.general_text else [],
     )
     return Inputs(check_model_dir(config.model), Path(config.data), sources)
+
+
+def _task_records(path: str) -> list[dict]:
+    """Task records checked by the training-data loader (same formats, file:line errors)."""
+    return [{"messages": conversation} for conversation in load_conversations(path)]
 
 
 def _texts(path: str) -> list[str]:
