@@ -8,6 +8,9 @@ on different masks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from torch import nn
 
 from .methods import plan_for
@@ -20,13 +23,15 @@ def _distributed() -> bool:
     return comm.is_initialized() and comm.get_world_size() > 1
 
 
-def build_plan(model: nn.Module, method: str, **options) -> MaskPlan:
+def build_plan(
+    model: nn.Module, method: str, defaults: Mapping[str, Any] | None = None, **options
+) -> MaskPlan:
     """`plan_for` on global rank 0, broadcast to every rank (call it on all ranks)."""
     if not _distributed():
-        return plan_for(model, method, **options)
+        return plan_for(model, method, defaults, **options)
     from deepspeed import comm
 
-    message = [plan_for(model, method, **options).to_json() if comm.get_rank() == 0 else None]
+    message = [plan_for(model, method, defaults, **options).to_json() if comm.get_rank() == 0 else None]
     comm.broadcast_object_list(message, src=0)
     return MaskPlan.from_json(message[0], source="plan broadcast from rank 0")
 

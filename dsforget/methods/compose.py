@@ -1,0 +1,41 @@
+"""Combinations such as ``hft+mofo`` and ``cofitune+mofo``: one rule per parameter from several plans.
+
+The methods act on different axes, so their rules compose without ambiguity:
+- frozen wins (HFT's or CoFiTune's choice of what trains);
+- top-k applies to whatever still trains (MoFO's momentum filter);
+- a row scale (CoFiTune's importance) scales the gradient of a dense or top-k rule.
+Two plans that both set a fraction or both set row scales for one parameter disagree: an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..plan import FROZEN, MaskPlan, ParamRule, PlanError
+
+
+def _merge(name: str, rules: Sequence[tuple[str, ParamRule]]) -> ParamRule:
+    if any(rule.mode == "frozen" for _, rule in rules):
+        return FROZEN
+    fractions = {(method, rule.fraction) for method, rule in rules if rule.mode == "topk"}
+    scales = [(method, rule.row_scale) for method, rule in rules if rule.row_scale is not None]
+    if len({fraction for _, fraction in fractions}) > 1:
+        raise PlanError(f"{name}: methods {sorted(m for m, _ in fractions)} set different top-k fractions")
+    if len(scales) > 1:
+        raise PlanError(f"{name}: methods {[m for m, _ in scales]} both set row scales")
+    return ParamRule(
+        "topk" if fractions else "dense",
+        fraction=next(iter(fractions))[1] if fractions else None,
+        row_scale=scales[0][1] if scales else None,
+    )
+
+
+def compose(plans: Sequence[MaskPlan]) -> MaskPlan:
+    """The combined plan of `plans`, all built for the same model."""
+    names = list(plans[0].rules)
+    for plan in plans[1:]:
+        if set(plan.rules) != set(names):
+            raise PlanError(f"plans {plans[0].method} and {plan.method} cover different parameters")
+    rules = {name: _merge(name, [(plan.method, plan.rules[name]) for plan in plans]) for name in names}
+    method = "+".join(plan.method for plan in plans)
+    return MaskPlan(rules=rules, method=method, meta={plan.method: dict(plan.meta) for plan in plans})
