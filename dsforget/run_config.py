@@ -32,10 +32,12 @@ class RunConfig:
     # what to train
     model: str = option("lab", "'lab' (the embedded experiment) or a local Hugging Face checkpoint directory")
     lab_preset: str = option("default", "size of the lab when model is 'lab'", ("default", "tiny"))
-    method: str = option("mofo", "full, mofo, or a '+' combination of registered methods")
+    method: str = option("mofo", "full, mofo, hft, cofitune, or a '+' combination such as hft+mofo")
     fraction: float = option(0.15, "MoFO: share of each parameter's entries updated per step, in (0, 1]")
     method_options: dict = option(
-        {}, "extra keyword options of the method's plan builder (YAML/JSON mapping)"
+        {},
+        "options of the method's plan builders as a JSON/YAML mapping, e.g. hft: trainable_fraction, "
+        "norms, balance; cofitune: layers, modules, importance (see README 'Methods')",
     )
     # data
     data: str | None = option(
@@ -97,6 +99,15 @@ class RunConfig:
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise ValueError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
+        from .methods import METHODS
+
+        parts = self.method.split("+")
+        _check(
+            all(part in METHODS for part in parts) and len(set(parts)) == len(parts),
+            "method",
+            self.method,
+            f"must be one of {', '.join(sorted(METHODS))} or a '+' combination of distinct ones",
+        )
         _check(0 < self.fraction <= 1, "fraction", self.fraction, "must be in (0, 1]")
         _check(
             0 <= self.validation_fraction < 1,

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import dsforget
 from dsforget import checkpoint
 from dsforget.data import DataConfig, PaddingCollator, prepare_data
+from dsforget.distributed import init_distributed
 from dsforget.export import gather_state_dict, save_hf_checkpoint
 from dsforget.forgetting import drift, evaluate, forgetting_summary, format_table, write_report
 from dsforget.job import deepspeed_config, environment, load_model, lr_factor, resolve_inputs, setup_logging
@@ -46,7 +47,7 @@ def plain_model(model_dir: Path, state: dict[str, torch.Tensor] | None = None) -
 
 def main(argv: list[str]) -> None:
     config: RunConfig = parse_run_config(argv, description=__doc__)
-    deepspeed.init_distributed()
+    init_distributed()  # also under mpirun: dsforget/distributed.py
     rank, world = deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
     setup_logging(rank)
     torch.manual_seed(config.seed)
@@ -81,8 +82,8 @@ def main(argv: list[str]) -> None:
     if resume_from is not None:
         plan = checkpoint.read_plan(resume_from)
     else:
-        options = {"fraction": config.fraction} if "mofo" in config.method.split("+") else {}
-        plan = dsforget.build_plan(model, config.method, **options, **config.method_options)
+        defaults = {"fraction": config.fraction, "seed": config.seed}  # to the methods that take them
+        plan = dsforget.build_plan(model, config.method, defaults, **config.method_options)
     if rank == 0:
         plan.save(output / "plan.json")
     optimizer = dsforget.ForgetAdamW(

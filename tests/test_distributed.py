@@ -52,6 +52,9 @@ MATRIX = [
     Config("zero2-triton-interpreted", stage=2, backend="triton"),
     Config("zero2-plain-deepspeed-initialize", stage=2, plain=True),
     Config("zero3-plain-deepspeed-initialize", stage=3, plain=True, weight_decay=0.1),
+    Config("zero3-hft", stage=3, method="hft", options={"seed": 3}, weight_decay=0.1),
+    Config("zero2-hft+mofo", stage=2, method="hft+mofo", options={"seed": 1, "fraction": 0.3}),
+    Config("zero3-offload-hft+mofo", stage=3, offload=True, method="hft+mofo", options={"seed": 2}),
 ]
 
 
@@ -109,8 +112,11 @@ def test_sharded_run_equals_dense_single_process(config: Config, tmp_path: Path)
     assert_same_parameters(dense_reference(config), result["params"], config.lr)
     initial = initial_state()
     moved = [name for name, p in result["params"].items() if not torch.equal(p, initial[name])]
+    plan = dsforget.plan_for(TinyLM(), config.method, **config.options)
+    frozen = [name for name, rule in plan.rules.items() if not rule.trains]
+    assert not set(frozen) & set(moved), "frozen parameters must stay bit-identical to the base"
     assert "llama.lm_head.weight" in moved
-    assert ("never_used" in moved) == (config.weight_decay > 0), (
+    assert ("never_used" in moved) == (config.weight_decay > 0 and "never_used" not in frozen), (
         "only weight decay moves a gradient-free param"
     )
 
