@@ -95,7 +95,8 @@ def resolve_inputs(config: RunConfig) -> Inputs:
         task = _task_records(config.eval_data) if config.eval_data else lab.load_task_eval()
         general = _texts(config.general_text) if config.general_text else lab.load_heldout_texts()
         sources = EvalSources(task[:limit], lab.load_facts()[:limit], general[:limit])
-        return Inputs(lab.model_dir, Path(config.data or lab.task_train), sources)
+        model_dir = check_model_dir(config.init_from) if config.init_from else lab.model_dir
+        return Inputs(model_dir, Path(config.data or lab.task_train), sources)
     sources = EvalSources(
         task_records=_task_records(config.eval_data)[:limit] if config.eval_data else [],
         general_texts=_texts(config.general_text)[:limit] if config.general_text else [],

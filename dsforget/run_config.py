@@ -32,6 +32,11 @@ class RunConfig:
     # what to train
     model: str = option("lab", "'lab' (the embedded experiment) or a local Hugging Face checkpoint directory")
     lab_preset: str = option("default", "size of the lab when model is 'lab'", ("default", "tiny"))
+    init_from: str | None = option(
+        None,
+        "with model 'lab': start from this checkpoint directory instead of the lab's base model "
+        "(continual stages; the lab's data and metrics stay)",
+    )
     method: str = option("mofo", "full, mofo, hft, cofitune, or a '+' combination such as hft+mofo")
     fraction: float = option(0.15, "MoFO: share of each parameter's entries updated per step, in (0, 1]")
     method_options: dict = option(
@@ -142,6 +147,8 @@ class RunConfig:
         ):
             _check(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
         _check(self.epochs > 0 or self.max_steps > 0, "epochs", self.epochs, "or max_steps must be > 0")
+        if self.init_from is not None and self.model != "lab":
+            raise ValueError("init_from only applies to model 'lab'; pass a checkpoint directory as --model")
         if self.model != "lab" and self.data is None:
             raise ValueError("data: a training file is required when model is a checkpoint directory")
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-FINETUNE = Path(__file__).resolve().parent / "finetune.py"
+from dsforget.subruns import finetune_command, split_passthrough
+
 COLUMNS = (  # (title, report path, format)
     ("task gain", ("summary", "task_gain"), "{:+.3f}"),
     ("recall lost", ("summary", "fact_recall_lost"), "{:+.3f}"),
@@ -70,9 +69,7 @@ def plot(reports: dict[str, dict], path: Path) -> None:
 
 
 def main(argv: list[str]) -> None:
-    ours, finetune_flags = (
-        (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    )
+    ours, finetune_flags = split_passthrough(argv)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -84,23 +81,13 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(ours)
     if "--output_dir" in finetune_flags or "--method" in finetune_flags:
         parser.error("--output_dir and --method are set per run by compare.py; pass them before `--`")
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    cpu = os.environ.get("DS_ACCELERATOR") == "cpu"
-    num_gpus = ["--num_gpus", str(args.num_gpus or 2)] if (cpu or args.num_gpus) else []
     output = Path(args.output_dir)
     reports = {}
     for method in args.methods.split(","):
         run_dir = output / method
-        command = [
-            launcher,
-            *num_gpus,
-            str(FINETUNE),
-            "--method",
-            method,
-            "--output_dir",
-            str(run_dir),
-            *finetune_flags,
-        ]
+        command = finetune_command(
+            args.num_gpus, "--method", method, "--output_dir", str(run_dir), *finetune_flags
+        )
         print(f"== {method}: {' '.join(command)}", flush=True)
         subprocess.run(command, check=True)
         reports[method] = json.loads((run_dir / "report.json").read_text())
