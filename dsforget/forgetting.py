@@ -95,12 +95,12 @@ def forgetting_summary(before: Mapping[str, float], after: Mapping[str, float]) 
 
 def format_table(report: Mapping[str, Any]) -> str:
     """The report as aligned text: metrics before/after, then drift per module type."""
-    lines = [f"{'metric':<22}{'base':>10}{'tuned':>10}{'change':>10}"]
+    lines = [f"{'metric':<22}{'base':>12}{'tuned':>12}{'change':>12}"]
     for metric, before in report["before"].items():
         after = report["after"][metric]
-        lines.append(f"{metric:<22}{before:>10.4g}{after:>10.4g}{after - before:>+10.4g}")
+        lines.append(f"{metric:<22}{before:>12.4g}{after:>12.4g}{after - before:>+12.4g}")
     for key, value in report["summary"].items():
-        lines.append(f"{key:<22}{'':>10}{'':>10}{value:>+10.4g}")
+        lines.append(f"{key:<22}{'':>12}{'':>12}{value:>+12.4g}")
     lines.append("")
     lines.append(f"{'drift':<22}{'rel. L2':>10}{'changed':>10}")
     for category, values in sorted(report["drift"].items()):

@@ -44,6 +44,12 @@ class RunConfig:
         "options of the method's plan builders as a JSON/YAML mapping, e.g. hft: trainable_fraction, "
         "norms, balance; cofitune: layers, modules, importance (see README 'Methods')",
     )
+    importance_data: str = option(
+        "general",
+        "CoFiTune importance measured on general text (the lab's corpus or --general_text) or train data",
+        ("general", "train"),
+    )
+    importance_batches: int = option(16, "CoFiTune importance: micro-batches per rank")
     # data
     data: str | None = option(
         None,
@@ -134,6 +140,7 @@ class RunConfig:
             "eval_max_examples",
             "log_every",
             "keep_checkpoints",
+            "importance_batches",
         ):
             _check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
         for key in (

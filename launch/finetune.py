@@ -30,6 +30,7 @@ from dsforget.data import DataConfig, PaddingCollator, prepare_data
 from dsforget.distributed import init_distributed
 from dsforget.export import gather_state_dict, save_hf_checkpoint
 from dsforget.forgetting import drift, evaluate, forgetting_summary, format_table, write_report
+from dsforget.importance_run import ensure_importance, needs_importance
 from dsforget.job import deepspeed_config, environment, load_model, lr_factor, resolve_inputs, setup_logging
 from dsforget.run_config import RunConfig, parse_run_config
 from dsforget.trainer import Trainer, steps_per_epoch
@@ -82,8 +83,14 @@ def main(argv: list[str]) -> None:
     if resume_from is not None:
         plan = checkpoint.read_plan(resume_from)
     else:
+        options = dict(config.method_options)
+        if needs_importance(config):  # CoFiTune's fine level, measured on this model before training
+            collator = PaddingCollator.for_tokenizer(tokenizer)
+            options["importance"] = str(
+                ensure_importance(config, model, tokenizer, data.train, collator, output, rank, world)
+            )
         defaults = {"fraction": config.fraction, "seed": config.seed}  # to the methods that take them
-        plan = dsforget.build_plan(model, config.method, defaults, **config.method_options)
+        plan = dsforget.build_plan(model, config.method, defaults, **options)
     if rank == 0:
         plan.save(output / "plan.json")
     optimizer = dsforget.ForgetAdamW(

@@ -159,3 +159,29 @@ def test_compare_runs_each_method_and_tabulates(tmp_path: Path, lab_cache: Path)
         < reports["full"]["drift"]["all"]["changed_fraction"]
     )
     assert (tmp_path / "compare.png").exists()
+
+
+def test_cofitune_measures_importance_in_the_job_and_scales_rows(tmp_path: Path, lab_cache: Path) -> None:
+    """CoFiTune's fine level end to end under ZeRO-3: the job must compute importance on general
+    data before the engine exists, keep it as an artifact, turn it into row scales of exactly the
+    coarse level's matrices, and leave every other parameter bit-identical to the base."""
+    from dsforget.importance import UnitImportance
+    from dsforget.lab import LabConfig, build_lab
+
+    options = json.dumps({"layers": "top-plus", "modules": "ffn"})
+    finetune(
+        tmp_path, lab_cache, "--method", "cofitune", "--method_options", options,
+        "--max_steps", "4", "--importance_batches", "1",
+    )  # fmt: skip
+    importance = UnitImportance.load(tmp_path / "importance.safetensors")
+    assert importance.meta["source"] == "lab pretraining corpus" and importance.meta["world_size"] == 2
+    plan = json.loads((tmp_path / "plan.json").read_text())["params"]
+    trained = {name for name, rule in plan.items() if rule["mode"] != "frozen"}
+    assert trained == {"model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+    up = torch.tensor(plan["model.layers.1.mlp.up_proj.weight"]["row_scale"])
+    torch.testing.assert_close(up, 1 - importance.intermediate[1])
+    lab = build_lab(LabConfig.preset("tiny"), lab_cache / "lab")  # already built: read from the cache
+    base = AutoModelForCausalLM.from_pretrained(lab.model_dir).state_dict()
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model").state_dict()
+    for name, tensor in base.items():
+        assert torch.equal(tensor, tuned[name]) == (name not in trained), name
