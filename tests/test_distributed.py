@@ -6,6 +6,7 @@ Each configuration names the baseline it must equal. Data is drawn once with sha
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +41,9 @@ class Config:
     plain: bool = False  # built by deepspeed.initialize: the optimizer finds its layouts itself
 
 
+# every q/k/v/up/down matrix trains with row scales 1 - importance (all layers: both of TinyLM's)
+COFITUNE = {"layers": "all", "modules": "both", "importance": "random"}
+
 MATRIX = [
     Config("no-zero", stage=0),
     Config("zero1", stage=1, weight_decay=0.1),
@@ -55,7 +59,29 @@ MATRIX = [
     Config("zero3-hft", stage=3, method="hft", options={"seed": 3}, weight_decay=0.1),
     Config("zero2-hft+mofo", stage=2, method="hft+mofo", options={"seed": 1, "fraction": 0.3}),
     Config("zero3-offload-hft+mofo", stage=3, offload=True, method="hft+mofo", options={"seed": 2}),
+    Config("zero3-cofitune-rowscale", stage=3, method="cofitune", options=COFITUNE, weight_decay=0.1),
+    Config("zero2-cofitune+mofo", stage=2, method="cofitune+mofo", options={**COFITUNE, "fraction": 0.3}),
+    Config("zero3-offload-cofitune+mofo", stage=3, offload=True, method="cofitune+mofo", options=COFITUNE),
 ]
+
+
+def importance_file(directory: Path) -> str:
+    """Random unit importance for TinyLM (2 layers, 4 heads, 98 FFN neurons, hidden 56)."""
+    from dsforget.importance import UnitImportance
+
+    generator = torch.Generator().manual_seed(5)
+    shapes = {"heads": (2, 4), "intermediate": (2, 98), "hidden": (2, 56)}
+    tensors = {k: torch.rand(shape, generator=generator) * 0.9 for k, shape in shapes.items()}
+    path = directory / "importance.safetensors"
+    UnitImportance(**tensors, meta={"source": "random (test)"}).save(path)
+    return str(path)
+
+
+def method_options(config: Config, directory: Path) -> dict:
+    """The config's options, with a CoFiTune importance file written when one is asked for."""
+    if config.options.get("importance") == "random":
+        return {**config.options, "importance": importance_file(directory)}
+    return dict(config.options)
 
 
 def run_config(config: Config, tmp_path: Path, steps: int = STEPS, **extra) -> dict:
@@ -64,6 +90,7 @@ def run_config(config: Config, tmp_path: Path, steps: int = STEPS, **extra) -> d
     spec = {
         **asdict(config),
         **extra,
+        "options": method_options(config, tmp_path),
         "fraction": config.options.get("fraction", 1.0),
         "micro_batch": MICRO_BATCH,
         "init": str(tmp_path / "init.pt"),
@@ -76,14 +103,14 @@ def run_config(config: Config, tmp_path: Path, steps: int = STEPS, **extra) -> d
     return torch.load(tmp_path / "out.pt")
 
 
-def dense_reference(config: Config, steps: int = STEPS) -> TinyLM:
+def dense_reference(config: Config, directory: Path, steps: int = STEPS) -> TinyLM:
     model = TinyLM()
     model.load_state_dict(initial_state())
     hyper = dict(lr=config.lr, weight_decay=config.weight_decay)
     if config.method == "full":
         optimizer = torch.optim.AdamW(model.parameters(), **hyper)
     else:
-        plan = dsforget.plan_for(model, config.method, **config.options)
+        plan = dsforget.plan_for(model, config.method, **method_options(config, directory))
         optimizer = dsforget.ForgetAdamW(model.named_parameters(), plan=plan, backend="torch", **hyper)
     train_dense(model, optimizer, batches(steps, WORLD, MICRO_BATCH))
     return model
@@ -109,13 +136,14 @@ def test_sharded_run_equals_dense_single_process(config: Config, tmp_path: Path)
     shard instead of per parameter, row scales tiled from the shard start, and DeepSpeed
     configurations the optimizer silently mis-binds."""
     result = run_config(config, tmp_path)
-    assert_same_parameters(dense_reference(config), result["params"], config.lr)
+    assert_same_parameters(dense_reference(config, tmp_path), result["params"], config.lr)
     initial = initial_state()
     moved = [name for name, p in result["params"].items() if not torch.equal(p, initial[name])]
-    plan = dsforget.plan_for(TinyLM(), config.method, **config.options)
+    plan = dsforget.plan_for(TinyLM(), config.method, **method_options(config, tmp_path))
     frozen = [name for name, rule in plan.rules.items() if not rule.trains]
     assert not set(frozen) & set(moved), "frozen parameters must stay bit-identical to the base"
-    assert "llama.lm_head.weight" in moved
+    trained = [name for name in plan.rules if name not in frozen and name != "never_used"]
+    assert set(trained) <= set(moved), "every trained parameter with a gradient must move"
     assert ("never_used" in moved) == (config.weight_decay > 0 and "never_used" not in frozen), (
         "only weight decay moves a gradient-free param"
     )
@@ -169,3 +197,19 @@ def test_deepspeed_checkpoint_resumes_bit_identically(stage: int, tmp_path: Path
     assert resumed["losses"] == straight["losses"][2:]
     for name, param in straight["params"].items():
         assert torch.equal(param, resumed["params"][name]), name
+
+
+def test_row_scales_add_no_collective(tmp_path: Path) -> None:
+    """CoFiTune's fine level scales each rank's own gradient shard: the same coarse selection with
+    and without importance row scales must issue exactly the same collectives at every step (the
+    reference implementation all-gathers every masked weight twice per micro-step)."""
+    coarse = {"layers": "all", "modules": "both"}
+    counts = {}
+    for name, options in (("coarse", coarse), ("rowscale", {**coarse, "importance": "random"})):
+        config = Config(name, stage=3, method="cofitune", options=options)
+        directory = tmp_path / name
+        directory.mkdir()
+        counts[name] = run_config(config, directory, count_collectives=True)["collectives"]
+    per_step = {name: [b - a for a, b in itertools.pairwise(c)] for name, c in counts.items()}
+    assert per_step["coarse"] and all(n > 0 for n in per_step["coarse"]), per_step
+    assert per_step["rowscale"] == per_step["coarse"], per_step

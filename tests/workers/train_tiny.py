@@ -22,7 +22,9 @@ def zero_config(spec: dict) -> dict:
         zero["offload_optimizer"] = {"device": "cpu"}
     if spec["stage"] == 3:
         zero["stage3_param_persistence_threshold"] = 0  # partition even the tiny parameters
+    counting = {"comms_logger": {"enabled": True, "prof_all": True}} if spec.get("count_collectives") else {}
     return {
+        **counting,  # DeepSpeed's own logger counts every collective that goes through deepspeed.comm
         "train_micro_batch_size_per_gpu": spec["micro_batch"],
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 0.0,  # DeepSpeed's default 1.0 would differ from the reference
@@ -59,19 +61,20 @@ def main() -> None:
     if spec.get("resume_from"):
         engine.load_checkpoint(spec["resume_from"])
         first_step = engine.global_steps
-    losses = []
+    losses, collectives = [], []
     for step, step_batches in enumerate(data[first_step:], start=first_step):
         loss = engine(step_batches[rank].reshape(-1, SEQ))
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
+        collectives.append(deepspeed.comm.comms_logger.get_total_operations())
         if step + 1 == spec.get("save_after"):
             engine.save_checkpoint(spec["checkpoint_dir"])
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=spec["stage"] == 3):
         final = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
     if rank == 0:
-        torch.save({"params": final, "losses": losses}, spec["out"])
+        torch.save({"params": final, "losses": losses, "collectives": collectives}, spec["out"])
     print(f"rank {rank} done, losses {losses}")
     deepspeed.comm.barrier()
     deepspeed.comm.destroy_process_group()
