@@ -135,7 +135,7 @@ def test_compare_runs_each_method_and_tabulates(tmp_path: Path, lab_cache: Path)
         sys.executable,
         str(REPO / "launch" / "compare.py"),
         "--methods",
-        "full,mofo",
+        "full,mofo,hft",
         "--output_dir",
         str(tmp_path),
         "--",
@@ -149,15 +149,19 @@ def test_compare_runs_each_method_and_tabulates(tmp_path: Path, lab_cache: Path)
     rows = {
         line.split()[0]: line.split()[1:]
         for line in done.stdout.splitlines()
-        if line.startswith(("full ", "mofo "))
+        if line.startswith(("full ", "mofo ", "hft "))
     }
-    assert set(rows) == {"full", "mofo"} and all(len(cells) == 7 for cells in rows.values())
+    assert set(rows) == {"full", "mofo", "hft"} and all(len(cells) == 7 for cells in rows.values())
     reports = json.loads((tmp_path / "compare.json").read_text())
     assert reports["full"]["plan_digest"] != reports["mofo"]["plan_digest"]
     assert (
         reports["mofo"]["drift"]["all"]["changed_fraction"]
         < reports["full"]["drift"]["all"]["changed_fraction"]
     )
+    # HFT's frozen half has no master copy and no Adam state: optimizer memory falls with it
+    memory = {m: reports[m]["train"]["optimizer_state_mib_per_rank"] for m in reports}
+    assert memory["hft"] < 0.75 * memory["full"], memory
+    assert reports["hft"]["trainable_share"] < 0.75
     assert (tmp_path / "compare.png").exists()
 
 
