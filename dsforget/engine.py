@@ -237,10 +237,10 @@ def initialize(model: nn.Module, optimizer: ForgetAdamW, config: str | Path | Ma
     config = prepare_config(config)
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed()
-    verify_plan_agreement(optimizer.plan)
+    verify_plan_agreement(optimizer.membership_plan)
     named = list(model.named_parameters())
     optimizer.adopt_names(named)
-    plan = optimizer.plan
+    plan = optimizer.membership_plan  # what DeepSpeed partitions; an active plan may hold more
     plan.check_parameters(
         ((name, full_shape(p)) for name, p in named), required=[name for name, p in named if p.requires_grad]
     )

@@ -102,6 +102,7 @@ class ForgetAdamW(torch.optim.Optimizer):
         if not weight_decay >= 0.0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         self.plan = plan
+        self.membership_plan = plan  # which parameters the optimizer holds; fixed for its lifetime
         self.topk = _choose("topk", topk, TOPK_MODES)
         self.decay_scope = _choose("decay_scope", decay_scope, DECAY_SCOPES)
         self.backend = _choose("backend", backend, BACKENDS)
@@ -144,7 +145,7 @@ class ForgetAdamW(torch.optim.Optimizer):
         self._names = renamed
         self.group_param_names = [[renamed[id(p)] for p in g["params"]] for g in self.param_groups]
         self.trained_parameters = {renamed[id(p)]: p for p in self.trained_parameters.values()}
-        self.plan = self._plan_for_names(self.plan)
+        self.plan = self.membership_plan = self._plan_for_names(self.plan)
         self._layouts.clear()
         self._tables.clear()
 
@@ -152,8 +153,32 @@ class ForgetAdamW(torch.optim.Optimizer):
         """The plan after parameters were renamed; an explicit plan stays as given."""
         return plan
 
-    def _check_rule(self, name: str, tensor: torch.Tensor) -> None:
-        rule = self.plan[name]
+    def set_active_plan(self, plan: MaskPlan) -> None:
+        """Switch, between steps, which of the optimizer's parameters train (HFT resampling).
+
+        A parameter the new plan freezes is *held*: no moment update and no parameter update, its
+        moments kept for when it trains again. DeepSpeed still computes and reduces its gradient,
+        so a run that resamples costs what full fine-tuning costs; only parameters given to the
+        optimizer at construction (the membership plan) can train. Call it on every rank with the
+        same plan (dsforget.build_plan); the checkpointed state stays tied to the membership plan.
+        """
+        outside = [
+            name for name, rule in plan.rules.items() if rule.trains and name not in self.trained_parameters
+        ]
+        if outside:
+            raise PlanError(
+                f"the plan ({plan.method}) trains {len(outside)} parameter(s) this optimizer was built "
+                f"without, e.g. {outside[:3]}: build it with a membership plan that trains them all"
+            )
+        for name, tensor in self.trained_parameters.items():
+            rule = plan[name]
+            if rule.trains:
+                self._check_rule(name, tensor, plan)
+        self.plan = plan
+        self._tables.clear()
+
+    def _check_rule(self, name: str, tensor: torch.Tensor, plan: MaskPlan | None = None) -> None:
+        rule = (plan or self.plan)[name]
         rows = full_shape(tensor)[0] if full_shape(tensor) else 1
         if rule.row_scale is not None and len(rule.row_scale) != rows:
             raise PlanError(
@@ -337,7 +362,7 @@ class ForgetAdamW(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["dsforget"] = {
-            "plan_digest": self.plan.digest,
+            "plan_digest": self.membership_plan.digest,
             "topk": self.topk,
             "decay_scope": self.decay_scope,
         }
@@ -347,10 +372,11 @@ class ForgetAdamW(torch.optim.Optimizer):
         saved = state_dict.get("dsforget")
         if saved is None:
             raise PlanError("this optimizer state was not saved by ForgetAdamW (no 'dsforget' entry)")
-        if saved["plan_digest"] != self.plan.digest:
+        if saved["plan_digest"] != self.membership_plan.digest:
             raise PlanError(
                 f"the optimizer state was saved under plan {saved['plan_digest'][:12]}, this run's plan is "
-                f"{self.plan.digest[:12]}: resume with the plan.json of the run that wrote the checkpoint"
+                f"{self.membership_plan.digest[:12]}: resume with the plan.json of the run that wrote "
+                "the checkpoint"
             )
         if (saved["topk"], saved["decay_scope"]) != (self.topk, self.decay_scope):
             raise PlanError(

@@ -229,6 +229,44 @@ def test_frozen_parameters_get_no_state_and_never_move() -> None:
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_active_plan_holds_parameters_and_keeps_their_moments(backend: str) -> None:
+    """HFT resampling: a parameter the active plan freezes must neither move nor change its Adam
+    moments while held, and must train again (from the kept moments) once the plan trains it."""
+    model = make_model()
+    names = [name for name, _ in model.named_parameters()]
+    membership = MaskPlan({name: ParamRule("dense") for name in names})
+    held = MaskPlan(
+        {name: ParamRule("frozen") if name.startswith("0.") else ParamRule("dense") for name in names}
+    )
+    opt = ForgetAdamW(model.named_parameters(), plan=membership, lr=1e-2, weight_decay=0.1, backend=backend)
+    run(model, opt, steps=2)
+    opt.set_active_plan(held)
+    weight = model[0].weight.detach().clone()
+    moments = {k: v.clone() for k, v in opt.state[model[0].weight].items() if k != "step"}
+    other = model[1].weight.detach().clone()
+    run(model, opt, steps=2)
+    assert torch.equal(model[0].weight, weight)
+    for key, value in moments.items():
+        assert torch.equal(opt.state[model[0].weight][key], value), key
+    assert not torch.equal(model[1].weight, other)
+    opt.set_active_plan(membership)
+    run(model, opt, steps=1)
+    assert not torch.equal(model[0].weight, weight)
+    assert opt.state_dict()["dsforget"]["plan_digest"] == membership.digest
+
+
+def test_active_plan_cannot_train_what_the_optimizer_dropped() -> None:
+    model = make_model()
+    names = [name for name, _ in model.named_parameters()]
+    frozen_first = MaskPlan(
+        {n: ParamRule("frozen") if n.startswith("0.") else ParamRule("dense") for n in names}
+    )
+    opt = ForgetAdamW(model.named_parameters(), plan=frozen_first)
+    with pytest.raises(PlanError, match=r"trains 2 parameter\(s\) this optimizer was built without"):
+        opt.set_active_plan(MaskPlan({name: ParamRule("dense") for name in names}))
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
