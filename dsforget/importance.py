@@ -28,14 +28,8 @@ tokens)``, only at the real positions, in the order (pass 1, layers 0..L-1), (pa
 1 / (1 - p). A sequence therefore gets the same masks whatever its padding, batch or rank
 (given the same device type: CPU and CUDA generators differ).
 
-ZeRO-3: a model built under ``deepspeed.zero.Init`` (before ``deepspeed.initialize``) is
-gathered one block at a time with ``deepspeed.zero.GatheredParameters``: a block is one decoder
-layer, or one other module that owns parameters directly (embeddings, final norm, LM head).
-A block is gathered in its forward pre-hook and partitioned again after its forward; in the
-backward an identity autograd function on the block's output gathers it again and one on its
-input partitions it once the block's backward is done. The two passes are back-propagated one
-after the other, so at most one block is gathered at any time, and the model is left
-partitioned and untouched for the later training ``initialize``.
+ZeRO-3: a model built under ``deepspeed.zero.Init`` (before ``deepspeed.initialize``) is run
+one block at a time (dsforget.block_gather) and left partitioned and untouched.
 """
 
 from __future__ import annotations
@@ -43,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +45,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .block_gather import BlockGatherer, is_partitioned, map_first_tensor
 
 UNIT_KINDS = ("heads", "intermediate", "hidden")
 _LARGEST_BELOW_ONE = 1.0 - 2.0**-24  # float32 just below 1: tanh rounds to 1.0 for |z| > ~9
@@ -243,15 +239,6 @@ def _find_units(model: nn.Module) -> _Units:
     return units
 
 
-def _map_first_tensor(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """Apply `function` to a module output that is a tensor or a tuple/list starting with one."""
-    if torch.is_tensor(value):
-        return function(value)
-    if isinstance(value, tuple | list) and value and torch.is_tensor(value[0]):
-        return type(value)([function(value[0]), *value[1:]])
-    return value
-
-
 # ----------------------------------------------------------------------------- virtual masks, dropout
 
 
@@ -306,7 +293,7 @@ class _SequenceDropout:
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         if self.probability == 0:
             return output
-        return _map_first_tensor(output, self._drop)
+        return map_first_tensor(output, self._drop)
 
     def _drop(self, hidden: torch.Tensor) -> torch.Tensor:
         scale = torch.ones(hidden.shape, dtype=torch.float32, device=hidden.device)  # [B, T, H]
@@ -314,100 +301,6 @@ class _SequenceDropout:
             draws = torch.rand(len(real), hidden.shape[-1], generator=generator, device=hidden.device)
             scale[row, real] = (draws >= self.probability).float() / (1.0 - self.probability)
         return hidden * scale.to(hidden.dtype)
-
-
-# ----------------------------------------------------------------------------- ZeRO-3, one block at a time
-
-
-class _Marker(torch.autograd.Function):
-    """Identity whose backward calls `on_backward`: the hook point for a block's backward."""
-
-    @staticmethod
-    def forward(ctx, anchor, on_backward, x):
-        ctx.on_backward = on_backward
-        return x.detach()
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.on_backward()
-        return None, None, grad
-
-
-class _Block:
-    def __init__(self, name: str, params: list[nn.Parameter]) -> None:
-        self.name, self.params = name, params
-        self.context = None
-
-    def gather(self) -> None:
-        if self.context is None:
-            import deepspeed
-
-            self.context = deepspeed.zero.GatheredParameters(self.params)
-            self.context.__enter__()
-
-    def partition(self) -> None:
-        if self.context is not None:
-            context, self.context = self.context, None
-            context.__exit__(None, None, None)
-
-
-class _BlockGatherer:
-    """Gathers a ZeRO-3 partitioned model block by block in forward and backward (see module doc)."""
-
-    def __init__(self, model: nn.Module, units: _Units, device: torch.device) -> None:
-        layer_ids = {id(layer) for layer in units.layers}
-        inside_layers = {id(p) for layer in units.layers for p in layer.parameters()}
-        self.blocks: list[tuple[nn.Module, _Block]] = []
-        for name, module in model.named_modules():
-            if id(module) in layer_ids:
-                self.blocks.append((module, _Block(name, list(module.parameters()))))
-                continue
-            own = [p for p in module.parameters(recurse=False) if id(p) not in inside_layers]
-            if own:
-                self.blocks.append((module, _Block(name, own)))
-        # Makes a block's input require grad so that its input marker runs even for the first
-        # layer, whose input (the embeddings of frozen weights) needs no gradient.
-        self.anchor = torch.zeros((), device=device, requires_grad=True)
-
-    def install(self) -> list[Any]:
-        handles = []
-        for module, block in self.blocks:
-            handles.append(module.register_forward_pre_hook(self._pre_hook(block), with_kwargs=True))
-            handles.append(module.register_forward_hook(self._post_hook(block)))
-        return handles
-
-    def _pre_hook(self, block: _Block):
-        def hook(module, args, kwargs):
-            block.gather()
-            if not torch.is_grad_enabled():
-                return None
-            mark = lambda x: _Marker.apply(self.anchor, block.partition, x)  # noqa: E731
-            for index, value in enumerate(args):
-                if torch.is_tensor(value) and value.is_floating_point():
-                    return (*args[:index], mark(value), *args[index + 1 :]), kwargs
-            # A decoder layer called with keywords only: its residual input is `hidden_states`.
-            for key in sorted(kwargs, key=lambda key: key != "hidden_states"):
-                value = kwargs[key]
-                if torch.is_tensor(value) and value.is_floating_point():
-                    return args, {**kwargs, key: mark(value)}
-            return None
-
-        return hook
-
-    def _post_hook(self, block: _Block):
-        def hook(module, args, output):
-            block.partition()
-
-            def mark(x: torch.Tensor) -> torch.Tensor:
-                return _Marker.apply(self.anchor, block.gather, x) if x.requires_grad else x
-
-            return _map_first_tensor(output, mark)
-
-        return hook
-
-    def partition_all(self) -> None:
-        for _, block in self.blocks:
-            block.partition()
 
 
 # ----------------------------------------------------------------------------- the passes
@@ -419,10 +312,6 @@ class _Accumulated:
     batches: int
     tokens: int
     world_size: int
-
-
-def _is_partitioned(model: nn.Module) -> bool:
-    return any(hasattr(param, "ds_id") for param in model.parameters())
 
 
 def _world() -> tuple[Any, int]:
@@ -471,7 +360,7 @@ def _accumulate(model: nn.Module, batches: Iterable[Mapping], dropout: float, ab
             "gradient_checkpointing_enable() after"
         )
     units = _find_units(model)
-    partitioned = _is_partitioned(model)
+    partitioned = is_partitioned(model)
     comm, world_size = _world()
     device = _compute_device(model, partitioned)
     layers = len(units.layers)
@@ -479,7 +368,7 @@ def _accumulate(model: nn.Module, batches: Iterable[Mapping], dropout: float, ab
     masks = {kind: torch.ones(layers, n, device=device, requires_grad=True) for kind, n in sizes.items()}
     totals = {kind: torch.zeros(layers, n, dtype=torch.float64, device=device) for kind, n in sizes.items()}
     sequence_dropout = _SequenceDropout(dropout, seed)
-    gatherer = _BlockGatherer(model, units, device) if partitioned else None
+    gatherer = BlockGatherer(model, units.layers, device) if partitioned else None
 
     batch_list: Iterable[Mapping] = batches
     lockstep = 0
