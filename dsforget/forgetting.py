@@ -109,7 +109,8 @@ def format_table(report: Mapping[str, Any]) -> str:
 
 
 def plot_report(report: Mapping[str, Any], path: str | Path) -> None:
-    """Before/after metrics and drift per module type, side by side, as a PNG."""
+    """One panel per metric (base against tuned, each on its own scale: perplexity is not a rate)
+    and one of drift per module type, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,16 +118,19 @@ def plot_report(report: Mapping[str, Any], path: str | Path) -> None:
 
     metrics = list(report["before"])
     drift_rows = sorted(k for k in report["drift"] if k != "all")
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    positions = range(len(metrics))
-    left.bar([p - 0.2 for p in positions], [report["before"][m] for m in metrics], width=0.4, label="base")
-    left.bar([p + 0.2 for p in positions], [report["after"][m] for m in metrics], width=0.4, label="tuned")
-    left.set_xticks(list(positions), metrics, rotation=15)
-    left.set_title(f"{report['method']}: metrics")
-    left.legend()
-    right.bar(drift_rows, [report["drift"][c]["relative_l2"] for c in drift_rows])
-    right.set_title("relative L2 drift per module type")
-    right.tick_params(axis="x", rotation=15)
+    figure, axes = plt.subplots(1, len(metrics) + 1, figsize=(3.2 * (len(metrics) + 1), 3.6))
+    for axis, metric in zip(axes, metrics, strict=False):
+        values = [report["before"][metric], report["after"][metric]]
+        axis.bar(["base", "tuned"], values, color=["#8c8c8c", "#3b75af"])
+        better = "higher" if HIGHER_IS_BETTER.get(metric, True) else "lower"
+        axis.set_title(f"{metric}\n({better} is better)", fontsize=9)
+        if HIGHER_IS_BETTER.get(metric, True) and max(values) <= 1:
+            axis.set_ylim(0, 1)
+    drift_axis = axes[-1]
+    drift_axis.bar(drift_rows, [report["drift"][c]["relative_l2"] for c in drift_rows])
+    drift_axis.set_title("relative L2 drift", fontsize=9)
+    drift_axis.tick_params(axis="x", rotation=30, labelsize=7)
+    figure.suptitle(f"{report['method']}: base against tuned")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
