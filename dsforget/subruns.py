@@ -21,12 +21,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def local_accelerator() -> str:
+    """DS_ACCELERATOR, else "cuda" where nvidia-smi exists and "cpu" elsewhere (as the Makefile)."""
+    return os.environ.get("DS_ACCELERATOR") or ("cuda" if shutil.which("nvidia-smi") else "cpu")
+
+
+def subrun_env() -> dict[str, str]:
+    """The environment of a finetune subprocess: this one, with the accelerator made explicit."""
+    return {**os.environ, "DS_ACCELERATOR": local_accelerator()}
+
+
 def finetune_command(num_gpus: int | None, *flags: str) -> list[str]:
     """`deepspeed [--num_gpus N] --master_port P launch/finetune.py FLAGS`: all GPUs, or 2 CPU
     ranks without one. A free port, not DeepSpeed's fixed 29500, so that runs beside another
     job on the same host do not join its rendezvous."""
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    cpu = os.environ.get("DS_ACCELERATOR") == "cpu"
+    cpu = local_accelerator() == "cpu"
     ranks = ["--num_gpus", str(num_gpus or 2)] if (cpu or num_gpus) else []
     return [launcher, *ranks, "--master_port", str(free_port()), str(FINETUNE), *flags]
 

@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -46,8 +45,7 @@ from dsforget.search import (
     write_atomic,
     write_run_config,
 )
-
-FINETUNE = Path(__file__).resolve().parent / "finetune.py"
+from dsforget.subruns import finetune_command, local_accelerator, subrun_env
 
 
 class TrialFailed(RuntimeError):
@@ -58,7 +56,7 @@ class TrialFailed(RuntimeError):
 class SubprocessTrial:
     """run_trial for the search: launch/finetune.py under DeepSpeed's launcher, then its report.json."""
 
-    launcher: list[str]  # deepspeed [--num_gpus N]
+    num_gpus: int | None  # None: all GPUs, or 2 CPU ranks
     env: dict[str, str]
     base: dict[str, Any]
     trial_steps: int | None
@@ -72,9 +70,7 @@ class SubprocessTrial:
         config_file = run_dir / "run.yaml"
         write_run_config(config_file, trial_run_values(self.base, candidate, run_dir, self.trial_steps))
         (run_dir / "report.json").unlink(missing_ok=True)  # only this run's report counts
-        # a free port per trial: DeepSpeed's default 29500 collides with any other job on the node
-        port = ["--master_port", str(free_port())]
-        command = [*self.launcher, *port, str(FINETUNE), "--config", str(config_file)]
+        command = finetune_command(self.num_gpus, "--config", str(config_file))
         log_file = run_dir / "log.txt"
         print(f"    {' '.join(command)}\n    log: {log_file}", flush=True)
         with open(log_file, "a") as log:  # a file, not a pipe: a full pipe would stall the ranks
@@ -123,12 +119,6 @@ def first_exception(log_file: Path) -> str:
         if match:
             return match.group(1)
     return "no Python exception in the log"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -238,11 +228,9 @@ def report(result: SearchResult, search_dir: Path, base: dict[str, Any], launch_
 def main(argv: list[str]) -> None:
     args, base, search = parse(argv)
     # ranks as launch/compare.py and the Makefile pick them: 2 CPU ranks without a GPU, else all GPUs
-    accelerator = os.environ.get("DS_ACCELERATOR") or ("cuda" if shutil.which("nvidia-smi") else "cpu")
+    accelerator = local_accelerator()
     cpu = accelerator == "cpu"
-    env = {**os.environ, "DS_ACCELERATOR": accelerator} if cpu else dict(os.environ)
     num_gpus = ["--num_gpus", str(args.num_gpus or 2)] if (cpu or args.num_gpus) else []
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     search_dir = Path(args.search_dir)
     settings = {  # what one trial measures depends on these; a resume must not change them
         "base_run": base,
@@ -252,8 +240,8 @@ def main(argv: list[str]) -> None:
         "n_layers": search.n_layers,
     }
     trial = SubprocessTrial(
-        [launcher, *num_gpus],
-        env,
+        args.num_gpus,
+        subrun_env(),
         base,
         args.trial_steps,
         search_dir / "trials",

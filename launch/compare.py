@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dsforget.subruns import finetune_command, split_passthrough
+from dsforget.subruns import finetune_command, split_passthrough, subrun_env
 
 COLUMNS = (  # (title, report path, format)
     ("task gain", ("summary", "task_gain"), "{:+.3f}"),
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> None:
             args.num_gpus, "--method", method, "--output_dir", str(run_dir), *finetune_flags
         )
         print(f"== {method}: {' '.join(command)}", flush=True)
-        subprocess.run(command, check=True)
+        subprocess.run(command, check=True, env=subrun_env())
         reports[method] = json.loads((run_dir / "report.json").read_text())
     table = comparison_table(reports)
     (output / "compare.json").write_text(json.dumps(reports, indent=2) + "\n")

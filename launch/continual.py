@@ -33,7 +33,7 @@ from dsforget.continual import (
 )
 from dsforget.data import load_conversations
 from dsforget.lab import LabConfig, build_lab, task_exact_match
-from dsforget.subruns import finetune_command, split_passthrough
+from dsforget.subruns import finetune_command, split_passthrough, subrun_env
 
 DRIVER_KEYS = (
     "--output_dir",
@@ -111,7 +111,7 @@ def main(argv: list[str]) -> None:
             (directory / "stage_config.yaml").write_text(yaml.safe_dump(configs[index], sort_keys=False))
             command = finetune_command(args.num_gpus, "--config", str(directory / "stage_config.yaml"))
             print(f"== stage {index} ({stage.name}): {' '.join(command + finetune_flags)}", flush=True)
-            subprocess.run(command + finetune_flags, check=True)
+            subprocess.run(command + finetune_flags, check=True, env=subrun_env())
         report = json.loads((directory / "report.json").read_text())
         if index == 0:
             general.append({k: v for k, v in report["before"].items() if k != "task_exact_match"})
