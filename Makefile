@@ -22,7 +22,9 @@ $(VENV)/.installed: setup.py
 demo: venv
 	$(BIN)/deepspeed $(if $(filter cpu,$(DS_ACCELERATOR)),--num_gpus 2,) launch/finetune.py
 
+# SLURM and munge for the cluster tests where apt-get and root allow (a no-op with a message elsewhere)
 test: venv
+	bash tests/install_slurm.sh
 	$(BIN)/python -m pytest -q tests
 
 bench: venv
