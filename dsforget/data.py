@@ -168,7 +168,9 @@ def _load_jsonl(path: Path) -> list[Conversation]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                # Without its line end: json would count that as a second line and report
+                # "column 1" for a record cut short, instead of the column where it stops.
+                record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as error:
                 raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
             conversations.append(to_conversation(record, where))

@@ -19,6 +19,7 @@ import torch
 from .data import load_conversations
 from .engine import load_deepspeed_config
 from .forgetting import EvalSources
+from .params import full_shape
 from .run_config import RunConfig
 
 logger = logging.getLogger("dsforget")
@@ -186,6 +187,42 @@ def load_model(model_dir: Path, ds_config: dict[str, Any]) -> torch.nn.Module:
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  transformers reads it while loading
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+
+
+# Settings a resumed run must share with the run that wrote the checkpoint: they choose the model,
+# the plan (resume reads it back from the checkpoint instead of building it) and what the saved
+# data position means. The lr, its schedule, max_steps and the outputs may change between attempts.
+RESUME_KEYS = (
+    "model",
+    "lab_preset",
+    "init_from",
+    "method",
+    "method_options",
+    "seed",
+    "data",
+    "max_length",
+    "packing",
+    "validation_fraction",
+    "micro_batch_size",
+    "gradient_accumulation",
+    "topk",
+    "decay_scope",
+)
+RESUME_KEYS_OF_METHOD = {"mofo": ("fraction",), "cofitune": ("importance_data", "importance_batches")}
+
+
+def run_identity(config: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
+    """What ``checkpoint.check_resume`` compares: RESUME_KEYS (and the method's own keys) and the
+    model's parameter names and full shapes, as JSON values."""
+    keys = [
+        *RESUME_KEYS,
+        *(k for part in config.method.split("+") for k in RESUME_KEYS_OF_METHOD.get(part, ())),
+    ]
+    values = {key: getattr(config, key) for key in keys if hasattr(config, key)}
+    if not config.uses_lab:
+        values.pop("lab_preset")
+    values["parameters"] = {name: list(full_shape(param)) for name, param in model.named_parameters()}
+    return json.loads(json.dumps(values))
 
 
 def environment() -> dict[str, str]:

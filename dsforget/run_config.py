@@ -93,6 +93,14 @@ class RunConfig:
         "auto", "auto: bf16 where the accelerator supports it, fp32 on CPU", ("auto", "bf16", "fp32")
     )
     seed: int = option(0, "seed of data order, sampling and the plan")
+    comm_timeout_s: float = option(
+        600.0,
+        "seconds a training collective waits for the other ranks before the job fails (a dead or hung "
+        "rank); applies to every process group, DeepSpeed's included, while training runs",
+    )
+    max_nonfinite_steps: int = option(
+        10, "optimizer steps in a row with inf/NaN gradients (each skipped) before the run stops"
+    )
     # output
     output_dir: str = option("runs/lab-mofo", "where config, plan, metrics, checkpoints and the model go")
     save_every: int = option(0, "save a resumable checkpoint every N steps (0: only at the end)")
@@ -154,6 +162,8 @@ class RunConfig:
         ):
             _check(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
         _check(self.epochs > 0 or self.max_steps > 0, "epochs", self.epochs, "or max_steps must be > 0")
+        _check(self.comm_timeout_s > 0, "comm_timeout_s", self.comm_timeout_s, "must be > 0")
+        _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 1")
         if self.init_from is not None and self.model != "lab":
             raise ValueError("init_from only applies to model 'lab'; pass a checkpoint directory as --model")
         if self.model != "lab" and self.data is None:

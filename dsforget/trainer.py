@@ -3,6 +3,12 @@
 Batch order comes from ``torch.utils.data.DistributedSampler`` (shuffled per epoch from the run
 seed, tail dropped so every rank takes the same number of micro-batches), so the position
 (epoch, micro-batch) fully determines what comes next, which is what resume restores.
+
+Faults (see dsforget.faults): a stop signal ends training after the current optimizer step with
+a checkpoint (``TrainStats.preempted``); a step with inf/NaN gradients is skipped and counted
+(``nonfinite_steps`` in metrics.jsonl), and ``max_nonfinite_steps`` of them in a row raise
+``NonFiniteGradientError``; a collective that fails because another rank died or hung raises
+``LostRankError`` naming the silent ranks.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from . import faults
 from .checkpoint import TrainerState
 
 logger = logging.getLogger("dsforget")
@@ -31,6 +38,8 @@ class TrainStats:
     step_seconds: list[float] = field(default_factory=list)
     last_loss: float = float("nan")
     validation_loss: float | None = None
+    nonfinite_steps: int = 0  # optimizer steps skipped for inf/NaN gradients, resumes included
+    preempted: str | None = None  # the stop signal that ended training early, if one did
 
     @property
     def median_step_ms(self) -> float:
@@ -46,7 +55,8 @@ def steps_per_epoch(examples: int, micro_batch: int, world: int, accumulation: i
         raise ValueError(
             f"the training data has {examples} examples, fewer than one optimizer step takes "
             f"(micro_batch_size {micro_batch} x {world} ranks x gradient_accumulation {accumulation} "
-            f"= {per_step})"
+            f"= {per_step}): use fewer ranks, a smaller micro_batch_size or gradient_accumulation, "
+            "or more data"
         )
     return steps
 
@@ -68,6 +78,8 @@ class Trainer:
         eval_every: int,
         save_every: int,
         save: Callable[[TrainerState], None],
+        max_nonfinite_steps: int = 10,
+        comm_timeout_s: float = 0.0,
     ) -> None:
         from deepspeed import comm
 
@@ -79,7 +91,9 @@ class Trainer:
             seed,
         )
         self.log_every, self.eval_every, self.save_every, self.save = log_every, eval_every, save_every, save
+        self.max_nonfinite_steps, self.comm_timeout_s = max_nonfinite_steps, comm_timeout_s
         self.rank, self.world = comm.get_rank(), comm.get_world_size()
+        self.guard: faults.NonFiniteGuard | None = None  # set while fit runs where DeepSpeed has no skip
         self.per_epoch = steps_per_epoch(len(train), micro_batch, self.world, accumulation)
         self.metrics_file = output_dir / "metrics.jsonl"
         self.writer = None
@@ -149,8 +163,40 @@ class Trainer:
                 self.writer.add_scalar(key, value, record["step"])
         self.writer.flush()
 
+    def _step_skipped(self) -> bool:
+        """Whether the optimizer step just taken was skipped for inf/NaN gradients (same on every rank)."""
+        if self.guard is not None:
+            return self.guard.take_skipped()
+        return not self.engine.was_step_applied()  # DeepSpeed's skip: the all-reduced norm was not finite
+
     def fit(self, state: TrainerState) -> TrainStats:
-        stats = TrainStats(steps=state.step)
+        """Train from `state` to total_steps, or until a stop signal (then ``stats.preempted``).
+
+        Saves at the end either way; raises NonFiniteGradientError or LostRankError.
+        """
+        stats = TrainStats(steps=state.step, nonfinite_steps=state.nonfinite_steps)
+        # DeepSpeed's optimizer wrappers (ZeRO-1/2/3, bf16) skip non-finite steps and say so in
+        # `overflow`; ForgetAdamW stepped directly by the engine (no ZeRO, fp32) needs a guard.
+        if not hasattr(self.engine.optimizer, "overflow"):
+            self.guard = faults.NonFiniteGuard(self.engine.optimizer, self.engine.device, self.world)
+        with faults.StopSignals() as stop, faults.comm_timeout(self.comm_timeout_s):
+            try:
+                self._train(state, stats, stop)
+            except RuntimeError as error:
+                if not faults.is_communication_failure(error):
+                    raise
+                message = faults.lost_rank_message(
+                    self.rank, self.world, stats.steps, error, self.comm_timeout_s
+                )
+                logger.error(message)
+                raise faults.LostRankError(message) from error
+            finally:
+                if self.guard is not None:
+                    self.guard.remove()
+                    self.guard = None
+        return stats
+
+    def _train(self, state: TrainerState, stats: TrainStats, stop: faults.StopSignals) -> None:
         bar = tqdm(
             total=self.total_steps,
             initial=state.step,
@@ -159,11 +205,13 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
-        window = [0.0, 0.0, 0.0]  # loss sum, micro-batches, tokens since the last log line
+        window = [0.0, 0.0, 0.0]  # loss sum, micro-batches, tokens of applied steps since the last log line
+        step_sums = [0.0, 0.0, 0.0]  # the same for the step in progress
+        in_a_row = state.nonfinite_in_a_row
         window_start = start = time.perf_counter()
         position = state
         self.engine.train()
-        while stats.steps < self.total_steps:
+        while stats.steps < self.total_steps and stats.preempted is None:
             batches = self.epoch_batches(position.epoch)
             step_start = time.perf_counter()
             for index in range(position.micro_batch, len(batches)):
@@ -171,33 +219,53 @@ class Trainer:
                 loss = self.engine(**batch).loss
                 self.engine.backward(loss)
                 self.engine.step()
-                window[0] += loss.item()
-                window[1] += 1
-                window[2] += float((batch["labels"] != -100).sum())
+                step_sums[0] += loss.item()
+                step_sums[1] += 1
+                step_sums[2] += float((batch["labels"] != -100).sum())
                 if (index + 1) % self.accumulation:
                     continue
                 stats.steps += 1
                 stats.step_seconds.append(time.perf_counter() - step_start)
                 step_start = time.perf_counter()
+                if self._step_skipped():
+                    stats.nonfinite_steps += 1
+                    in_a_row += 1
+                    self._nonfinite_step(stats.steps, stats.nonfinite_steps, in_a_row)
+                else:
+                    in_a_row = 0
+                    window = [total + part for total, part in zip(window, step_sums, strict=True)]
+                step_sums = [0.0, 0.0, 0.0]
                 # An epoch holds a whole number of steps, so its last micro-batch ends a step.
                 ended = index + 1 == len(batches)
-                position = TrainerState(stats.steps, position.epoch + ended, 0 if ended else index + 1)
+                position = TrainerState(
+                    stats.steps,
+                    position.epoch + ended,
+                    0 if ended else index + 1,
+                    nonfinite_steps=stats.nonfinite_steps,
+                    nonfinite_in_a_row=in_a_row,
+                )
                 if stats.steps % self.log_every == 0 or stats.steps == self.total_steps:
                     loss_sum, count, tokens = self._all_sum(window)
                     elapsed = time.perf_counter() - window_start
-                    stats.last_loss = loss_sum / count
-                    record = {
-                        "step": stats.steps,
-                        "loss": stats.last_loss,
-                        "lr": self.engine.get_lr()[0],
-                        "tokens_per_second": tokens / elapsed,
-                        "epoch": position.epoch,
-                    }
+                    record = {"step": stats.steps}
+                    if count:  # every step since the last line may have been skipped
+                        stats.last_loss = loss_sum / count
+                        record["loss"] = stats.last_loss
+                    record.update(
+                        lr=self.engine.get_lr()[0],
+                        tokens_per_second=tokens / elapsed,
+                        epoch=position.epoch,
+                        nonfinite_steps=stats.nonfinite_steps,
+                    )
                     self._log(record)
                     bar.set_postfix(loss=f"{stats.last_loss:.4f}", tok_s=f"{tokens / elapsed:.0f}")
                     window, window_start = [0.0, 0.0, 0.0], time.perf_counter()
                 bar.update(1)
                 if stats.steps == self.total_steps:
+                    break
+                # Once per step on every rank, so all stop after the same step whoever got the signal.
+                if faults.any_rank(stop.received is not None, self.engine.device, self.world):
+                    stats.preempted = stop.received or "a stop signal on another rank"
                     break
                 if self.eval_every and stats.steps % self.eval_every == 0:
                     self._log({"step": stats.steps, "validation_loss": self.validation_loss()})
@@ -205,10 +273,39 @@ class Trainer:
                     self.save(position)
         bar.close()
         stats.seconds = time.perf_counter() - start
-        stats.validation_loss = self.validation_loss()
-        if stats.validation_loss is not None:
-            self._log({"step": stats.steps, "validation_loss": stats.validation_loss})
+        if stats.preempted is not None:
+            logger.warning(
+                "stopping after step %d (%s): saving a checkpoint, then exiting with status %d; "
+                "the same command resumes from it",
+                stats.steps,
+                stats.preempted,
+                faults.PREEMPTED_EXIT_CODE,
+            )
+            self._log({"step": stats.steps, "preempted": stats.preempted})
+        else:
+            stats.validation_loss = self.validation_loss()
+            if stats.validation_loss is not None:
+                self._log({"step": stats.steps, "validation_loss": stats.validation_loss})
         self.save(position)
         if self.writer is not None:
             self.writer.close()
-        return stats
+
+    def _nonfinite_step(self, step: int, total: int, in_a_row: int) -> None:
+        """Log a skipped step; raise on every rank once `max_nonfinite_steps` came in a row."""
+        self._log({"step": step, "nonfinite_gradient": 1, "nonfinite_steps": total})
+        if self.rank == 0:
+            logger.warning(
+                "step %d: inf/NaN gradients, step skipped (parameters and optimizer state unchanged); "
+                "%d in a row, %d in total",
+                step,
+                in_a_row,
+                total,
+            )
+        if in_a_row >= self.max_nonfinite_steps:
+            raise faults.NonFiniteGradientError(
+                f"{in_a_row} optimizer steps in a row (steps {step - in_a_row + 1}-{step}) had inf/NaN "
+                f"gradients and were skipped; max_nonfinite_steps={self.max_nonfinite_steps} ends the "
+                "run here. Training is diverging or the data or model produce inf/NaN: lower --lr, check "
+                f"the data of these steps, or raise --max_nonfinite_steps. The parameters are still those "
+                f"after step {step - in_a_row}."
+            )

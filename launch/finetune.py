@@ -12,6 +12,8 @@ cached), fine-tuned with MoFO under ZeRO-3, with task gain against forgetting pr
 It also runs under torchrun, srun and mpirun (rank discovery by deepspeed.init_distributed).
 Outputs in --output_dir: config.json, plan.json, metrics.jsonl, tensorboard/, checkpoints/,
 hf_model/ (safetensors), report.json and report.png. A rerun with the same output_dir resumes.
+SIGTERM or SIGUSR1 during training: every rank saves after the current step and exits with
+status 75 (dsforget/faults.py says what each launcher does with signals and failed ranks).
 """
 
 from __future__ import annotations
@@ -25,13 +27,21 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dsforget
-from dsforget import checkpoint
+from dsforget import checkpoint, faults
 from dsforget.data import DataConfig, PaddingCollator, prepare_data
 from dsforget.distributed import init_distributed
 from dsforget.export import gather_state_dict, save_hf_checkpoint
 from dsforget.forgetting import drift, evaluate, forgetting_summary, format_table, write_report
 from dsforget.importance_run import ensure_importance, needs_importance
-from dsforget.job import deepspeed_config, environment, load_model, lr_factor, resolve_inputs, setup_logging
+from dsforget.job import (
+    deepspeed_config,
+    environment,
+    load_model,
+    lr_factor,
+    resolve_inputs,
+    run_identity,
+    setup_logging,
+)
 from dsforget.run_config import RunConfig, parse_run_config
 from dsforget.trainer import Trainer, steps_per_epoch
 
@@ -75,12 +85,14 @@ def main(argv: list[str]) -> None:
     total_steps = config.max_steps or config.epochs * per_epoch
     ds_config = deepspeed_config(config)
     model = load_model(inputs.model_dir, ds_config)
+    run = run_identity(config, model)  # what a resume must match (checkpoint.check_resume)
     resume_from = (
         checkpoint.latest_checkpoint(output / "checkpoints")
         if config.resume == "auto"
         else (None if config.resume == "never" else Path(config.resume))
     )
     if resume_from is not None:
+        checkpoint.check_resume(resume_from, run, world)
         plan = checkpoint.read_plan(resume_from)
     else:
         options = dict(config.method_options)
@@ -119,7 +131,7 @@ def main(argv: list[str]) -> None:
 
     # train
     def save(position: checkpoint.TrainerState) -> None:
-        checkpoint.save(engine, output / "checkpoints", position, plan, keep=config.keep_checkpoints)
+        checkpoint.save(engine, output / "checkpoints", position, plan, keep=config.keep_checkpoints, run=run)
 
     position = checkpoint.load(engine, resume_from) if resume_from else checkpoint.TrainerState(0, 0, 0)
     trainer = Trainer(
@@ -136,8 +148,12 @@ def main(argv: list[str]) -> None:
         eval_every=config.eval_every,
         save_every=config.save_every,
         save=save,
+        max_nonfinite_steps=config.max_nonfinite_steps,
+        comm_timeout_s=config.comm_timeout_s,
     )
     stats = trainer.fit(position)
+    if stats.preempted:  # a checkpoint is saved; the same command resumes from it
+        faults.exit_preempted()  # status faults.PREEMPTED_EXIT_CODE (75)
 
     # report
     tuned_state = gather_state_dict(engine)
