@@ -44,6 +44,12 @@ class RunConfig:
         "options of the method's plan builders as a JSON/YAML mapping, e.g. hft: trainable_fraction, "
         "norms, balance; cofitune: layers, modules, importance (see README 'Methods')",
     )
+    resample_every: int = option(
+        0,
+        "HFT: draw a new trainable half every N optimizer steps, moments kept (0: one draw per run); "
+        "costs full fine-tuning's memory and compute",
+    )
+    resample_each_epoch: bool = option(False, "HFT: draw a new trainable half at the start of every epoch")
     importance_data: str = option(
         "general",
         "CoFiTune importance measured on general text (the lab's corpus or --general_text) or train data",
@@ -154,6 +160,7 @@ class RunConfig:
         for key in (
             "epochs",
             "max_steps",
+            "resample_every",
             "warmup_steps",
             "save_every",
             "eval_every",
@@ -164,6 +171,10 @@ class RunConfig:
         _check(self.epochs > 0 or self.max_steps > 0, "epochs", self.epochs, "or max_steps must be > 0")
         _check(self.comm_timeout_s > 0, "comm_timeout_s", self.comm_timeout_s, "must be > 0")
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 1")
+        if (self.resample_every or self.resample_each_epoch) and "hft" not in parts:
+            raise ValueError(
+                f"resample_every/resample_each_epoch: only HFT draws what trains, not {self.method!r}"
+            )
         if self.init_from is not None and self.model != "lab":
             raise ValueError("init_from only applies to model 'lab'; pass a checkpoint directory as --model")
         if self.model != "lab" and self.data is None:

@@ -80,6 +80,7 @@ class Trainer:
         save: Callable[[TrainerState], None],
         max_nonfinite_steps: int = 10,
         comm_timeout_s: float = 0.0,
+        before_step: Callable[[int], None] | None = None,
     ) -> None:
         from deepspeed import comm
 
@@ -92,6 +93,7 @@ class Trainer:
         )
         self.log_every, self.eval_every, self.save_every, self.save = log_every, eval_every, save_every, save
         self.max_nonfinite_steps, self.comm_timeout_s = max_nonfinite_steps, comm_timeout_s
+        self.before_step = before_step  # called with the step number before each optimizer step
         self.rank, self.world = comm.get_rank(), comm.get_world_size()
         self.guard: faults.NonFiniteGuard | None = None  # set while fit runs where DeepSpeed has no skip
         self.per_epoch = steps_per_epoch(len(train), micro_batch, self.world, accumulation)
@@ -215,6 +217,8 @@ class Trainer:
             batches = self.epoch_batches(position.epoch)
             step_start = time.perf_counter()
             for index in range(position.micro_batch, len(batches)):
+                if self.before_step is not None and index % self.accumulation == 0:
+                    self.before_step(stats.steps)
                 batch = self._to_device(self.collate([self.train[i] for i in batches[index]]))
                 loss = self.engine(**batch).loss
                 self.engine.backward(loss)

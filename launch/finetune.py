@@ -42,6 +42,7 @@ from dsforget.job import (
     run_identity,
     setup_logging,
 )
+from dsforget.resampling import Resampler
 from dsforget.run_config import RunConfig, parse_run_config
 from dsforget.trainer import Trainer, steps_per_epoch
 
@@ -91,17 +92,21 @@ def main(argv: list[str]) -> None:
         if config.resume == "auto"
         else (None if config.resume == "never" else Path(config.resume))
     )
+    defaults = {"fraction": config.fraction, "seed": config.seed}  # to the methods that take them
+    options = dict(config.method_options)
+    every = per_epoch if config.resample_each_epoch else config.resample_every
+    resampler = Resampler(model, config.method, defaults, options, every) if every else None
     if resume_from is not None:
         checkpoint.check_resume(resume_from, run, world)
         plan = checkpoint.read_plan(resume_from)
+    elif resampler is not None:  # every matrix HFT could draw is in the optimizer; draws switch
+        plan = resampler.membership_plan()
     else:
-        options = dict(config.method_options)
         if needs_importance(config):  # CoFiTune's fine level, measured on this model before training
             collator = PaddingCollator.for_tokenizer(tokenizer)
             options["importance"] = str(
                 ensure_importance(config, model, tokenizer, data.train, collator, output, rank, world)
             )
-        defaults = {"fraction": config.fraction, "seed": config.seed}  # to the methods that take them
         plan = dsforget.build_plan(model, config.method, defaults, **options)
     if rank == 0:
         plan.save(output / "plan.json")
@@ -150,6 +155,7 @@ def main(argv: list[str]) -> None:
         save=save,
         max_nonfinite_steps=config.max_nonfinite_steps,
         comm_timeout_s=config.comm_timeout_s,
+        before_step=None if resampler is None else lambda step: resampler.before_step(step, optimizer),
     )
     stats = trainer.fit(position)
     if stats.preempted:  # a checkpoint is saved; the same command resumes from it

@@ -189,3 +189,27 @@ def test_cofitune_measures_importance_in_the_job_and_scales_rows(tmp_path: Path,
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model").state_dict()
     for name, tensor in base.items():
         assert torch.equal(tensor, tuned[name]) == (name not in trained), name
+
+
+def test_hft_resampling_trains_each_draws_half_in_turn(tmp_path: Path, lab_cache: Path) -> None:
+    """HFT with resample_every: every member matrix stays in the optimizer and each draw trains
+    its own half. Catches draws that differ between ranks (the run would fail its plan check),
+    draws that never switch (only the first half would move) and held matrices that still move."""
+    from dsforget.lab import LabConfig, build_lab
+    from dsforget.resampling import Resampler
+
+    finetune(
+        tmp_path, lab_cache, "--method", "hft", "--resample_every", "3", "--max_steps", "6", "--seed", "4"
+    )
+    lab = build_lab(LabConfig.preset("tiny"), lab_cache / "lab")
+    base_model = AutoModelForCausalLM.from_pretrained(lab.model_dir)
+    resampler = Resampler(base_model, "hft", {"seed": 4}, {}, every_steps=3)
+    membership = json.loads((tmp_path / "plan.json").read_text())["params"]
+    assert all(rule["mode"] == "dense" for rule in membership.values())
+    drawn = [resampler.plan_of_draw(draw) for draw in (0, 1)]
+    assert drawn[0].digest != drawn[1].digest
+    union = {name for plan in drawn for name, rule in plan.rules.items() if rule.trains}
+    base = base_model.state_dict()
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model").state_dict()
+    moved = {name for name, tensor in base.items() if not torch.equal(tensor, tuned[name])}
+    assert moved == union & set(base), sorted(moved ^ union)
