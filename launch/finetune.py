@@ -9,7 +9,7 @@ cached), fine-tuned with MoFO under ZeRO-3, with task gain against forgetting pr
         --general_text general.jsonl --method mofo --lr 1e-5 --deepspeed configs/zero3.json
     deepspeed --num_gpus 8 launch/finetune.py --config my_run.yaml --method full
 
-It also runs under torchrun, srun and mpirun (rank discovery by deepspeed.init_distributed).
+It also runs under torchrun, srun (launch/slurm/) and mpirun (rank discovery: dsforget/distributed.py).
 Outputs in --output_dir: config.json, plan.json, metrics.jsonl, tensorboard/, checkpoints/,
 hf_model/ (safetensors), report.json and report.png. A rerun with the same output_dir resumes.
 SIGTERM or SIGUSR1 during training: every rank saves after the current step and exits with

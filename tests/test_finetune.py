@@ -213,3 +213,18 @@ def test_hft_resampling_trains_each_draws_half_in_turn(tmp_path: Path, lab_cache
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model").state_dict()
     moved = {name for name, tensor in base.items() if not torch.equal(tensor, tuned[name])}
     assert moved == union & set(base), sorted(moved ^ union)
+
+
+def test_torchrun_runs_the_job(tmp_path: Path, lab_cache: Path) -> None:
+    """The job under torchrun (RANK/WORLD_SIZE from torch's elastic launcher, no DeepSpeed
+    launcher): catches rank discovery that only understands the deepspeed launcher or MPI."""
+    from launcher import free_port
+
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "DSFORGET_CACHE": str(lab_cache)}
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), FINETUNE, *TINY_RUN]
+    command += ["--max_steps", "3", "--no-export", "--output_dir", str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["train"]["world_size"] == 2 and report["train"]["steps"] == 3
