@@ -31,9 +31,9 @@ def needs_importance(config: RunConfig) -> bool:
 
 def _general_texts(config: RunConfig) -> tuple[list[str], str]:
     if config.general_text:
-        from .job import _texts
+        from .job import read_general_texts
 
-        return _texts(config.general_text), config.general_text
+        return read_general_texts(config.general_text), config.general_text
     if config.uses_lab:
         from .lab import LabConfig, build_lab
         from .lab.corpus import read_texts

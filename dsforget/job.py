@@ -94,13 +94,13 @@ def resolve_inputs(config: RunConfig) -> Inputs:
 
         lab = build_lab(LabConfig.preset(config.lab_preset))
         task = _task_records(config.eval_data) if config.eval_data else lab.load_task_eval()
-        general = _texts(config.general_text) if config.general_text else lab.load_heldout_texts()
+        general = read_general_texts(config.general_text) if config.general_text else lab.load_heldout_texts()
         sources = EvalSources(task[:limit], lab.load_facts()[:limit], general[:limit])
         model_dir = check_model_dir(config.init_from) if config.init_from else lab.model_dir
         return Inputs(model_dir, Path(config.data or lab.task_train), sources)
     sources = EvalSources(
         task_records=_task_records(config.eval_data)[:limit] if config.eval_data else [],
-        general_texts=_texts(config.general_text)[:limit] if config.general_text else [],
+        general_texts=read_general_texts(config.general_text)[:limit] if config.general_text else [],
     )
     return Inputs(check_model_dir(config.model), Path(config.data), sources)
 
@@ -110,7 +110,7 @@ def _task_records(path: str) -> list[dict]:
     return [{"messages": conversation} for conversation in load_conversations(path)]
 
 
-def _texts(path: str) -> list[str]:
+def read_general_texts(path: str) -> list[str]:
     records = _read_jsonl(path, "general_text")
     for number, record in enumerate(records, start=1):
         if not isinstance(record.get("text"), str):

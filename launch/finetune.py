@@ -180,7 +180,7 @@ def main(argv: list[str]) -> None:
             "method": config.method,
             "model": config.model,
             "plan_digest": plan.digest,
-            "trainable_share": plan.trainable_share(
+            "trainable_share": optimizer.plan.trainable_share(  # the active draw when HFT resamples
                 (n, p.numel()) for n, p in params.items() if n in plan.rules
             ),
             "before": json.loads(before_file.read_text()),
