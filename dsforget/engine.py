@@ -63,6 +63,13 @@ def prepare_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         )
     config["zero_allow_untested_optimizer"] = True
     zero = config.get("zero_optimization", {})
+    if config.get("bf16", {}).get("enabled") and zero.get("stage", 0) == 0:
+        # DeepSpeed 0.19 then wraps the optimizer in its FP16_UnfusedOptimizer, which keeps its own
+        # fp32 copies and steps the optimizer once while it is built, before any layout exists.
+        raise UnsupportedSetupError(
+            "bf16 without ZeRO (zero_optimization.stage 0) is not supported: use ZeRO stage 1, 2 "
+            "or 3 with bf16 (configs/zero2.json), or fp32 (--precision fp32) without ZeRO"
+        )
     offload = zero.get("offload_optimizer") or {}
     if offload.get("device", "none") not in ("none", None):
         if offload.get("device") != "cpu":

@@ -128,6 +128,8 @@ def test_prepare_config_fills_client_optimizer_keys_and_refuses_contradictions(t
         )
     with pytest.raises(ValueError, match="has an 'optimizer' section"):
         prepare_config({"optimizer": {"type": "Adam"}})
+    with pytest.raises(UnsupportedSetupError, match=r"bf16 without ZeRO \(zero_optimization.stage 0\)"):
+        prepare_config({"bf16": {"enabled": True}})
     with pytest.raises(UnsupportedSetupError, match="offload_optimizer.device='nvme'"):
         prepare_config({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}})
     broken = tmp_path / "ds.json"
