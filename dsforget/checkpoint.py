@@ -13,7 +13,6 @@ its marker, so a half-overwritten or half-deleted directory never counts as comp
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import write_atomic
 from .plan import MaskPlan
 
 COMPLETE = "COMPLETE"
@@ -64,12 +64,6 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def _remove(directory: Path) -> None:
     """Delete a checkpoint, its marker first: a crash part way leaves it incomplete, not broken."""
     (directory / COMPLETE).unlink(missing_ok=True)
@@ -105,10 +99,10 @@ def save(
     if rank == 0:
         plan.save(directory / "plan.json")
         saved = {**asdict(state), "world_size": comm.get_world_size(), "run": dict(run or {})}
-        _write_atomically(directory / "trainer.json", json.dumps(saved))
+        write_atomic(directory / "trainer.json", json.dumps(saved))
     comm.barrier()
     if rank == 0:
-        _write_atomically(directory / COMPLETE, "")
+        write_atomic(directory / COMPLETE, "")
         for old in complete_checkpoints(root)[:-keep]:
             _remove(old)
     comm.barrier()

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from .atomic import write_atomic
 from .run_config import FIELDS, RunConfig
 
 SET_PER_STAGE = ("output_dir", "init_from", "data", "eval_data", "resume")
@@ -146,7 +147,5 @@ def format_table(result: Mapping[str, Any]) -> str:
 
 def write_result(result: Mapping[str, Any], output_dir: str | Path) -> Path:
     path = Path(output_dir) / "continual.json"
-    staging = path.with_suffix(".tmp")
-    staging.write_text(json.dumps(result, indent=2) + "\n")
-    staging.replace(path)
+    write_atomic(path, json.dumps(result, indent=2) + "\n")
     return path

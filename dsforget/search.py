@@ -46,7 +46,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from typing import Any
 
 import yaml
 
+from .atomic import write_atomic
 from .forgetting import HIGHER_IS_BETTER
 from .methods.architecture import LAYER_RANGES, layer_range
 from .methods.cofitune import MODULE_SETS
@@ -213,31 +213,6 @@ class TrialRecord:
 def _normalised(value: Any) -> Any:
     """`value` as it reads back from JSON (tuples become lists), for comparing settings."""
     return json.loads(json.dumps(value, sort_keys=True))
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: readers see old or new, whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
 
 
 class SearchState:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsforget.atomic import write_atomic
 from dsforget.methods.cofitune import MODULE_SETS
 from dsforget.run_config import RunConfig
 from dsforget.search import (
@@ -42,7 +43,6 @@ from dsforget.search import (
     ranking_table,
     tree_search,
     trial_run_values,
-    write_atomic,
     write_run_config,
 )
 from dsforget.subruns import finetune_command, local_accelerator, subrun_env

@@ -326,18 +326,18 @@ def test_save_cut_short_leaves_the_previous_checkpoint_the_newest(tmp_path: Path
     assert checkpoint.latest_checkpoint(root) == root / "step2"
 
     engine.crash = False
-    original = checkpoint._write_atomically
+    original = checkpoint.write_atomic
 
     def crash_at_marker(path: Path, text: str) -> None:
         if path.name == checkpoint.COMPLETE:
             raise KeyboardInterrupt("killed before the marker")
         original(path, text)
 
-    monkeypatch.setattr(checkpoint, "_write_atomically", crash_at_marker)
+    monkeypatch.setattr(checkpoint, "write_atomic", crash_at_marker)
     with pytest.raises(KeyboardInterrupt):
         save(4)
     assert checkpoint.latest_checkpoint(root) == root / "step2"
-    monkeypatch.setattr(checkpoint, "_write_atomically", original)
+    monkeypatch.setattr(checkpoint, "write_atomic", original)
 
     save(4)
     engine.crash = True  # a run resumed from step 2 saves step 4 again and is killed doing it

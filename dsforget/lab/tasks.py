@@ -12,8 +12,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from ..atomic import write_atomic
 from .build import LabArtifacts
-from .corpus import write_jsonl
 
 TRANSFORMS: dict[str, tuple[str, Callable[[list[str]], list[str]]]] = {
     "reverse": ("Reverse the order of the words.", lambda words: words[::-1]),
@@ -45,7 +45,5 @@ def write_lab_task(lab: LabArtifacts, task: str, directory: str | Path) -> tuple
     paths = (directory / f"{task}-train.jsonl", directory / f"{task}-eval.jsonl")
     for source, target in zip((lab.task_train, lab.task_eval), paths, strict=True):
         if not target.exists():
-            staging = target.with_suffix(".tmp")
-            write_jsonl(staging, _transformed(source, task))
-            staging.replace(target)
+            write_atomic(target, "".join(json.dumps(record) + "\n" for record in _transformed(source, task)))
     return paths
