@@ -24,6 +24,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dsforget.continual import (
+    StagesFile,
     format_table,
     read_stages,
     stage_dir,
@@ -32,7 +33,8 @@ from dsforget.continual import (
     write_result,
 )
 from dsforget.data import load_conversations
-from dsforget.lab import LabConfig, build_lab, task_exact_match
+from dsforget.lab import LabArtifacts, LabConfig, build_lab, task_exact_match
+from dsforget.lab.tasks import write_lab_task
 from dsforget.subruns import finetune_command, split_passthrough, subrun_env
 
 DRIVER_KEYS = (
@@ -44,21 +46,29 @@ DRIVER_KEYS = (
     "--seed",
     "--model",
     "--lab_preset",
+    "--export",
+    "--no-export",
 )
 
 
-def task_files(stages, output: Path) -> list[tuple[str, str]]:
+def lab_of(stages: StagesFile) -> LabArtifacts | None:
+    """The lab the stages run on (built once, then cached), or None for a checkpoint directory."""
+    if stages.run.get("model", "lab") != "lab":
+        return None
+    return build_lab(LabConfig.preset(stages.run.get("lab_preset", "default")))
+
+
+def task_files(stages: StagesFile, lab: LabArtifacts | None, output: Path) -> list[tuple[str, str]]:
     """(train, eval) file of each stage; lab tasks are written under <output>/tasks."""
     files = []
-    for stage in stages.stages:
+    for index, stage in enumerate(stages.stages):
         if stage.lab_task is None:
             files.append((stage.data, stage.eval_data))
-            continue
-        from dsforget.lab.tasks import write_lab_task
-
-        lab = build_lab(LabConfig.preset(stages.run.get("lab_preset", "default")))
-        train, evaluation = write_lab_task(lab, stage.lab_task, output / "tasks")
-        files.append((str(train), str(evaluation)))
+        elif lab is None:
+            raise ValueError(f"stages[{index}] ({stage.name}) names a lab task, but run.model is not 'lab'")
+        else:
+            train, evaluation = write_lab_task(lab, stage.lab_task, output / "tasks")
+            files.append((str(train), str(evaluation)))
     return files
 
 
@@ -85,7 +95,8 @@ def main(argv: list[str]) -> None:
     stages = read_stages(args.stages)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    files = task_files(stages, output)
+    lab = lab_of(stages)
+    files = task_files(stages, lab, output)
     configs, previous = [], None
     for index in range(len(stages.stages)):  # every stage's config is checked before the first runs
         configs.append(stage_run_config(stages, index, output, *files[index], previous))
@@ -94,11 +105,7 @@ def main(argv: list[str]) -> None:
     limit = int(stages.run.get("eval_max_examples", 200))
     tasks = [[{"messages": c} for c in load_conversations(evaluation)] for _, evaluation in files]
     names = [stage.name for stage in stages.stages]
-    base_dir = configs[0].get("init_from") or (
-        build_lab(LabConfig.preset(stages.run.get("lab_preset", "default"))).model_dir
-        if stages.run.get("model", "lab") == "lab"
-        else stages.run["model"]
-    )
+    base_dir = lab.model_dir if lab is not None else stages.run["model"]
     rows, task_scores, general = (
         ["base"],
         [dict(zip(names, scores_of(base_dir, tasks, limit), strict=True))],
