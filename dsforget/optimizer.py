@@ -129,6 +129,7 @@ class ForgetAdamW(torch.optim.Optimizer):
         self._discovered = False
         self._layouts: dict[int, ShardLayout] = {}
         self._tables: dict[int, kernels.SegmentTable] = {}
+        self._hints: dict[int, torch.Tensor] = {}  # per shard: topk_adamw_step's threshold hints
         self._dp_group: Any = None
         self._logged_backends: set[str] = set()
 
@@ -147,7 +148,7 @@ class ForgetAdamW(torch.optim.Optimizer):
         self.trained_parameters = {renamed[id(p)]: p for p in self.trained_parameters.values()}
         self.plan = self.membership_plan = self._plan_for_names(self.plan)
         self._layouts.clear()
-        self._tables.clear()
+        self._forget_tables()
 
     def _plan_for_names(self, plan: MaskPlan) -> MaskPlan:
         """The plan after parameters were renamed; an explicit plan stays as given."""
@@ -175,7 +176,7 @@ class ForgetAdamW(torch.optim.Optimizer):
             if rule.trains:
                 self._check_rule(name, tensor, plan)
         self.plan = plan
-        self._tables.clear()
+        self._forget_tables()
 
     def _check_rule(self, name: str, tensor: torch.Tensor, plan: MaskPlan | None = None) -> None:
         rule = (plan or self.plan)[name]
@@ -200,7 +201,7 @@ class ForgetAdamW(torch.optim.Optimizer):
             for seg in layout.segments:
                 self.plan[seg.name]  # noqa: B018 - fails with a clear error for unknown names
             self._layouts[id(tensor)] = layout
-        self._tables.clear()
+        self._forget_tables()
         self._dp_group = data_parallel_group
 
     def _layout(self, tensor: torch.Tensor) -> ShardLayout:
@@ -227,6 +228,10 @@ class ForgetAdamW(torch.optim.Optimizer):
         layout = ShardLayout.whole(name, full_shape(tensor))
         self._layouts[id(tensor)] = layout
         return layout
+
+    def _forget_tables(self) -> None:
+        self._tables.clear()
+        self._hints.clear()
 
     def _table(self, tensor: torch.Tensor) -> kernels.SegmentTable:
         table = self._tables.get(id(tensor))
@@ -279,30 +284,19 @@ class ForgetAdamW(torch.optim.Optimizer):
             )
         return backend
 
-    def _sum_over_data_parallel(self, histogram: torch.Tensor) -> torch.Tensor:
+    def _sum_over_data_parallel(self, counts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sum integer counts over the data-parallel group in one all-reduce (exact mode)."""
         if self.topk != "exact" or self._dp_group is None:
-            return histogram
+            return counts
         from deepspeed import comm
         from deepspeed.accelerator import get_accelerator
 
-        # NCCL reduces only accelerator tensors; under offload the histogram lives on the CPU.
+        # NCCL reduces only accelerator tensors; under offload the counts live on the CPU.
         comm_device = torch.device(get_accelerator().current_device_name())
-        reduced = histogram.to(comm_device)
-        comm.all_reduce(reduced, group=self._dp_group)
-        return reduced.to(histogram.device)
-
-    def _thresholds(
-        self, exp_avg: torch.Tensor, table: kernels.SegmentTable, histogram: torch.Tensor, backend: str
-    ) -> torch.Tensor:
-        radix = kernels.RadixState.start(table.block_k)
-        for level in range(kernels.NUM_LEVELS):
-            if level > 0:
-                histogram = exp_avg.new_zeros(table.num_blocks, kernels.level_bins(level), dtype=torch.int64)
-                kernels.abs_histogram(exp_avg, table, radix.prefix, level, histogram, backend=backend)
-            kernels.refine(radix, self._sum_over_data_parallel(histogram), level)
-            if radix.done:
-                break
-        return radix.threshold
+        flat = torch.cat([c.reshape(-1) for c in counts]).to(comm_device)
+        comm.all_reduce(flat, group=self._dp_group)
+        pieces = flat.to(counts[0].device).split([c.numel() for c in counts])
+        return [piece.view_as(c) for piece, c in zip(pieces, counts, strict=True)]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -324,37 +318,23 @@ class ForgetAdamW(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         state["step"] += 1
-        step = state["step"].item()
-        beta1, beta2 = group["betas"]
-        backend = self._backend(param)
-        flat = [t.view(-1) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
-        histogram = param.new_zeros(table.num_blocks, kernels.level_bins(0), dtype=torch.int64)
-        kernels.update_moments(
-            flat[1],
-            flat[2],
-            flat[3],
+        # Threshold hints change only the work a step does, never its result, so they are kept
+        # out of the state dict (and checkpoints); they are equal on all ranks like the thresholds.
+        self._hints[id(param)] = kernels.topk_adamw_step(
+            param.view(-1),
+            param.grad.view(-1),
+            state["exp_avg"].view(-1),
+            state["exp_avg_sq"].view(-1),
             table,
-            beta1=beta1,
-            beta2=beta2,
-            histogram=histogram if table.num_blocks else None,
-            backend=backend,
-        )
-        thresholds = (
-            self._thresholds(flat[2], table, histogram, backend) if table.num_blocks else table.block_k
-        )
-        kernels.masked_adamw(
-            flat[0],
-            flat[2],
-            flat[3],
-            table,
-            thresholds,
+            step=int(state["step"].item()),
             lr=group["lr"],
-            bias_correction1=1 - beta1**step,
-            bias_correction2=1 - beta2**step,
+            betas=group["betas"],
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             decay_selected_only=self.decay_scope == "selected",
-            backend=backend,
+            hint=self._hints.get(id(param)),
+            sum_over_ranks=self._sum_over_data_parallel,
+            backend=self._backend(param),
         )
 
     # -- checkpoints -----------------------------------------------------------------------

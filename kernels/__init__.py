@@ -11,6 +11,7 @@ from .masked_update import masked_adamw
 from .moments import update_moments
 from .radix import NUM_LEVELS, RadixState, level_bins, refine
 from .segments import DENSE, NO_ROWSCALE, SegmentTable
+from .step import topk_adamw_step
 
 __all__ = [
     "DENSE",
@@ -24,5 +25,6 @@ __all__ = [
     "level_bins",
     "masked_adamw",
     "refine",
+    "topk_adamw_step",
     "update_moments",
 ]

@@ -47,11 +47,8 @@ from datetime import datetime, timezone
 import torch
 
 from .backends import default_backend
-from .histogram import abs_histogram
-from .masked_update import masked_adamw
-from .moments import update_moments
-from .radix import NUM_LEVELS, RadixState, level_bins, refine
 from .segments import DENSE, NO_ROWSCALE, SegmentTable
+from .step import topk_adamw_step
 
 LR, BETA1, BETA2, EPS, WEIGHT_DECAY, FRACTION = 1e-3, 0.9, 0.999, 1e-8, 0.01, 0.15
 FIRST_STEP = 10  # the state has taken 9 steps: bias corrections away from their step-1 extremes
@@ -146,45 +143,26 @@ def mofo_reference_step(shard: Shard, state: State) -> Step:
 
 
 def dsforget_step(backend: str) -> Callable[[Shard, State], Step]:
-    """dsforget's step: moments + level-0 histogram, radix refinement, masked update."""
+    """dsforget's step (kernels.step.topk_adamw_step), carrying its threshold hints between steps."""
 
     def setup(shard: Shard, state: State) -> Step:
-        table, device = shard.table, state.param.device
+        hint: list[torch.Tensor | None] = [None]
 
         def step() -> None:
             state.step += 1
-            bias_correction1, bias_correction2 = bias_corrections(state.step)
-            histogram = torch.zeros(table.num_blocks, level_bins(0), dtype=torch.int64, device=device)
-            update_moments(
+            hint[0] = topk_adamw_step(
+                state.param,
                 state.grad,
                 state.exp_avg,
                 state.exp_avg_sq,
-                table,
-                beta1=BETA1,
-                beta2=BETA2,
-                histogram=histogram,
-                backend=backend,
-            )
-            radix = RadixState.start(table.block_k)
-            refine(radix, histogram, 0)
-            for level in range(1, NUM_LEVELS):
-                if radix.done:
-                    break
-                histogram = torch.zeros(table.num_blocks, level_bins(level), dtype=torch.int64, device=device)
-                abs_histogram(state.exp_avg, table, radix.prefix, level, histogram, backend=backend)
-                refine(radix, histogram, level)
-            masked_adamw(
-                state.param,
-                state.exp_avg,
-                state.exp_avg_sq,
-                table,
-                radix.threshold,
+                shard.table,
+                step=state.step,
                 lr=LR,
-                bias_correction1=bias_correction1,
-                bias_correction2=bias_correction2,
+                betas=(BETA1, BETA2),
                 eps=EPS,
                 weight_decay=WEIGHT_DECAY,
                 decay_selected_only=False,
+                hint=hint[0],
                 backend=backend,
             )
 

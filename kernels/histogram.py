@@ -12,6 +12,7 @@ import torch
 from ._cpu import cpu_ops
 from ._triton import LAUNCH_OPTIONS, addressable, jit, tl
 from .backends import check_backend
+from .masked_update import DeferredEntries
 from .radix import LEVELS, RESOLVED, abs_bits, digit_and_prefix, level_bins
 from .segments import DENSE, SegmentTable
 from .tiles import TileTable, check_block_tensor, check_buffers, segment_columns, tile_table
@@ -105,10 +106,11 @@ void abs_histogram(const at::Tensor& exp_avg, at::TensorList segment_columns, co
   const float* m = exp_avg.data_ptr<float>();
   const int64_t* prefix_ptr = prefix.data_ptr<int64_t>();
   const int64_t bins = int64_t(1) << bits;
-  for_each_tile(segments, tile_segment, tile_start, tile_size, histogram.data_ptr<int64_t>(), bins,
-                [&](const Segment& s, int64_t first, int64_t last, LocalHistogram& local) {
+  for_each_tile(segments, tile_segment, tile_start, tile_size, {histogram.data_ptr<int64_t>(), bins}, {},
+                [&](const Segment& s, int64_t first, int64_t last, RangeContext& context) {
     if (s.block < 0 || prefix_ptr[s.block] < 0) return;  // DENSE, or block already resolved
-    local.count_matching(s.block, m + first, last - first, shift, shift + bits, prefix_ptr[s.block]);
+    context.histograms[0].count_matching(s.block, m + first, last - first, shift, shift + bits,
+                                         prefix_ptr[s.block]);
   });
 }
 
@@ -170,3 +172,21 @@ def abs_histogram(
     check_block_tensor("abs_histogram", "histogram", histogram, table, exp_avg.device, level_bins(level))
     launch = _abs_histogram_cpu if backend == "cpu" else _abs_histogram_triton
     launch(exp_avg, table, tiles, prefix, level, histogram)
+
+
+def deferred_histogram(
+    exp_avg: torch.Tensor,
+    deferred: DeferredEntries,
+    prefix: torch.Tensor,
+    level: int,
+    histogram: torch.Tensor,
+) -> None:
+    """abs_histogram over the entries `masked_adamw` deferred instead of whole segments (any
+    device: the list is short)."""
+    if deferred.index.numel() == 0:
+        return
+    digit, high = digit_and_prefix(abs_bits(exp_avg[deferred.index]), level)
+    counted = (high == prefix[deferred.block]) & (prefix[deferred.block] != RESOLVED)
+    bins = level_bins(level)
+    flat = deferred.block[counted] * bins + digit[counted]
+    histogram += torch.bincount(flat, minlength=histogram.numel()).view_as(histogram)

@@ -7,18 +7,26 @@ Per element of every segment:
 The formula and its order follow torch.optim.AdamW so fraction 1 reproduces it.
 
 One pass moves 16 B per element (read p, m, v; write p) and builds no mask tensor.
+
+Deferral ("torch" and "cpu" backends): with `defer_prefix`, the entries of a block whose
+bits(|m|) >> DEFER_SHIFT equal its prefix (the last radix level's bin, which holds the still
+unknown threshold) keep their p and are returned as a short list; `apply_deferred` updates
+them once the threshold is exact. The threshold passed for such a block must be the first bit
+pattern above that bin. This saves the last histogram pass over m; the list holds the entries of
+one level-2 bin, a few in 10^5 of a block for smooth |m| distributions.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ._cpu import cpu_ops
 from ._triton import LAUNCH_OPTIONS, addressable, jit, tl
 from .backends import check_backend
-from .radix import abs_bits
+from .radix import LEVELS, abs_bits
 from .segments import DENSE, SegmentTable
 from .tiles import TileTable, check_block_tensor, check_buffers, segment_columns, tile_table
 
@@ -26,6 +34,42 @@ from .tiles import TileTable, check_block_tensor, check_buffers, segment_columns
 TRITON_TILE = 1024
 # 16384 elements per CPU tile (p, m, v: 192 KiB); sets the work-split granularity only.
 CPU_TILE = 16384
+DEFER_SHIFT = LEVELS[-1][0] + LEVELS[-1][1]  # a deferred bin fixes every bit above the last level's digit
+DEFERRING_BACKENDS = ("torch", "cpu")
+NO_DEFERRAL = -1  # defer_prefix of a block that defers nothing
+
+
+@dataclass(frozen=True)
+class DeferredEntries:
+    """Entries the masked update left untouched: shard indices (ascending) and their blocks."""
+
+    index: torch.Tensor
+    block: torch.Tensor
+
+
+def _update_entries(
+    p: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    selected: torch.Tensor | None,
+    *,
+    step_size: float,
+    bias_correction2_sqrt: float,
+    eps: float,
+    decay: float,
+    decay_selected_only: bool,
+) -> None:
+    """The update of entries p (in place) in the reference's op order; selected None: all of them."""
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    if selected is None:
+        p.mul_(decay)
+        p.addcdiv_(m, denom, value=-step_size)
+        return
+    if decay_selected_only:
+        p.mul_(torch.where(selected, decay, 1.0))
+    else:
+        p.mul_(decay)
+    p.addcdiv_(torch.where(selected, m, 0.0), denom, value=-step_size)
 
 
 def masked_adamw_reference(
@@ -41,25 +85,75 @@ def masked_adamw_reference(
     eps: float,
     weight_decay: float,
     decay_selected_only: bool,
-) -> None:
-    step_size = lr / bias_correction1
-    bias_correction2_sqrt = math.sqrt(bias_correction2)
-    decay = 1 - lr * weight_decay
+    defer_prefix: torch.Tensor | None = None,
+) -> DeferredEntries | None:
+    constants = {
+        "step_size": lr / bias_correction1,
+        "bias_correction2_sqrt": math.sqrt(bias_correction2),
+        "eps": eps,
+        "decay": 1 - lr * weight_decay,
+        "decay_selected_only": decay_selected_only,
+    }
     threshold_list = thresholds.tolist()
+    defer_list = defer_prefix.tolist() if defer_prefix is not None else None
+    deferred_index, deferred_block = [], []
     for shard_offset, length, _, _, block, _ in table.rows():
         span = slice(shard_offset, shard_offset + length)
         p, m, v = param[span], exp_avg[span], exp_avg_sq[span]
-        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
         if block == DENSE:
-            p.mul_(decay)
-            p.addcdiv_(m, denom, value=-step_size)
+            _update_entries(p, m, v, None, **constants)
             continue
-        selected = abs_bits(m) >= threshold_list[block]
-        if decay_selected_only:
-            p.mul_(torch.where(selected, decay, 1.0))
-        else:
-            p.mul_(decay)
-        p.addcdiv_(torch.where(selected, m, 0.0), denom, value=-step_size)
+        kept = None
+        if defer_list is not None and defer_list[block] != NO_DEFERRAL:
+            deferred = (abs_bits(m) >> DEFER_SHIFT) == defer_list[block]
+            kept = (deferred.nonzero().squeeze(1), p[deferred].clone())
+        _update_entries(p, m, v, abs_bits(m) >= threshold_list[block], **constants)
+        if kept is not None:
+            offsets, values = kept
+            p[offsets] = values
+            deferred_index.append(offsets + shard_offset)
+            deferred_block.append(torch.full_like(offsets, block))
+    if defer_list is None:
+        return None
+    if not deferred_index:
+        empty = torch.empty(0, dtype=torch.int64, device=param.device)
+        return DeferredEntries(empty, empty.clone())
+    index, order = torch.cat(deferred_index).sort()
+    return DeferredEntries(index, torch.cat(deferred_block)[order])
+
+
+def apply_deferred(
+    param: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    deferred: DeferredEntries,
+    thresholds: torch.Tensor,
+    *,
+    lr: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    eps: float,
+    weight_decay: float,
+    decay_selected_only: bool,
+) -> None:
+    """Update the entries `masked_adamw` deferred, now that `thresholds` are exact (any device:
+    the list is short, plain indexing is cheap)."""
+    if deferred.index.numel() == 0:
+        return
+    index = deferred.index
+    p, m, v = param[index], exp_avg[index], exp_avg_sq[index]
+    _update_entries(
+        p,
+        m,
+        v,
+        abs_bits(m) >= thresholds[deferred.block],
+        step_size=lr / bias_correction1,
+        bias_correction2_sqrt=math.sqrt(bias_correction2),
+        eps=eps,
+        decay=1 - lr * weight_decay,
+        decay_selected_only=decay_selected_only,
+    )
+    param[index] = p
 
 
 @jit
@@ -130,42 +224,71 @@ def _masked_adamw_triton(
 CPU_SOURCE = r"""
 namespace dsforget_cpu {
 
-// n elements of one tile; branch-free (selects become blends) so GCC vectorises it.
+// n elements of one tile; branch-free (selects become blends) so GCC vectorises it. Entries
+// with bits(|m|) >> defer_shift == defer_prefix keep their p (defer_prefix UINT32_MAX: none).
 void masked_adamw_run(float* __restrict p, const float* __restrict m, const float* __restrict v, int64_t n,
-                      uint32_t threshold, float step_size, float bias_correction2_sqrt, float eps,
-                      float decay_selected, float decay_unselected) {
+                      uint32_t threshold, uint32_t defer_prefix, int64_t defer_shift, float step_size,
+                      float bias_correction2_sqrt, float eps, float decay_selected, float decay_unselected) {
   for (int64_t i = 0; i < n; ++i) {
-    const bool selected = abs_bits(m[i]) >= threshold;
+    const uint32_t bits = abs_bits(m[i]);
+    const bool selected = bits >= threshold;
     const float denom = std::sqrt(v[i]) / bias_correction2_sqrt + eps;
     const float decayed = p[i] * (selected ? decay_selected : decay_unselected);
-    p[i] = decayed + (-step_size * (selected ? m[i] : 0.0f)) / denom;  // ATen's addcdiv rounding
+    // ATen's addcdiv rounding
+    const float updated = decayed + (-step_size * (selected ? m[i] : 0.0f)) / denom;
+    p[i] = (bits >> defer_shift) == defer_prefix ? p[i] : updated;
   }
 }
 
-void masked_adamw(at::Tensor param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                  at::TensorList segment_columns, const at::Tensor& tile_segment,
-                  const at::Tensor& tile_start, int64_t tile_size, const at::Tensor& thresholds,
-                  double step_size, double bias_correction2_sqrt, double eps, double decay_selected,
-                  double decay_unselected) {
+// Appends the shard index (and block) of every entry of m[first, last) with
+// bits(|m|) >> shift == prefix.
+void record_matching(const float* m, int64_t first, int64_t last, int64_t shift, uint32_t prefix,
+                     int64_t block, RangeContext& context) {
+  for (int64_t start = first; start < last; start += 64) {
+    uint64_t hits = match_mask(m + start, std::min<int64_t>(64, last - start), shift, prefix, nullptr);
+    for (; hits != 0; hits &= hits - 1) {
+      context.deferred_index.push_back(start + __builtin_ctzll(hits));
+      context.deferred_block.push_back(block);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_adamw(
+    at::Tensor param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, at::TensorList segment_columns,
+    const at::Tensor& tile_segment, const at::Tensor& tile_start, int64_t tile_size,
+    const at::Tensor& thresholds,
+    const c10::optional<at::Tensor>& defer_prefix, int64_t defer_shift, double step_size,
+    double bias_correction2_sqrt, double eps, double decay_selected, double decay_unselected) {
   const std::vector<Segment> segments = gather_segments(segment_columns);
   float* p = param.data_ptr<float>();
   const float* m = exp_avg.data_ptr<float>();
   const float* v = exp_avg_sq.data_ptr<float>();
   const int64_t* threshold_ptr = thresholds.data_ptr<int64_t>();
-  for_each_tile(segments, tile_segment, tile_start, tile_size, nullptr, 0,
-                [&](const Segment& s, int64_t first, int64_t last, LocalHistogram&) {
+  const int64_t* defer_ptr = defer_prefix.has_value() ? defer_prefix->data_ptr<int64_t>() : nullptr;
+  const Deferred deferred = for_each_tile(segments, tile_segment, tile_start, tile_size, {}, {},
+                [&](const Segment& s, int64_t first, int64_t last, RangeContext& context) {
     // DENSE segments get threshold 0, which every bits(|m|) reaches (NaN included).
     const uint32_t threshold = s.block < 0 ? 0u : uint32_t(threshold_ptr[s.block]);
-    masked_adamw_run(p + first, m + first, v + first, last - first, threshold, float(step_size),
-                     float(bias_correction2_sqrt), float(eps), float(decay_selected),
+    const int64_t defer = s.block < 0 || defer_ptr == nullptr ? -1 : defer_ptr[s.block];
+    const uint32_t prefix = defer < 0 ? UINT32_MAX : uint32_t(defer);
+    masked_adamw_run(p + first, m + first, v + first, last - first, threshold, prefix, defer_shift,
+                     float(step_size), float(bias_correction2_sqrt), float(eps), float(decay_selected),
                      float(decay_unselected));
+    if (defer >= 0) record_matching(m, first, last, defer_shift, prefix, s.block, context);
   });
+  const auto as_tensor = [](const std::vector<int64_t>& values) {
+    at::Tensor out = at::empty({int64_t(values.size())}, at::TensorOptions().dtype(at::kLong));
+    std::copy(values.begin(), values.end(), out.data_ptr<int64_t>());
+    return out;
+  };
+  return {as_tensor(deferred.index), as_tensor(deferred.block)};
 }
 
 TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
   ops.def("masked_adamw(Tensor(a!) param, Tensor exp_avg, Tensor exp_avg_sq, Tensor[] segments, "
-          "Tensor tile_segment, Tensor tile_start, int tile_size, Tensor thresholds, float step_size, "
-          "float bias_correction2_sqrt, float eps, float decay_selected, float decay_unselected) -> ()",
+          "Tensor tile_segment, Tensor tile_start, int tile_size, Tensor thresholds, Tensor? defer_prefix, "
+          "int defer_shift, float step_size, float bias_correction2_sqrt, float eps, float decay_selected, "
+          "float decay_unselected) -> (Tensor, Tensor)",
           &masked_adamw);
 }
 
@@ -181,8 +304,9 @@ def _masked_adamw_cpu(
     tiles: TileTable,
     thresholds: torch.Tensor,
     scalars: tuple[float, float, float, float, float],
-) -> None:
-    cpu_ops().masked_adamw(
+    defer_prefix: torch.Tensor | None,
+) -> DeferredEntries | None:
+    index, block = cpu_ops().masked_adamw(
         param,
         exp_avg,
         exp_avg_sq,
@@ -191,8 +315,11 @@ def _masked_adamw_cpu(
         tiles.tile_start,
         tiles.tile_size,
         addressable(thresholds, tiles.tile_start),
+        None if defer_prefix is None else addressable(defer_prefix, tiles.tile_start),
+        DEFER_SHIFT,
         *scalars,
     )
+    return None if defer_prefix is None else DeferredEntries(index, block)
 
 
 def masked_adamw(
@@ -208,15 +335,22 @@ def masked_adamw(
     eps: float,
     weight_decay: float,
     decay_selected_only: bool,
+    defer_prefix: torch.Tensor | None = None,
     backend: str = "torch",
-) -> None:
+) -> DeferredEntries | None:
     """Apply the update to `param` in place on segment elements only (m and v are read only).
 
     thresholds: int64 [n_blocks], RadixState.threshold once every block is resolved.
+    defer_prefix: int64 [n_blocks], bits >> DEFER_SHIFT of the entries to leave for
+    `apply_deferred` (NO_DEFERRAL: none); returns those entries (None without defer_prefix).
     """
     check_backend("masked_adamw", backend, param.device)
+    if defer_prefix is not None and backend not in DEFERRING_BACKENDS:
+        raise ValueError(
+            f"masked_adamw: backend {backend!r} cannot defer entries (use one of {DEFERRING_BACKENDS})"
+        )
     if backend == "torch":
-        masked_adamw_reference(
+        return masked_adamw_reference(
             param,
             exp_avg,
             exp_avg_sq,
@@ -228,11 +362,13 @@ def masked_adamw(
             eps=eps,
             weight_decay=weight_decay,
             decay_selected_only=decay_selected_only,
+            defer_prefix=defer_prefix,
         )
-        return
     tiles = tile_table(table, CPU_TILE if backend == "cpu" else TRITON_TILE)
     check_buffers("masked_adamw", tiles, param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
     check_block_tensor("masked_adamw", "thresholds", thresholds, table, param.device)
+    if defer_prefix is not None:
+        check_block_tensor("masked_adamw", "defer_prefix", defer_prefix, table, param.device)
     decay = 1 - lr * weight_decay
     # the same double-precision scalars as the reference, rounded to fp32 by the kernels
     scalars = (
@@ -242,5 +378,7 @@ def masked_adamw(
         decay,
         1.0 if decay_selected_only else decay,
     )
-    launch = _masked_adamw_cpu if backend == "cpu" else _masked_adamw_triton
-    launch(param, exp_avg, exp_avg_sq, table, tiles, thresholds, scalars)
+    if backend == "cpu":
+        return _masked_adamw_cpu(param, exp_avg, exp_avg_sq, table, tiles, thresholds, scalars, defer_prefix)
+    _masked_adamw_triton(param, exp_avg, exp_avg_sq, table, tiles, thresholds, scalars)
+    return None

@@ -7,12 +7,21 @@ Per element of every segment (fp32 math, gradient fp32 or bf16):
 and, when `histogram` is given, histogram[block, digit0(|m|)] += 1 for top-k segments,
 which is the first radix-select level fused into the same pass over m.
 
+With `hinted` (HintedCounts), a block with a hint h (the level-0 digit of its previous
+threshold; -1: none) counts instead: above[block] += 1 for entries whose level-0 digit is
+above h, and histogram[block, digit1(|m|)] += 1 for those whose digit is h. Thresholds move
+little between steps, so the new one usually lies in bin h: then these counts fix levels 0 and 1
+at once, and the scatter into 2048 level-0 bins (a quarter of the pass's time on a CPU) and the
+level-1 pass over m are both saved. A block whose threshold left bin h is counted again.
+
 One pass moves 20 B per element with an fp32 gradient (read g, m, v; write m, v) and 18 B with
 bf16; the reference's separate ops (cast, scale, lerp, mul, addcmul, abs, shift, bincount) move
 about 60 B.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +39,16 @@ TRITON_TILE = 1024
 CPU_TILE = 16384
 
 
+@dataclass(frozen=True)
+class HintedCounts:
+    """hint: int64 [n_blocks], a level-0 digit or -1; above: int64 [n_blocks] and histogram:
+    int64 [n_blocks, level_bins(1)], accumulated into (callers zero them)."""
+
+    hint: torch.Tensor
+    above: torch.Tensor
+    histogram: torch.Tensor
+
+
 def segment_rows(param_offset: int, length: int, row_len: int, device: torch.device) -> torch.Tensor:
     """Row index inside the parameter of each element of a segment."""
     return torch.arange(param_offset, param_offset + length, device=device) // row_len
@@ -44,8 +63,10 @@ def update_moments_reference(
     beta1: float,
     beta2: float,
     histogram: torch.Tensor | None = None,
+    hinted: HintedCounts | None = None,
 ) -> None:
     """Plain PyTorch, one segment at a time."""
+    hints = hinted.hint.tolist() if hinted is not None else None
     for shard_offset, length, param_offset, row_len, block, rowscale_start in table.rows():
         span = slice(shard_offset, shard_offset + length)
         g = grad[span].float()
@@ -55,7 +76,13 @@ def update_moments_reference(
         m, v = exp_avg[span], exp_avg_sq[span]
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        if histogram is not None and block != DENSE:
+        if histogram is None or block == DENSE:
+            continue
+        if hinted is not None and hints is not None and hints[block] >= 0:
+            digit, high = digit_and_prefix(abs_bits(m), 1)
+            hinted.above[block] += (high > hints[block]).sum()
+            hinted.histogram[block] += torch.bincount(digit[high == hints[block]], minlength=level_bins(1))
+        else:
             digit, _ = digit_and_prefix(abs_bits(m), 0)
             histogram[block] += torch.bincount(digit, minlength=level_bins(0))
 
@@ -75,12 +102,18 @@ def _update_moments_kernel(
     rowscale_start_ptr,  # [S] int64
     rowscale_ptr,  # [R] fp32
     histogram_ptr,  # [n_blocks, BINS] int64, accumulated into (only read when HISTOGRAM)
+    hint_ptr,  # [n_blocks] int64, HintedCounts.hint (only read when HINT)
+    hint_above_ptr,  # [n_blocks] int64, HintedCounts.above, accumulated into
+    hint_histogram_ptr,  # [n_blocks, HINT_BINS] int64, HintedCounts.histogram, accumulated into
     lerp_weight,  # 1 - beta1 (rounded from double, as the reference's Python scalar)
     beta2,
     one_minus_beta2,  # likewise
     DIGIT_SHIFT: tl.constexpr,  # level-0 digit of |m|: bits >> DIGIT_SHIFT (the top 11 bits)
     BINS: tl.constexpr,
     HISTOGRAM: tl.constexpr,
+    HINT_SHIFT: tl.constexpr,  # level-1 digit: (bits >> HINT_SHIFT) & (HINT_BINS - 1)
+    HINT_BINS: tl.constexpr,
+    HINT: tl.constexpr,
     TILE: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -111,9 +144,19 @@ def _update_moments_kernel(
         block = tl.load(block_ptr + segment)
         # DENSE segments count nothing: their bound collapses to the tile start.
         counted = offsets < tl.where(block >= 0, segment_end, tile_start)
-        digit = (tl.abs(exp_avg).to(tl.int32, bitcast=True) >> DIGIT_SHIFT) & (BINS - 1)
+        bits = tl.abs(exp_avg).to(tl.int32, bitcast=True)
+        digit = (bits >> DIGIT_SHIFT) & (BINS - 1)
         ones = tl.full([TILE], 1, tl.int64)
-        tl.atomic_add(histogram_ptr + tl.maximum(block, 0) * BINS + digit, ones, mask=counted)
+        hint = tl.load(hint_ptr + tl.maximum(block, 0), mask=HINT & (block >= 0), other=-1)
+        if hint >= 0:
+            hint_digit = (bits >> HINT_SHIFT) & (HINT_BINS - 1)
+            row = tl.maximum(block, 0)
+            tl.atomic_add(
+                hint_histogram_ptr + row * HINT_BINS + hint_digit, ones, mask=counted & (digit == hint)
+            )
+            tl.atomic_add(hint_above_ptr + row, tl.sum((counted & (digit > hint)).to(tl.int64)))
+        else:
+            tl.atomic_add(histogram_ptr + tl.maximum(block, 0) * BINS + digit, ones, mask=counted)
 
 
 def _update_moments_triton(
@@ -125,9 +168,11 @@ def _update_moments_triton(
     beta1: float,
     beta2: float,
     histogram: torch.Tensor | None,
+    hinted: HintedCounts | None,
 ) -> None:
     if tiles.num_tiles == 0:
         return
+    unused = tiles.tile_start  # a valid pointer for arguments a constexpr branch never reads
     _update_moments_kernel[(tiles.num_tiles,)](
         grad,
         exp_avg,
@@ -141,13 +186,19 @@ def _update_moments_triton(
         table.block,
         table.rowscale_start,
         addressable(table.rowscale, exp_avg),
-        tiles.tile_start if histogram is None else addressable(histogram, tiles.tile_start),
+        unused if histogram is None else addressable(histogram, unused),
+        unused if hinted is None else addressable(hinted.hint, unused),
+        unused if hinted is None else addressable(hinted.above, unused),
+        unused if hinted is None else addressable(hinted.histogram, unused),
         1 - beta1,
         beta2,
         1 - beta2,
         DIGIT_SHIFT=LEVELS[0][0],
         BINS=level_bins(0),
         HISTOGRAM=histogram is not None,
+        HINT_SHIFT=LEVELS[1][0],
+        HINT_BINS=level_bins(1),
+        HINT=hinted is not None,
         TILE=tiles.tile_size,
         **LAUNCH_OPTIONS,
     )
@@ -201,19 +252,44 @@ void moments_tile(const Grad* grad, float* m, float* v, uint16_t* digits, const 
   }
 }
 
+// A block with a hint h (its previous threshold's level-0 digit) counts, instead of its level-0
+// histogram, the entries above bin h and the level-1 digits of bin h's entries (see moments.py).
+struct HintCounts {
+  const int64_t* hint = nullptr;  // [n_blocks] level-0 digit, or -1 for none
+  int64_t* above = nullptr;  // [n_blocks] entries whose level-0 digit is above the hint
+  int64_t shift = 0;  // level-1 digit: (bits >> shift) & (bins - 1)
+};
+
+constexpr int64_t kHintPiece = 1024;
+
 template <typename Grad>
 void update_moments_impl(const Grad* grad, float* m, float* v, const std::vector<Segment>& segments,
                          const float* rowscale, const at::Tensor& tile_segment, const at::Tensor& tile_start,
-                         int64_t tile_size, int64_t* histogram, int64_t bins, const MomentsConstants& c) {
-  for_each_tile(segments, tile_segment, tile_start, tile_size, histogram, bins,
-                [&](const Segment& s, int64_t first, int64_t last, LocalHistogram& local) {
-    if (histogram == nullptr || s.block < 0) {
+                         int64_t tile_size, HistogramTarget histogram, HistogramTarget hint_histogram,
+                         const HintCounts& hints, const MomentsConstants& c) {
+  for_each_tile(segments, tile_segment, tile_start, tile_size, histogram, hint_histogram,
+                [&](const Segment& s, int64_t first, int64_t last, RangeContext& context) {
+    if (histogram.shared == nullptr || s.block < 0) {
       moments_tile<Grad, false>(grad, m, v, nullptr, rowscale, s, first, last, c);
       return;
     }
-    uint16_t* digits = local.scratch(last - first);
+    const int64_t hint = hints.hint == nullptr ? -1 : hints.hint[s.block];
+    if (hint >= 0) {
+      // counted in L1-sized pieces right after their moments, so the counting overlaps the
+      // stream of the next piece (a whole 64 KiB tile at a time: +30% on the pass)
+      int64_t above = 0;
+      for (int64_t start = first; start < last; start += kHintPiece) {
+        const int64_t stop = std::min(start + kHintPiece, last);
+        moments_tile<Grad, false>(grad, m, v, nullptr, rowscale, s, start, stop, c);
+        above += context.histograms[1].count_in_bin(s.block, m + start, stop - start, hints.shift,
+                                                    c.digit_shift, uint32_t(hint));
+      }
+      __atomic_fetch_add(hints.above + s.block, above, __ATOMIC_RELAXED);
+      return;
+    }
+    uint16_t* digits = context.histograms[0].scratch(last - first);
     moments_tile<Grad, true>(grad, m, v, digits, rowscale, s, first, last, c);
-    local.count_digits(s.block, digits, last - first);
+    context.histograms[0].count_digits(s.block, digits, last - first);
   });
 }
 
@@ -221,9 +297,15 @@ void update_moments(const at::Tensor& grad, at::Tensor exp_avg, at::Tensor exp_a
                     at::TensorList segment_columns, const at::Tensor& rowscale,
                     const at::Tensor& tile_segment, const at::Tensor& tile_start, int64_t tile_size,
                     const c10::optional<at::Tensor>& histogram, int64_t bins, int64_t shift,
+                    const c10::optional<at::Tensor>& hint, const c10::optional<at::Tensor>& hint_above,
+                    const c10::optional<at::Tensor>& hint_histogram, int64_t hint_bins, int64_t hint_shift,
                     double beta1, double beta2) {
   const std::vector<Segment> segments = gather_segments(segment_columns);
-  int64_t* histogram_ptr = histogram.has_value() ? histogram->data_ptr<int64_t>() : nullptr;
+  const HistogramTarget counts{histogram.has_value() ? histogram->data_ptr<int64_t>() : nullptr, bins};
+  const bool hinted = hint.has_value() && hint_above.has_value() && hint_histogram.has_value();
+  const HistogramTarget hint_counts{hinted ? hint_histogram->data_ptr<int64_t>() : nullptr, hint_bins};
+  const HintCounts hints{hinted ? hint->data_ptr<int64_t>() : nullptr,
+                         hinted ? hint_above->data_ptr<int64_t>() : nullptr, hint_shift};
   float* m = exp_avg.data_ptr<float>();
   float* v = exp_avg_sq.data_ptr<float>();
   // 1 - beta in double, then rounded, like the Python scalars the reference passes to ATen
@@ -234,18 +316,19 @@ void update_moments(const at::Tensor& grad, at::Tensor exp_avg, at::Tensor exp_a
   const float* scales = rowscale.data_ptr<float>();
   if (grad.scalar_type() == at::kBFloat16) {
     const auto* grad_bits = reinterpret_cast<const uint16_t*>(grad.data_ptr());
-    update_moments_impl(grad_bits, m, v, segments, scales, tile_segment, tile_start, tile_size, histogram_ptr,
-                        bins, c);
+    update_moments_impl(grad_bits, m, v, segments, scales, tile_segment, tile_start, tile_size, counts,
+                        hint_counts, hints, c);
   } else {
     update_moments_impl(grad.data_ptr<float>(), m, v, segments, scales, tile_segment, tile_start, tile_size,
-                        histogram_ptr, bins, c);
+                        counts, hint_counts, hints, c);
   }
 }
 
 TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
   ops.def("update_moments(Tensor grad, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor[] segments, "
           "Tensor rowscale, Tensor tile_segment, Tensor tile_start, int tile_size, Tensor(c!)? histogram, "
-          "int bins, int shift, float beta1, float beta2) -> ()",
+          "int bins, int shift, Tensor? hint, Tensor(d!)? hint_above, Tensor(e!)? hint_histogram, "
+          "int hint_bins, int hint_shift, float beta1, float beta2) -> ()",
           &update_moments);
 }
 
@@ -262,6 +345,7 @@ def _update_moments_cpu(
     beta1: float,
     beta2: float,
     histogram: torch.Tensor | None,
+    hinted: HintedCounts | None,
 ) -> None:
     cpu_ops().update_moments(
         grad,
@@ -275,6 +359,11 @@ def _update_moments_cpu(
         histogram,
         level_bins(0),
         LEVELS[0][0],
+        None if hinted is None else hinted.hint,
+        None if hinted is None else hinted.above,
+        None if hinted is None else hinted.histogram,
+        level_bins(1),
+        LEVELS[1][0],
         beta1,
         beta2,
     )
@@ -289,22 +378,39 @@ def update_moments(
     beta1: float,
     beta2: float,
     histogram: torch.Tensor | None = None,
+    hinted: HintedCounts | None = None,
     backend: str = "torch",
 ) -> None:
     """Run the op with the named backend (see dsforget.kernels.backends).
 
     exp_avg, exp_avg_sq: flat fp32 shards, updated in place on segment elements only.
     histogram: int64 [n_blocks, level_bins(0)], accumulated into (callers zero it).
+    hinted: the counts that replace `histogram` for blocks with a hint (only with `histogram`).
     """
     check_backend("update_moments", backend, exp_avg.device)
+    if hinted is not None and histogram is None:
+        raise ValueError("update_moments: hinted counts need the level-0 histogram too")
     if backend == "torch":
         update_moments_reference(
-            grad, exp_avg, exp_avg_sq, table, beta1=beta1, beta2=beta2, histogram=histogram
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            table,
+            beta1=beta1,
+            beta2=beta2,
+            histogram=histogram,
+            hinted=hinted,
         )
         return
     tiles = tile_table(table, CPU_TILE if backend == "cpu" else TRITON_TILE)
     check_buffers("update_moments", tiles, grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
     if histogram is not None:
         check_block_tensor("update_moments", "histogram", histogram, table, exp_avg.device, level_bins(0))
+    if hinted is not None:
+        check_block_tensor("update_moments", "hint", hinted.hint, table, exp_avg.device)
+        check_block_tensor("update_moments", "hint_above", hinted.above, table, exp_avg.device)
+        check_block_tensor(
+            "update_moments", "hint_histogram", hinted.histogram, table, exp_avg.device, level_bins(1)
+        )
     launch = _update_moments_cpu if backend == "cpu" else _update_moments_triton
-    launch(grad, exp_avg, exp_avg_sq, table, tiles, beta1, beta2, histogram)
+    launch(grad, exp_avg, exp_avg_sq, table, tiles, beta1, beta2, histogram, hinted)

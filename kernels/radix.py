@@ -11,6 +11,7 @@ State per block (int64 tensors [n_blocks], identical on every rank in exact mode
   prefix     digits fixed so far (bits >> (shift + digit_bits) must equal it), -1 once resolved
   remaining  how many entries still to select among those matching `prefix`
   threshold  the selection threshold: entry selected iff bits(|m|) >= threshold
+  matching   entries matching `prefix` (summed like the histograms); -1 before level 0
 """
 
 from __future__ import annotations
@@ -45,26 +46,36 @@ class RadixState:
     prefix: torch.Tensor
     remaining: torch.Tensor
     threshold: torch.Tensor
+    matching: torch.Tensor
 
     @staticmethod
     def start(block_k: torch.Tensor) -> RadixState:
         zeros = torch.zeros_like(block_k)
-        return RadixState(prefix=zeros.clone(), remaining=block_k.clone(), threshold=zeros.clone())
+        return RadixState(
+            prefix=zeros.clone(), remaining=block_k.clone(), threshold=zeros.clone(), matching=zeros - 1
+        )
+
+    @property
+    def unresolved(self) -> torch.Tensor:
+        return self.prefix != RESOLVED
 
     @property
     def done(self) -> bool:
         return bool((self.prefix == RESOLVED).all())
 
 
-def refine(state: RadixState, histogram: torch.Tensor, level: int) -> None:
-    """Fix one more digit of every unresolved block from its (already all-reduced) histogram.
+def refine(
+    state: RadixState, histogram: torch.Tensor, level: int, blocks: torch.Tensor | None = None
+) -> None:
+    """Fix one more digit of every unresolved block (of `blocks`, a bool mask, if given) from its
+    (already all-reduced) histogram.
 
     histogram: int64 [n_blocks, level_bins(level)], counts of this level's digit among the
     entries that match each block's prefix. A block resolves early when every entry of the
     digit's bin is needed: then 'bits >= bin start' selects exactly `remaining` of them.
     """
     shift, width = LEVELS[level]
-    active = state.prefix != RESOLVED
+    active = state.unresolved if blocks is None else state.unresolved & blocks
     # at_or_above[b, d] = entries of block b whose digit is >= d
     at_or_above = histogram.flip(1).cumsum(1).flip(1)
     enough = at_or_above >= state.remaining.unsqueeze(1)
@@ -77,4 +88,5 @@ def refine(state: RadixState, histogram: torch.Tensor, level: int) -> None:
     resolves = active & ((needed == in_bin) | (level == NUM_LEVELS - 1))
     state.threshold = torch.where(resolves, new_prefix << shift, state.threshold)
     state.remaining = torch.where(active & ~resolves, needed, state.remaining)
+    state.matching = torch.where(active & ~resolves, in_bin, state.matching)
     state.prefix = torch.where(resolves, RESOLVED, torch.where(active, new_prefix, state.prefix))

@@ -17,6 +17,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +35,13 @@ from dsforget.kernels import (
     level_bins,
     masked_adamw,
     refine,
+    topk_adamw_step,
     update_moments,
 )
+from dsforget.kernels import step as step_op
 from dsforget.kernels._triton import INTERPRET, triton, triton_usable
+from dsforget.kernels.masked_update import DEFERRING_BACKENDS
+from dsforget.kernels.moments import HintedCounts
 from dsforget.kernels.radix import LEVELS, RESOLVED, abs_bits, digit_and_prefix
 
 REPO = Path(__file__).resolve().parents[1]
@@ -441,6 +446,197 @@ def test_shard_without_topk_blocks(backend, device, size):
 # ---------------------------------------------------------------------- end-to-end checks
 
 
+@pytest.mark.parametrize(("backend", "device", "size"), fused_backends(include_large=True))
+def test_hinted_counts_match_the_backends_own_m(backend, device, size):
+    """Catches hinted counting that loses or doubles entries (pieces inside tiles, threads,
+    several segments of one block), counts the wrong bin, counts 'above' with >= instead of >,
+    or still fills the level-0 histogram of a hinted block."""
+    shard = build_shard(LAYOUTS[size], device, seed=5)
+    state = random_state(shard, seed=6)
+    table = shard.table
+    # hint each block with the bin of one of its own entries (a populated bin); block 1 has none
+    hint = torch.full((table.num_blocks,), -1, dtype=torch.int64)
+    for shard_offset, length, _, _, block, _ in table.rows():
+        if block != DENSE and block != 1 and length > 0:
+            hint[block] = int(abs_bits(state["exp_avg"][shard_offset].reshape(1)).item()) >> LEVELS[0][0]
+    hint = hint.to(device)
+    histogram = torch.zeros(table.num_blocks, level_bins(0), dtype=torch.int64, device=device)
+    hinted = HintedCounts(
+        hint,
+        torch.zeros_like(hint),
+        torch.zeros(table.num_blocks, level_bins(1), dtype=torch.int64, device=device),
+    )
+    update_moments(
+        state["grad"],
+        state["exp_avg"],
+        state["exp_avg_sq"],
+        table,
+        beta1=BETA1,
+        beta2=BETA2,
+        histogram=histogram,
+        hinted=hinted,
+        backend=backend,
+    )
+    own_histogram, own_above, own_binned = (
+        torch.zeros_like(t) for t in (histogram, hinted.above, hinted.histogram)
+    )
+    hints = hint.tolist()
+    for shard_offset, length, _, _, block, _ in table.rows():
+        if block == DENSE:
+            continue
+        bits = abs_bits(state["exp_avg"][shard_offset : shard_offset + length])
+        if hints[block] < 0:
+            own_histogram[block] += torch.bincount(digit_and_prefix(bits, 0)[0], minlength=level_bins(0))
+            continue
+        digit, high = digit_and_prefix(bits, 1)
+        own_above[block] += int((high > hints[block]).sum())
+        own_binned[block] += torch.bincount(digit[high == hints[block]], minlength=level_bins(1))
+    assert int(own_binned.sum()) > 0 and int(own_above.sum()) > 0, "the hinted bins must be populated"
+    assert_bitwise(histogram, own_histogram, "level-0 histogram (unhinted blocks only)")
+    assert_bitwise(hinted.above, own_above, "entries above the hinted bin")
+    assert_bitwise(hinted.histogram, own_binned, "level-1 histogram of the hinted bin")
+
+
+def run_ranks(step_on_rank, ranks: int) -> list:
+    """Run step_on_rank(rank, sum_over_ranks) on `ranks` threads whose sum_over_ranks adds the
+    ranks' count tensors like the data-parallel all-reduce (results in rank order). One thread
+    computes at a time (the Triton interpreter is not thread-safe); they meet in sum_over_ranks."""
+    barrier = threading.Barrier(ranks)
+    computing = threading.Lock()
+    posted: list = [None] * ranks
+
+    def sum_over_ranks_of(rank):
+        def sum_over_ranks(tensors):
+            posted[rank] = [t.clone() for t in tensors]
+            computing.release()
+            barrier.wait()
+            total = [sum(parts) for parts in zip(*posted, strict=True)]
+            barrier.wait()
+            computing.acquire()
+            return total
+
+        return sum_over_ranks
+
+    results: list = [None] * ranks
+    errors: list = []
+
+    def body(rank):
+        computing.acquire()
+        try:
+            results[rank] = step_on_rank(rank, sum_over_ranks_of(rank))
+        except BaseException as error:  # reported below; the other rank is released
+            errors.append(error)
+            barrier.abort()
+        finally:
+            computing.release()
+
+    threads = [threading.Thread(target=body, args=(rank,)) for rank in range(ranks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("defer_limit", [None, 0], ids=["deferring", "no-deferral"])
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [pytest.param("torch", "cpu", id="torch")]
+    + [pytest.param(c.values[0], c.values[1], id=c.id) for c in fused_backends()],
+)
+def test_hinted_deferring_step_equals_the_three_pass_step(backend, device, defer_limit, monkeypatch):
+    """Catches any result of topk_adamw_step that differs from the plain pipeline (moments,
+    three histogram levels over m, masked update) over 6 steps on two ranks: hints that hit,
+    miss (a wrong hint on purpose, thresholds crossing bins as m moves), blocks resolved early,
+    deferred entries updated twice or never, ties at the threshold (deferred, or past the
+    deferral limit and counted over m instead), counts not summed over ranks."""
+    if defer_limit is not None:
+        monkeypatch.setattr(step_op, "DEFER_LIMIT", defer_limit)
+    passes: list[tuple[int, int]] = []  # (step, level) of every histogram pass over m
+    count_over_m = step_op.abs_histogram
+
+    def counted_pass(exp_avg, table, prefix, level, histogram, backend):
+        passes.append((current_step, level))
+        count_over_m(exp_avg, table, prefix, level, histogram, backend=backend)
+
+    monkeypatch.setattr(step_op, "abs_histogram", counted_pass)
+    generator = torch.Generator().manual_seed(21)
+    tied = torch.full((2000,), 0.05) * torch.where(torch.rand(2000, generator=generator) < 0.5, -1.0, 1.0)
+    tied[:200] *= 3  # 10% above, then 1800 ties: the k-th largest |m| (k = 15%) is tied
+    params = [
+        (torch.randn(3001, generator=generator) * 0.1, 7, 0),
+        (torch.randn(64, generator=generator), 1, DENSE),
+        (tied, 10, 1),
+    ]
+    shards, pieces = split_into_shards(params, cut=1900, device=device)
+    states = [random_state(shard, seed=30 + rank) for rank, shard in enumerate(shards)]
+    for index, (values, _, _) in enumerate(params):
+        for rank, offset, param_offset, length in pieces[index]:
+            states[rank]["exp_avg"][offset : offset + length] = values[
+                param_offset : param_offset + length
+            ].to(device)
+    expected = [clone(state) for state in states]
+    hints = [torch.tensor([700, 3], dtype=torch.int64, device=device)] * 2  # wrong on purpose
+    hyper = dict(lr=1e-2, betas=(BETA1, BETA2), eps=1e-8, weight_decay=0.1, decay_selected_only=True)
+    for step in range(1, 7):
+        current_step = step
+        for rank, state in enumerate(states):
+            # g near m (m moves ~1% a step: thresholds mostly stay in their bins); the tied block
+            # gets g = m exactly and keeps its ties
+            noise = torch.randn(state["grad"].shape, generator=generator).to(device) * 0.01
+            fresh = state["exp_avg"] + noise
+            for _, offset, _, length in (p for p in pieces[2] if p[0] == rank):
+                fresh[offset : offset + length] = state["exp_avg"][offset : offset + length]
+            covered = shards[rank].covered
+            for tensor in (state["grad"], expected[rank]["grad"]):
+                tensor[covered] = fresh[covered]
+
+        def step_on_rank(rank, sum_over_ranks, step=step, hints=hints):
+            state = states[rank]
+            return topk_adamw_step(
+                state["param"],
+                state["grad"],
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                shards[rank].table,
+                step=step,
+                hint=hints[rank],
+                sum_over_ranks=sum_over_ranks,
+                backend=backend,
+                **hyper,
+            )
+
+        hints = run_ranks(step_on_rank, 2)
+        radix = select_thresholds(shards, expected, "torch")
+        for shard, state in zip(shards, expected, strict=True):
+            masked_adamw(
+                state["param"],
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                shard.table,
+                radix.threshold,
+                lr=hyper["lr"],
+                bias_correction1=1 - BETA1**step,
+                bias_correction2=1 - BETA2**step,
+                eps=hyper["eps"],
+                weight_decay=hyper["weight_decay"],
+                decay_selected_only=True,
+                backend="torch",
+            )
+        for rank in range(2):
+            assert_bitwise(hints[rank], radix.threshold >> LEVELS[0][0], f"step {step} rank {rank} hints")
+            for name in ("exp_avg", "exp_avg_sq", "param"):
+                assert_close(states[rank][name], expected[rank][name], f"step {step} rank {rank} {name}")
+            assert_padding_untouched(states[rank], expected[rank], shards[rank])
+    levels_by_step = {step: sorted({level for s, level in passes if s == step}) for step in range(1, 7)}
+    assert levels_by_step[1][:2] == [0, 1], "the wrong hints of step 1 must be counted again over m"
+    assert any(1 not in levels for levels in levels_by_step.values()), "no hint ever hit"
+    defers = defer_limit is None and backend in DEFERRING_BACKENDS
+    assert all(2 not in levels for levels in levels_by_step.values()) == defers, levels_by_step
+
+
 def split_into_shards(params: list[tuple[torch.Tensor, int, int]], cut: int, device: str):
     """ZeRO-1/2 style: parameters concatenated, the flat vector cut at `cut` into two ranks'
     shards (a parameter straddles the cut), each shard padded by 3 elements in front and 5 at
@@ -812,11 +1008,11 @@ def test_triton_kernels_compile_for_h100():
         assert compiled.asm["cubin"], kernel
 
     level0 = dict(DIGIT_SHIFT=LEVELS[0][0], BINS=level_bins(0), TILE=moments_op.TRITON_TILE)
+    hints = dict(HINT_SHIFT=LEVELS[1][0], HINT_BINS=level_bins(1))
     for grad_type in ("*fp32", "*bf16"):
-        for with_histogram in (True, False):
-            compile_kernel(
-                moments_op._update_moments_kernel, dict(level0, HISTOGRAM=with_histogram), grad_type
-            )
+        for with_histogram, hinted in ((True, True), (True, False), (False, False)):
+            constexprs = dict(level0, **hints, HISTOGRAM=with_histogram, HINT=hinted)
+            compile_kernel(moments_op._update_moments_kernel, constexprs, grad_type)
     for level, (shift, width) in enumerate(LEVELS):
         constexprs = dict(
             DIGIT_SHIFT=shift,
