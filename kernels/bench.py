@@ -10,7 +10,7 @@ each segment, the first matrix entering mid-row. Implementations, all on the sam
 
 - mofo-reference:  the MoFO reference code's step (per parameter: lerp/addcmul, torch.topk of
                    |m| for the threshold, torch.where mask, addcdiv);
-- dsforget-torch:  dsforget's plain-PyTorch references (exact radix select, 3 levels);
+- dsforget-torch:  kernels.step.topk_adamw_step on the plain-PyTorch references;
 - dsforget-cpu / dsforget-triton: the fused backend of the device;
 - torch-adamw-fused / -foreach: torch.optim.AdamW on the whole flat tensor (dense baselines;
                    "x AdamW" is relative to the fused one);
@@ -19,14 +19,16 @@ each segment, the first matrix entering mid-row. Implementations, all on the sam
 
 Columns: median step time with p20/p80; GB/s counts 28 B per element for every row (read p, g,
 m, v; write p, m, v: the least any Adam-family step moves), so GB/s ranks speed on one scale;
-exact-mode MoFO needs at least 44 B (moments 20, two histogram levels 4 each, update 16), at
-most 28/44 = 64% of AdamW's GB/s at equal efficiency. "% copy" relates that to a measured
-copy (8 B per element). Peak extra memory: on GPU torch.cuda.max_memory_allocated above the
-live state; on CPU the peak of live torch allocations during one step, from the profiler's
-per-op memory records (allocations inside C++ extensions are not seen; dsforget's are 64 KiB
-of counters and digit scratch per thread). Max error: largest |p - p_ref| after one step from
-the same state; p_ref is dsforget-torch (fp32) for the MoFO rows and
-torch.optim.AdamW(foreach=False) for the dense rows.
+exact-mode MoFO needs at least 36 B (moments 20, update 16) in a step whose threshold hints
+hit, and 44-48 B when a threshold leaves its hinted bin (extra passes over m), so at most
+28/36 = 78% of AdamW's GB/s at equal efficiency. The timed steps carry their hints from step to
+step as the optimizer does; the state's m drifts towards the fixed gradient, so some steps miss.
+"% copy" relates that to a measured copy (8 B per element). Peak extra memory: on GPU
+torch.cuda.max_memory_allocated above the live state; on CPU the peak of live torch allocations
+during one step, from the profiler's per-op memory records (allocations inside C++ extensions
+are not seen; dsforget's are 64 KiB of counters and digit scratch per thread, and 16 B per
+deferred entry). Max error: largest |p - p_ref| after one step from the same state; p_ref is
+dsforget-torch (fp32) for the MoFO rows and torch.optim.AdamW(foreach=False) for the dense rows.
 """
 
 from __future__ import annotations
