@@ -509,10 +509,12 @@ def run_ranks(step_on_rank, ranks: int) -> list:
         def sum_over_ranks(tensors):
             posted[rank] = [t.clone() for t in tensors]
             computing.release()
-            barrier.wait()
-            total = [sum(parts) for parts in zip(*posted, strict=True)]
-            barrier.wait()
-            computing.acquire()
+            try:
+                barrier.wait()
+                total = [sum(parts) for parts in zip(*posted, strict=True)]
+                barrier.wait()
+            finally:  # body() releases it, on errors too
+                computing.acquire()
             return total
 
         return sum_over_ranks
