@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Mapping
+from pathlib import Path
 
 ENV_LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
@@ -85,3 +86,36 @@ def init_distributed() -> None:
     if is_mpi_launch():
         os.environ.update(mpi_rendezvous_env())
     deepspeed.init_distributed(auto_mpi_discovery=True)
+    release_shared_memory_names()
+
+
+def shared_memory_buffer(rank: int, env: Mapping[str, str] = os.environ) -> Path:
+    """The /dev/shm file of `rank`'s buffer for DeepSpeed's CPU all-reduce (the name that
+    deepspeed/ops/csrc/cpu/comm/shm.cpp gives it: uid, MASTER_ADDR, MASTER_PORT, rank)."""
+    address, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}"
+
+
+def release_shared_memory_names() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer once every rank has mapped it.
+
+    On CPU ranks of one host DeepSpeed's comm backend creates a ~66 MiB buffer per rank in
+    /dev/shm and never unlinks it, so every run (finished, crashed or killed alike) leaves them
+    behind: tmpfs is RAM, and within days /dev/shm fills and later jobs die of SIGBUS. After
+    the barrier every rank has mapped every buffer (DeepSpeed's initialisation maps all peers
+    before it returns); unlinking the name keeps those mappings, and the memory is freed when
+    the last rank exits, however it exits. Collective: every rank calls it after
+    init_distributed, and all ranks take the same branch (world size, LOCAL_SIZE and backend
+    agree across ranks).
+    """
+    import deepspeed.comm as dist
+    from deepspeed.comm import comm as ds_comm
+
+    backend = ds_comm.cdb
+    world_size = dist.get_world_size()
+    if getattr(backend, "shm_comm_op", None) is None or world_size < 2:
+        return
+    if int(os.environ.get("LOCAL_SIZE", 0)) != world_size:  # shm.cpp's own test: every rank local
+        return
+    dist.barrier()
+    shared_memory_buffer(dist.get_rank()).unlink(missing_ok=True)

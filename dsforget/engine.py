@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from .coordinator import verify_plan_agreement
+from .distributed import release_shared_memory_names
 from .layout import Segment, ShardLayout
 from .optimizer import ForgetAdamW
 from .params import full_numel, full_shape, row_length
@@ -244,6 +245,7 @@ def initialize(model: nn.Module, optimizer: ForgetAdamW, config: str | Path | Ma
     config = prepare_config(config)
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed()
+    release_shared_memory_names()
     verify_plan_agreement(optimizer.membership_plan)
     named = list(model.named_parameters())
     optimizer.adopt_names(named)

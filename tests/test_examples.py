@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from launcher import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,7 +19,9 @@ def test_dropin_example_runs_under_the_deepspeed_launcher() -> None:
     """Catches an example (and README command) that no longer runs, and a loss that does not fall."""
     launcher = Path(sys.executable).with_name("deepspeed")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    command = [str(launcher), "--num_gpus", "2", "launch/examples/dropin_zero3.py", "--steps", "10"]
+    # a free port, not DeepSpeed's default 29500, which another job on this host may hold
+    command = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port())]
+    command += ["launch/examples/dropin_zero3.py", "--steps", "10"]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"^step +\d+  loss ([0-9.]+)$", done.stdout, flags=re.M)]
@@ -48,6 +51,9 @@ def test_hf_trainer_example_with_and_without_deepspeed(tmp_path: Path) -> None:
     example = "launch/examples/hf_trainer.py"
     plain = run_example([sys.executable, example], tmp_path / "plain")
     launcher = str(Path(sys.executable).with_name("deepspeed"))
-    zero3 = run_example([launcher, "--num_gpus", "2", example, "--zero", "3"], tmp_path / "zero3")
+    zero3 = run_example(
+        [launcher, "--num_gpus", "2", "--master_port", str(free_port()), example, "--zero", "3"],
+        tmp_path / "zero3",
+    )
     for losses in (plain, zero3):
         assert len(losses) == 3 and losses[-1] < losses[0] - 0.5, losses

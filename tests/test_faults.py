@@ -133,10 +133,12 @@ def assert_same_run(output: Path, reference: Path) -> None:
     assert not differing, f"{len(differing)} tensors differ from the uninterrupted run, e.g. {differing[:3]}"
 
 
-def start_deepspeed(output: Path, lab_cache: Path, log: Path, *args: str) -> subprocess.Popen:
+def start_deepspeed(
+    output: Path, lab_cache: Path, log: Path, *args: str, port: int | None = None
+) -> subprocess.Popen:
     """The job under `deepspeed --num_gpus 2`, in its own session (so a failed test can end it all)."""
     command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2"]
-    command += ["--master_port", str(free_port()), FINETUNE, *RUN, "--output_dir", str(output), *args]
+    command += ["--master_port", str(port or free_port()), FINETUNE, *RUN, "--output_dir", str(output), *args]
     with open(log, "w") as file:
         return subprocess.Popen(
             command, env=rank_env(lab_cache), stdout=file, stderr=subprocess.STDOUT, start_new_session=True
@@ -151,6 +153,20 @@ def launched_ranks(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
         if flags:
             ranks[int(flags[0].split("=")[1])] = process
     return ranks
+
+
+def assert_shared_memory_unlinked(ranks: dict[int, psutil.Process], port: int) -> None:
+    """Each rank maps both ranks' DeepSpeed CPU all-reduce buffers, and their /dev/shm names are
+    already gone (dsforget.distributed.release_shared_memory_names), so not even kill -9 can
+    leave them behind."""
+    for rank, process in ranks.items():
+        maps = Path(f"/proc/{process.pid}/maps").read_text().splitlines()
+        buffers = {
+            line.split()[-2] if line.endswith("(deleted)") else line.split()[-1]: line for line in maps
+        }
+        mapped = {name: line for name, line in buffers.items() if f"_{port}_" in name and "allreduce" in name}
+        assert len(mapped) == 2, f"rank {rank} maps {sorted(mapped)}"
+        assert all(line.endswith("(deleted)") for line in mapped.values()), mapped
 
 
 def end_session(launcher: subprocess.Popen) -> None:
@@ -238,11 +254,15 @@ def test_killed_rank_fails_the_job_fast_names_it_and_resume_is_exact(
     peer" instead of naming rank 1, and a launcher that does not end the job. Then a save cut
     short is simulated on top (the newest checkpoint loses its COMPLETE marker and half of a
     file): resume must pick the checkpoint before it and still reproduce the uninterrupted run."""
-    output, log = tmp_path / "run", tmp_path / "launcher.log"
-    launcher = start_deepspeed(output, lab_cache, log, "--save_every", "4", "--comm_timeout_s", "60")
+    output, log, port = tmp_path / "run", tmp_path / "launcher.log", free_port()
+    launcher = start_deepspeed(
+        output, lab_cache, log, "--save_every", "4", "--comm_timeout_s", "60", port=port
+    )
     try:
         wait_for_step(output, 9, [launcher])
-        victim = launched_ranks(launcher)[1]
+        ranks = launched_ranks(launcher)
+        assert_shared_memory_unlinked(ranks, port)
+        victim = ranks[1]
         killed = time.monotonic()
         victim.kill()
         code = launcher.wait(timeout=120)
@@ -253,6 +273,7 @@ def test_killed_rank_fails_the_job_fast_names_it_and_resume_is_exact(
     assert code != 0, text[-3000:]
     assert seconds_to_fail < 60, seconds_to_fail  # well within comm_timeout_s: a dead peer fails at once
     assert "LostRankError: rank 0: a collective failed" in text and "rank(s) [1] did not report" in text
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     print(f"job ended {seconds_to_fail:.1f} s after kill -9 of rank 1")
 
     root = output / "checkpoints"
