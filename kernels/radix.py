@@ -71,18 +71,33 @@ def refine(
     (already all-reduced) histogram.
 
     histogram: int64 [n_blocks, level_bins(level)], counts of this level's digit among the
-    entries that match each block's prefix. A block resolves early when every entry of the
-    digit's bin is needed: then 'bits >= bin start' selects exactly `remaining` of them.
+    entries that match each block's prefix.
     """
+    # the digit is the largest d with (entries at or above d) >= remaining, i.e. with
+    # (entries below d) <= total - remaining: a search in the cumulative counts (no flips)
+    at_or_below = histogram.cumsum(1)
+    total = at_or_below[:, -1]
+    wanted = (total - state.remaining).unsqueeze(1)
+    digit = torch.searchsorted(at_or_below, wanted, right=True).clamp_(max=histogram.shape[1] - 1)
+    in_bin = histogram.gather(1, digit).squeeze(1)
+    above = total - at_or_below.gather(1, digit).squeeze(1)
+    enter_bin(state, level, digit.squeeze(1), in_bin, above, blocks)
+
+
+def enter_bin(
+    state: RadixState,
+    level: int,
+    digit: torch.Tensor,
+    in_bin: torch.Tensor,
+    above: torch.Tensor,
+    blocks: torch.Tensor | None = None,
+) -> None:
+    """Fix `level`'s digit of every unresolved block (of `blocks`) to `digit`, whose bin holds
+    `in_bin` of the entries matching the prefix and has `above` of them in higher bins (all
+    int64 [n_blocks]): what `refine` does once it has found the bin. A block resolves early when
+    every entry of the bin is needed: then 'bits >= bin start' selects exactly `remaining`."""
     shift, width = LEVELS[level]
     active = state.unresolved if blocks is None else state.unresolved & blocks
-    # at_or_above[b, d] = entries of block b whose digit is >= d
-    at_or_above = histogram.flip(1).cumsum(1).flip(1)
-    enough = at_or_above >= state.remaining.unsqueeze(1)
-    # the largest digit d whose at_or_above still reaches `remaining` (enough is monotone in d)
-    digit = (enough.sum(1) - 1).clamp(min=0)
-    in_bin = histogram.gather(1, digit.unsqueeze(1)).squeeze(1)
-    above = at_or_above.gather(1, digit.unsqueeze(1)).squeeze(1) - in_bin
     needed = state.remaining - above
     new_prefix = (state.prefix << width) | digit
     resolves = active & ((needed == in_bin) | (level == NUM_LEVELS - 1))

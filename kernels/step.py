@@ -28,7 +28,7 @@ import torch
 from .histogram import abs_histogram, deferred_histogram
 from .masked_update import DEFER_SHIFT, DEFERRING_BACKENDS, NO_DEFERRAL, apply_deferred, masked_adamw
 from .moments import HintedCounts, update_moments
-from .radix import LEVELS, RESOLVED, RadixState, level_bins, refine
+from .radix import LEVELS, RESOLVED, RadixState, enter_bin, level_bins, refine
 from .segments import SegmentTable
 
 # Most entries one block may defer: a bin beyond it takes a pass over m instead, so the list never
@@ -174,12 +174,7 @@ def _refine_hinted(
         above, hint_histogram = sum_over_ranks([hinted.above, hinted.histogram])
     in_bin = hint_histogram.sum(1)
     hit = with_hint & (above < radix.remaining) & (radix.remaining <= above + in_bin)
-    # level 0 of a hit block, as a histogram: its bin, and everything above it one bin higher
-    row = torch.arange(table.num_blocks, device=exp_avg.device)
-    known = torch.zeros_like(histogram)
-    known[row, hinted.hint.clamp(min=0)] = in_bin
-    known[row, (hinted.hint + 1).clamp(0, level_bins(0) - 1)] += above
-    refine(radix, known, 0, blocks=hit)
+    enter_bin(radix, 0, hinted.hint.clamp(min=0), in_bin, above, blocks=hit)
     _refine_by_pass(radix, exp_avg, table, 0, with_hint & ~hit, sum_over_ranks, backend)
     refine(radix, hint_histogram, 1, blocks=hit)
     _refine_by_pass(radix, exp_avg, table, 1, radix.unresolved & ~hit, sum_over_ranks, backend)
