@@ -129,7 +129,7 @@ class ForgetAdamW(torch.optim.Optimizer):
         self._discovered = False
         self._layouts: dict[int, ShardLayout] = {}
         self._tables: dict[int, kernels.SegmentTable] = {}
-        self._hints: dict[int, torch.Tensor] = {}  # per shard: topk_adamw_step's threshold hints
+        self._hints: dict[int, kernels.ThresholdHint] = {}  # per shard: topk_adamw_step's threshold hints
         self._dp_group: Any = None
         self._logged_backends: set[str] = set()
 

@@ -11,7 +11,7 @@ from .masked_update import masked_adamw
 from .moments import update_moments
 from .radix import NUM_LEVELS, RadixState, level_bins, refine
 from .segments import DENSE, NO_ROWSCALE, SegmentTable
-from .step import topk_adamw_step
+from .step import ThresholdHint, topk_adamw_step
 
 __all__ = [
     "DENSE",
@@ -19,6 +19,7 @@ __all__ = [
     "NUM_LEVELS",
     "RadixState",
     "SegmentTable",
+    "ThresholdHint",
     "abs_histogram",
     "available_backends",
     "default_backend",

@@ -54,41 +54,46 @@ inline uint32_t abs_bits(float x) {
   return bits & 0x7fffffffu;
 }
 
-// Bit i of the result: bits(|x[i]|) >> shift == prefix, for i < n <= 64 (prefix < 2^31). Adds to
-// *above the entries with bits(|x[i]|) >> shift > prefix when above != nullptr. AVX2: 8 lanes per
-// compare and a movemask, ~0.1 ns per entry; the scalar loop is the same test.
-inline uint64_t match_mask(const float* x, int64_t n, int64_t shift, uint32_t prefix, int64_t* above) {
+// Bit i of the result: first <= bits(|x[i]|) >> shift < first + width, for i < n <= 64 (first +
+// width <= 2^31). Adds to *above the entries with bits(|x[i]|) >> shift >= first + width when
+// above != nullptr. AVX2: 8 lanes per compare and a movemask, ~0.1 ns per entry; the scalar loop is
+// the same test.
+inline uint64_t match_mask(const float* x, int64_t n, int64_t shift, uint32_t first, uint32_t width,
+                           int64_t* above) {
+  const uint32_t end = first + width;
 #if defined(__AVX2__)
   if (n == 64) {
     const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
-    const __m256i wanted = _mm256_set1_epi32(int32_t(prefix));
+    const __m256i before = _mm256_set1_epi32(int32_t(first) - 1);
+    const __m256i last = _mm256_set1_epi32(int32_t(end) - 1);
     const __m128i count = _mm_cvtsi32_si128(int(shift));
-    __m256i greater = _mm256_setzero_si256();  // minus the count per lane
+    __m256i beyond = _mm256_setzero_si256();  // minus the count per lane
     uint64_t hits = 0;
     for (int j = 0; j < 8; ++j) {
       const __m256i bits = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 8 * j)),
                                             magnitude);
-      const __m256i high = _mm256_srl_epi32(bits, count);
-      hits |= uint64_t(uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(high, wanted)))))
-              << (8 * j);
-      greater = _mm256_add_epi32(greater, _mm256_cmpgt_epi32(high, wanted));
+      const __m256i high = _mm256_srl_epi32(bits, count);  // < 2^31: signed compares are exact
+      const __m256i after_last = _mm256_cmpgt_epi32(high, last);
+      const __m256i inside = _mm256_andnot_si256(after_last, _mm256_cmpgt_epi32(high, before));
+      hits |= uint64_t(uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(inside)))) << (8 * j);
+      beyond = _mm256_add_epi32(beyond, after_last);
     }
     if (above != nullptr) {
       alignas(32) int32_t lanes[8];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), greater);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), beyond);
       for (int32_t lane : lanes) *above -= lane;
     }
     return hits;
   }
 #endif
   uint64_t hits = 0;
-  int64_t greater = 0;
+  int64_t beyond = 0;
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t high = abs_bits(x[i]) >> shift;
-    hits |= uint64_t(high == prefix) << i;
-    greater += high > prefix;
+    hits |= uint64_t(high >= first && high < end) << i;
+    beyond += high >= end;
   }
-  if (above != nullptr) *above += greater;
+  if (above != nullptr) *above += beyond;
   return hits;
 }
 
@@ -156,18 +161,31 @@ class LocalHistogram {
     for (; i < n; ++i) ++counts[digits[i]];
   }
 
-  // entries of m[0, n) with bits(|m|) >> high_shift == prefix, counted by (bits >> shift) & (bins - 1);
-  // returns how many were above the prefix instead
-  int64_t count_in_bin(int64_t block, const float* m, int64_t n, int64_t shift, int64_t high_shift,
-                       uint32_t prefix) {
+  // entries of m[0, n) with bits(|m|) >> high_shift == prefix, counted by (bits >> shift) & (bins - 1)
+  void count_in_bin(int64_t block, const float* m, int64_t n, int64_t shift, int64_t high_shift,
+                    uint32_t prefix) {
     switch_to(block);
     const uint32_t mask = uint32_t(bins_ - 1);
+    uint32_t* counts = counts_.data();
+    for (int64_t start = 0; start < n; start += 64) {
+      const float* chunk = m + start;
+      uint64_t hits = match_mask(chunk, std::min<int64_t>(64, n - start), high_shift, prefix, 1, nullptr);
+      for (; hits != 0; hits &= hits - 1) ++counts[(abs_bits(chunk[__builtin_ctzll(hits)]) >> shift) & mask];
+    }
+  }
+
+  // entries of m[0, n) with first <= bits(|m|) >> shift < first + width (width <= bins), counted by
+  // (bits >> shift) - first; returns how many were above the window instead
+  int64_t count_in_window(int64_t block, const float* m, int64_t n, int64_t shift, uint32_t first,
+                          uint32_t width) {
+    switch_to(block);
     uint32_t* counts = counts_.data();
     int64_t above = 0;
     for (int64_t start = 0; start < n; start += 64) {
       const float* chunk = m + start;
-      uint64_t hits = match_mask(chunk, std::min<int64_t>(64, n - start), high_shift, prefix, &above);
-      for (; hits != 0; hits &= hits - 1) ++counts[(abs_bits(chunk[__builtin_ctzll(hits)]) >> shift) & mask];
+      const int64_t size = std::min<int64_t>(64, n - start);
+      uint64_t hits = match_mask(chunk, size, shift, first, width, &above);
+      for (; hits != 0; hits &= hits - 1) ++counts[(abs_bits(chunk[__builtin_ctzll(hits)]) >> shift) - first];
     }
     return above;
   }
@@ -226,19 +244,27 @@ struct HistogramTarget {
   int64_t bins = 0;
 };
 
+// Entries an op left for the caller: shard indices, their blocks, and their m and v.
+struct Deferred {
+  std::vector<int64_t> index, block;
+  std::vector<float> exp_avg, exp_avg_sq;
+
+  void append(const Deferred& more) {
+    index.insert(index.end(), more.index.begin(), more.index.end());
+    block.insert(block.end(), more.block.begin(), more.block.end());
+    exp_avg.insert(exp_avg.end(), more.exp_avg.begin(), more.exp_avg.end());
+    exp_avg_sq.insert(exp_avg_sq.end(), more.exp_avg_sq.begin(), more.exp_avg_sq.end());
+  }
+};
+
 // What one thread's contiguous range of tiles accumulates: its LocalHistograms over the op's
-// (up to two) histograms, and the shard indices (with their blocks) it left for the caller.
+// (up to two) histograms, and the entries it left for the caller.
 struct RangeContext {
   RangeContext(HistogramTarget first, HistogramTarget second)
       : histograms{LocalHistogram(first.shared, first.bins), LocalHistogram(second.shared, second.bins)} {}
 
   LocalHistogram histograms[2];
-  std::vector<int64_t> deferred_index, deferred_block;
-};
-
-// The deferred entries of all ranges, in shard order.
-struct Deferred {
-  std::vector<int64_t> index, block;
+  Deferred deferred;
 };
 
 // Calls body(segment, first, last, context) for every tile [first, last) of shard elements, in
@@ -266,7 +292,7 @@ Deferred for_each_tile(const std::vector<Segment>& segments, const at::Tensor& t
       body(segment, start, stop, context);
     }
     for (LocalHistogram& histogram : context.histograms) histogram.flush();
-    if (!context.deferred_index.empty()) {
+    if (!context.deferred.index.empty()) {
       std::lock_guard<std::mutex> guard(finished_lock);
       finished.emplace_back(begin, std::move(context));
     }
@@ -274,10 +300,7 @@ Deferred for_each_tile(const std::vector<Segment>& segments, const at::Tensor& t
   std::sort(finished.begin(), finished.end(),
             [](const auto& a, const auto& b) { return a.first < b.first; });
   Deferred deferred;
-  for (auto& [begin, context] : finished) {
-    deferred.index.insert(deferred.index.end(), context.deferred_index.begin(), context.deferred_index.end());
-    deferred.block.insert(deferred.block.end(), context.deferred_block.begin(), context.deferred_block.end());
-  }
+  for (auto& [begin, context] : finished) deferred.append(context.deferred);
   return deferred;
 }
 

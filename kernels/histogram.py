@@ -175,7 +175,6 @@ def abs_histogram(
 
 
 def deferred_histogram(
-    exp_avg: torch.Tensor,
     deferred: DeferredEntries,
     prefix: torch.Tensor,
     level: int,
@@ -185,8 +184,7 @@ def deferred_histogram(
     device: the list is short)."""
     if deferred.index.numel() == 0:
         return
-    digit, high = digit_and_prefix(abs_bits(exp_avg[deferred.index]), level)
-    counted = (high == prefix[deferred.block]) & (prefix[deferred.block] != RESOLVED)
-    bins = level_bins(level)
-    flat = deferred.block[counted] * bins + digit[counted]
-    histogram += torch.bincount(flat, minlength=histogram.numel()).view_as(histogram)
+    digit, high = digit_and_prefix(abs_bits(deferred.exp_avg), level)
+    # high >= 0 never equals RESOLVED (-1): resolved blocks count nothing
+    counted = high == prefix.index_select(0, deferred.block)
+    histogram.view(-1).index_add_(0, deferred.block * level_bins(level) + digit, counted.to(histogram.dtype))

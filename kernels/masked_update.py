@@ -41,10 +41,14 @@ NO_DEFERRAL = -1  # defer_prefix of a block that defers nothing
 
 @dataclass(frozen=True)
 class DeferredEntries:
-    """Entries the masked update left untouched: shard indices (ascending) and their blocks."""
+    """Entries the masked update left untouched: shard indices (ascending), their blocks, and
+    their m and v, copied while the update had them in cache (the entries are scattered over the
+    shard: resolving them then reads only p there)."""
 
     index: torch.Tensor
     block: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
 
 
 def _update_entries(
@@ -117,15 +121,13 @@ def masked_adamw_reference(
         return None
     if not deferred_index:
         empty = torch.empty(0, dtype=torch.int64, device=param.device)
-        return DeferredEntries(empty, empty.clone())
+        return DeferredEntries(empty, empty.clone(), exp_avg[empty], exp_avg_sq[empty])
     index, order = torch.cat(deferred_index).sort()
-    return DeferredEntries(index, torch.cat(deferred_block)[order])
+    return DeferredEntries(index, torch.cat(deferred_block)[order], exp_avg[index], exp_avg_sq[index])
 
 
 def apply_deferred(
     param: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
     deferred: DeferredEntries,
     thresholds: torch.Tensor,
     *,
@@ -140,20 +142,19 @@ def apply_deferred(
     the list is short, plain indexing is cheap)."""
     if deferred.index.numel() == 0:
         return
-    index = deferred.index
-    p, m, v = param[index], exp_avg[index], exp_avg_sq[index]
+    p, m = param.index_select(0, deferred.index), deferred.exp_avg
     _update_entries(
         p,
         m,
-        v,
-        abs_bits(m) >= thresholds[deferred.block],
+        deferred.exp_avg_sq,
+        abs_bits(m) >= thresholds.index_select(0, deferred.block),
         step_size=lr / bias_correction1,
         bias_correction2_sqrt=math.sqrt(bias_correction2),
         eps=eps,
         decay=1 - lr * weight_decay,
         decay_selected_only=decay_selected_only,
     )
-    param[index] = p
+    param.index_copy_(0, deferred.index, p)
 
 
 @jit
@@ -225,10 +226,13 @@ CPU_SOURCE = r"""
 namespace dsforget_cpu {
 
 // n elements of one tile; branch-free (selects become blends) so GCC vectorises it. Entries
-// with bits(|m|) >> defer_shift == defer_prefix keep their p (defer_prefix UINT32_MAX: none).
-void masked_adamw_run(float* __restrict p, const float* __restrict m, const float* __restrict v, int64_t n,
-                      uint32_t threshold, uint32_t defer_prefix, int64_t defer_shift, float step_size,
-                      float bias_correction2_sqrt, float eps, float decay_selected, float decay_unselected) {
+// with bits(|m|) >> defer_shift == defer_prefix keep their p (defer_prefix UINT32_MAX: none);
+// returns how many did.
+int64_t masked_adamw_run(float* __restrict p, const float* __restrict m, const float* __restrict v,
+                         int64_t n, uint32_t threshold, uint32_t defer_prefix, int64_t defer_shift,
+                         float step_size, float bias_correction2_sqrt, float eps, float decay_selected,
+                         float decay_unselected) {
+  int32_t deferred = 0;
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t bits = abs_bits(m[i]);
     const bool selected = bits >= threshold;
@@ -236,24 +240,33 @@ void masked_adamw_run(float* __restrict p, const float* __restrict m, const floa
     const float decayed = p[i] * (selected ? decay_selected : decay_unselected);
     // ATen's addcdiv rounding
     const float updated = decayed + (-step_size * (selected ? m[i] : 0.0f)) / denom;
-    p[i] = (bits >> defer_shift) == defer_prefix ? p[i] : updated;
+    const bool defer = (bits >> defer_shift) == defer_prefix;
+    deferred += defer;
+    p[i] = defer ? p[i] : updated;
   }
+  return deferred;
 }
 
-// Appends the shard index (and block) of every entry of m[first, last) with
-// bits(|m|) >> shift == prefix.
-void record_matching(const float* m, int64_t first, int64_t last, int64_t shift, uint32_t prefix,
-                     int64_t block, RangeContext& context) {
+// Deferring tiles run in pieces this long, and only pieces that deferred an entry are searched
+// for it: a deferred bin holds ~1e-4 of a block, so almost every piece skips the search.
+constexpr int64_t kDeferPiece = 1024;
+
+// Appends every entry of [first, last) with bits(|m|) >> shift == prefix to `deferred`.
+void record_matching(const float* m, const float* v, int64_t first, int64_t last, int64_t shift,
+                     uint32_t prefix, int64_t block, Deferred& deferred) {
   for (int64_t start = first; start < last; start += 64) {
-    uint64_t hits = match_mask(m + start, std::min<int64_t>(64, last - start), shift, prefix, nullptr);
+    uint64_t hits = match_mask(m + start, std::min<int64_t>(64, last - start), shift, prefix, 1, nullptr);
     for (; hits != 0; hits &= hits - 1) {
-      context.deferred_index.push_back(start + __builtin_ctzll(hits));
-      context.deferred_block.push_back(block);
+      const int64_t i = start + __builtin_ctzll(hits);
+      deferred.index.push_back(i);
+      deferred.block.push_back(block);
+      deferred.exp_avg.push_back(m[i]);
+      deferred.exp_avg_sq.push_back(v[i]);
     }
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_adamw(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adamw(
     at::Tensor param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, at::TensorList segment_columns,
     const at::Tensor& tile_segment, const at::Tensor& tile_start, int64_t tile_size,
     const at::Tensor& thresholds,
@@ -271,24 +284,29 @@ std::tuple<at::Tensor, at::Tensor> masked_adamw(
     const uint32_t threshold = s.block < 0 ? 0u : uint32_t(threshold_ptr[s.block]);
     const int64_t defer = s.block < 0 || defer_ptr == nullptr ? -1 : defer_ptr[s.block];
     const uint32_t prefix = defer < 0 ? UINT32_MAX : uint32_t(defer);
-    masked_adamw_run(p + first, m + first, v + first, last - first, threshold, prefix, defer_shift,
-                     float(step_size), float(bias_correction2_sqrt), float(eps), float(decay_selected),
-                     float(decay_unselected));
-    if (defer >= 0) record_matching(m, first, last, defer_shift, prefix, s.block, context);
+    const int64_t piece = defer < 0 ? last - first : kDeferPiece;
+    for (int64_t start = first; start < last; start += piece) {
+      const int64_t stop = std::min(start + piece, last);
+      const int64_t deferred = masked_adamw_run(
+          p + start, m + start, v + start, stop - start, threshold, prefix, defer_shift, float(step_size),
+          float(bias_correction2_sqrt), float(eps), float(decay_selected), float(decay_unselected));
+      if (deferred > 0) record_matching(m, v, start, stop, defer_shift, prefix, s.block, context.deferred);
+    }
   });
-  const auto as_tensor = [](const std::vector<int64_t>& values) {
-    at::Tensor out = at::empty({int64_t(values.size())}, at::TensorOptions().dtype(at::kLong));
-    std::copy(values.begin(), values.end(), out.data_ptr<int64_t>());
+  const auto as_tensor = [](const auto& values, at::ScalarType dtype) {
+    at::Tensor out = at::empty({int64_t(values.size())}, at::TensorOptions().dtype(dtype));
+    std::memcpy(out.data_ptr(), values.data(), values.size() * sizeof(values[0]));
     return out;
   };
-  return {as_tensor(deferred.index), as_tensor(deferred.block)};
+  return {as_tensor(deferred.index, at::kLong), as_tensor(deferred.block, at::kLong),
+          as_tensor(deferred.exp_avg, at::kFloat), as_tensor(deferred.exp_avg_sq, at::kFloat)};
 }
 
 TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
   ops.def("masked_adamw(Tensor(a!) param, Tensor exp_avg, Tensor exp_avg_sq, Tensor[] segments, "
           "Tensor tile_segment, Tensor tile_start, int tile_size, Tensor thresholds, Tensor? defer_prefix, "
           "int defer_shift, float step_size, float bias_correction2_sqrt, float eps, float decay_selected, "
-          "float decay_unselected) -> (Tensor, Tensor)",
+          "float decay_unselected) -> (Tensor, Tensor, Tensor, Tensor)",
           &masked_adamw);
 }
 
@@ -306,7 +324,7 @@ def _masked_adamw_cpu(
     scalars: tuple[float, float, float, float, float],
     defer_prefix: torch.Tensor | None,
 ) -> DeferredEntries | None:
-    index, block = cpu_ops().masked_adamw(
+    deferred = cpu_ops().masked_adamw(
         param,
         exp_avg,
         exp_avg_sq,
@@ -319,7 +337,7 @@ def _masked_adamw_cpu(
         DEFER_SHIFT,
         *scalars,
     )
-    return None if defer_prefix is None else DeferredEntries(index, block)
+    return None if defer_prefix is None else DeferredEntries(*deferred)
 
 
 def masked_adamw(

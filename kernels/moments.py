@@ -7,12 +7,14 @@ Per element of every segment (fp32 math, gradient fp32 or bf16):
 and, when `histogram` is given, histogram[block, digit0(|m|)] += 1 for top-k segments,
 which is the first radix-select level fused into the same pass over m.
 
-With `hinted` (HintedCounts), a block with a hint h (the level-0 digit of its previous
-threshold; -1: none) counts instead: above[block] += 1 for entries whose level-0 digit is
-above h, and histogram[block, digit1(|m|)] += 1 for those whose digit is h. Thresholds move
-little between steps, so the new one usually lies in bin h: then these counts fix levels 0 and 1
-at once, and the scatter into 2048 level-0 bins (a quarter of the pass's time on a CPU) and the
-level-1 pass over m are both saved. A block whose threshold left bin h is counted again.
+With `hinted` (HintedCounts), a block with a window [start, start + width) of level-1 prefixes
+p = bits(|m|) >> 10 around where its threshold is expected (start -1: none) counts instead:
+above[block] += 1 for entries with p >= start + width, and histogram[block, p - start] += 1 for
+those inside the window. Thresholds move little and smoothly between steps, so the new one
+usually lies in the window: then these counts fix levels 0 and 1 at once, and the scatter into
+2048 level-0 bins (a quarter of the pass's time on a CPU) and the level-1 pass over m are both
+saved. The window is far narrower than a level-0 bin (0.1-6% of |m| instead of a quarter octave),
+and only its entries are scattered. A block whose threshold left the window is counted again.
 
 One pass moves 20 B per element with an fp32 gradient (read g, m, v; write m, v) and 18 B with
 bf16; the reference's separate ops (cast, scale, lerp, mul, addcmul, abs, shift, bincount) move
@@ -32,6 +34,11 @@ from .radix import LEVELS, abs_bits, digit_and_prefix, level_bins
 from .segments import DENSE, NO_ROWSCALE, SegmentTable
 from .tiles import TileTable, check_block_tensor, check_buffers, segment_columns, tile_table
 
+# The widest window, in level-1 prefixes (bits(|m|) >> 10): 2^20 float ulps, 6-12% of |m| (by
+# where the threshold sits in its octave); the histogram of a window has this many bins.
+HINT_WINDOW = 1024
+HINT_SHIFT = LEVELS[1][0]
+
 # 1024 elements per Triton program: 4 warps x 8 contiguous fp32 per thread, two 16-byte loads.
 TRITON_TILE = 1024
 # 16384 elements per CPU tile: g, m, v of a tile are 192 KiB (fp32), resident in L2 between the
@@ -41,10 +48,12 @@ CPU_TILE = 16384
 
 @dataclass(frozen=True)
 class HintedCounts:
-    """hint: int64 [n_blocks], a level-0 digit or -1; above: int64 [n_blocks] and histogram:
-    int64 [n_blocks, level_bins(1)], accumulated into (callers zero them)."""
+    """start, width: int64 [n_blocks], a block's window of level-1 prefixes (start -1: none;
+    width <= HINT_WINDOW); above: int64 [n_blocks] and histogram: int64 [n_blocks, HINT_WINDOW],
+    accumulated into (callers zero them)."""
 
-    hint: torch.Tensor
+    start: torch.Tensor
+    width: torch.Tensor
     above: torch.Tensor
     histogram: torch.Tensor
 
@@ -66,7 +75,9 @@ def update_moments_reference(
     hinted: HintedCounts | None = None,
 ) -> None:
     """Plain PyTorch, one segment at a time."""
-    hints = hinted.hint.tolist() if hinted is not None else None
+    windows = None
+    if hinted is not None:
+        windows = list(zip(hinted.start.tolist(), hinted.width.tolist(), strict=True))
     for shard_offset, length, param_offset, row_len, block, rowscale_start in table.rows():
         span = slice(shard_offset, shard_offset + length)
         g = grad[span].float()
@@ -78,10 +89,12 @@ def update_moments_reference(
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         if histogram is None or block == DENSE:
             continue
-        if hinted is not None and hints is not None and hints[block] >= 0:
-            digit, high = digit_and_prefix(abs_bits(m), 1)
-            hinted.above[block] += (high > hints[block]).sum()
-            hinted.histogram[block] += torch.bincount(digit[high == hints[block]], minlength=level_bins(1))
+        if hinted is not None and windows is not None and windows[block][0] >= 0:
+            start, width = windows[block]
+            in_window = (abs_bits(m) >> HINT_SHIFT) - start
+            hinted.above[block] += (in_window >= width).sum()
+            inside = in_window[(in_window >= 0) & (in_window < width)]
+            hinted.histogram[block] += torch.bincount(inside, minlength=HINT_WINDOW)
         else:
             digit, _ = digit_and_prefix(abs_bits(m), 0)
             histogram[block] += torch.bincount(digit, minlength=level_bins(0))
@@ -102,17 +115,18 @@ def _update_moments_kernel(
     rowscale_start_ptr,  # [S] int64
     rowscale_ptr,  # [R] fp32
     histogram_ptr,  # [n_blocks, BINS] int64, accumulated into (only read when HISTOGRAM)
-    hint_ptr,  # [n_blocks] int64, HintedCounts.hint (only read when HINT)
+    window_start_ptr,  # [n_blocks] int64, HintedCounts.start (only read when HINT)
+    window_width_ptr,  # [n_blocks] int64, HintedCounts.width (only read when HINT)
     hint_above_ptr,  # [n_blocks] int64, HintedCounts.above, accumulated into
-    hint_histogram_ptr,  # [n_blocks, HINT_BINS] int64, HintedCounts.histogram, accumulated into
+    hint_histogram_ptr,  # [n_blocks, HINT_WINDOW] int64, HintedCounts.histogram, accumulated into
     lerp_weight,  # 1 - beta1 (rounded from double, as the reference's Python scalar)
     beta2,
     one_minus_beta2,  # likewise
     DIGIT_SHIFT: tl.constexpr,  # level-0 digit of |m|: bits >> DIGIT_SHIFT (the top 11 bits)
     BINS: tl.constexpr,
     HISTOGRAM: tl.constexpr,
-    HINT_SHIFT: tl.constexpr,  # level-1 digit: (bits >> HINT_SHIFT) & (HINT_BINS - 1)
-    HINT_BINS: tl.constexpr,
+    HINT_SHIFT: tl.constexpr,  # a window holds the prefixes bits >> HINT_SHIFT from its start on
+    HINT_WINDOW: tl.constexpr,
     HINT: tl.constexpr,
     TILE: tl.constexpr,
 ):
@@ -147,16 +161,16 @@ def _update_moments_kernel(
         bits = tl.abs(exp_avg).to(tl.int32, bitcast=True)
         digit = (bits >> DIGIT_SHIFT) & (BINS - 1)
         ones = tl.full([TILE], 1, tl.int64)
-        hint = tl.load(hint_ptr + tl.maximum(block, 0), mask=HINT & (block >= 0), other=-1)
-        if hint >= 0:
-            hint_digit = (bits >> HINT_SHIFT) & (HINT_BINS - 1)
-            row = tl.maximum(block, 0)
-            tl.atomic_add(
-                hint_histogram_ptr + row * HINT_BINS + hint_digit, ones, mask=counted & (digit == hint)
-            )
-            tl.atomic_add(hint_above_ptr + row, tl.sum((counted & (digit > hint)).to(tl.int64)))
+        row = tl.maximum(block, 0)
+        window_start = tl.load(window_start_ptr + row, mask=HINT & (block >= 0), other=-1)
+        if window_start >= 0:
+            window_width = tl.load(window_width_ptr + row)
+            in_window = (bits >> HINT_SHIFT) - window_start  # [TILE] int64
+            inside = counted & (in_window >= 0) & (in_window < window_width)
+            tl.atomic_add(hint_histogram_ptr + row * HINT_WINDOW + in_window, ones, mask=inside)
+            tl.atomic_add(hint_above_ptr + row, tl.sum((counted & (in_window >= window_width)).to(tl.int64)))
         else:
-            tl.atomic_add(histogram_ptr + tl.maximum(block, 0) * BINS + digit, ones, mask=counted)
+            tl.atomic_add(histogram_ptr + row * BINS + digit, ones, mask=counted)
 
 
 def _update_moments_triton(
@@ -187,7 +201,8 @@ def _update_moments_triton(
         table.rowscale_start,
         addressable(table.rowscale, exp_avg),
         unused if histogram is None else addressable(histogram, unused),
-        unused if hinted is None else addressable(hinted.hint, unused),
+        unused if hinted is None else addressable(hinted.start, unused),
+        unused if hinted is None else addressable(hinted.width, unused),
         unused if hinted is None else addressable(hinted.above, unused),
         unused if hinted is None else addressable(hinted.histogram, unused),
         1 - beta1,
@@ -196,8 +211,8 @@ def _update_moments_triton(
         DIGIT_SHIFT=LEVELS[0][0],
         BINS=level_bins(0),
         HISTOGRAM=histogram is not None,
-        HINT_SHIFT=LEVELS[1][0],
-        HINT_BINS=level_bins(1),
+        HINT_SHIFT=HINT_SHIFT,
+        HINT_WINDOW=HINT_WINDOW,
         HINT=hinted is not None,
         TILE=tiles.tile_size,
         **LAUNCH_OPTIONS,
@@ -252,12 +267,13 @@ void moments_tile(const Grad* grad, float* m, float* v, uint16_t* digits, const 
   }
 }
 
-// A block with a hint h (its previous threshold's level-0 digit) counts, instead of its level-0
-// histogram, the entries above bin h and the level-1 digits of bin h's entries (see moments.py).
+// A block with a window counts, instead of its level-0 histogram, the entries whose prefix
+// bits >> shift lies in [start, start + width), by prefix, and those above it (see moments.py).
 struct HintCounts {
-  const int64_t* hint = nullptr;  // [n_blocks] level-0 digit, or -1 for none
-  int64_t* above = nullptr;  // [n_blocks] entries whose level-0 digit is above the hint
-  int64_t shift = 0;  // level-1 digit: (bits >> shift) & (bins - 1)
+  const int64_t* start = nullptr;  // [n_blocks] the window's first prefix, or -1 for none
+  const int64_t* width = nullptr;  // [n_blocks] at most the histogram's bins
+  int64_t* above = nullptr;  // [n_blocks] entries above the window
+  int64_t shift = 0;
 };
 
 constexpr int64_t kHintPiece = 1024;
@@ -273,16 +289,17 @@ void update_moments_impl(const Grad* grad, float* m, float* v, const std::vector
       moments_tile<Grad, false>(grad, m, v, nullptr, rowscale, s, first, last, c);
       return;
     }
-    const int64_t hint = hints.hint == nullptr ? -1 : hints.hint[s.block];
-    if (hint >= 0) {
+    const int64_t window_start = hints.start == nullptr ? -1 : hints.start[s.block];
+    if (window_start >= 0) {
+      const uint32_t width = uint32_t(hints.width[s.block]);
       // counted in L1-sized pieces right after their moments, so the counting overlaps the
       // stream of the next piece (a whole 64 KiB tile at a time: +30% on the pass)
       int64_t above = 0;
       for (int64_t start = first; start < last; start += kHintPiece) {
         const int64_t stop = std::min(start + kHintPiece, last);
         moments_tile<Grad, false>(grad, m, v, nullptr, rowscale, s, start, stop, c);
-        above += context.histograms[1].count_in_bin(s.block, m + start, stop - start, hints.shift,
-                                                    c.digit_shift, uint32_t(hint));
+        above += context.histograms[1].count_in_window(s.block, m + start, stop - start, hints.shift,
+                                                       uint32_t(window_start), width);
       }
       __atomic_fetch_add(hints.above + s.block, above, __ATOMIC_RELAXED);
       return;
@@ -297,14 +314,18 @@ void update_moments(const at::Tensor& grad, at::Tensor exp_avg, at::Tensor exp_a
                     at::TensorList segment_columns, const at::Tensor& rowscale,
                     const at::Tensor& tile_segment, const at::Tensor& tile_start, int64_t tile_size,
                     const c10::optional<at::Tensor>& histogram, int64_t bins, int64_t shift,
-                    const c10::optional<at::Tensor>& hint, const c10::optional<at::Tensor>& hint_above,
+                    const c10::optional<at::Tensor>& window_start,
+                    const c10::optional<at::Tensor>& window_width,
+                    const c10::optional<at::Tensor>& hint_above,
                     const c10::optional<at::Tensor>& hint_histogram, int64_t hint_bins, int64_t hint_shift,
                     double beta1, double beta2) {
   const std::vector<Segment> segments = gather_segments(segment_columns);
   const HistogramTarget counts{histogram.has_value() ? histogram->data_ptr<int64_t>() : nullptr, bins};
-  const bool hinted = hint.has_value() && hint_above.has_value() && hint_histogram.has_value();
+  const bool hinted = window_start.has_value() && window_width.has_value() && hint_above.has_value() &&
+                      hint_histogram.has_value();
   const HistogramTarget hint_counts{hinted ? hint_histogram->data_ptr<int64_t>() : nullptr, hint_bins};
-  const HintCounts hints{hinted ? hint->data_ptr<int64_t>() : nullptr,
+  const HintCounts hints{hinted ? window_start->data_ptr<int64_t>() : nullptr,
+                         hinted ? window_width->data_ptr<int64_t>() : nullptr,
                          hinted ? hint_above->data_ptr<int64_t>() : nullptr, hint_shift};
   float* m = exp_avg.data_ptr<float>();
   float* v = exp_avg_sq.data_ptr<float>();
@@ -327,7 +348,8 @@ void update_moments(const at::Tensor& grad, at::Tensor exp_avg, at::Tensor exp_a
 TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
   ops.def("update_moments(Tensor grad, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor[] segments, "
           "Tensor rowscale, Tensor tile_segment, Tensor tile_start, int tile_size, Tensor(c!)? histogram, "
-          "int bins, int shift, Tensor? hint, Tensor(d!)? hint_above, Tensor(e!)? hint_histogram, "
+          "int bins, int shift, Tensor? window_start, Tensor? window_width, Tensor(d!)? hint_above, "
+          "Tensor(e!)? hint_histogram, "
           "int hint_bins, int hint_shift, float beta1, float beta2) -> ()",
           &update_moments);
 }
@@ -359,11 +381,12 @@ def _update_moments_cpu(
         histogram,
         level_bins(0),
         LEVELS[0][0],
-        None if hinted is None else hinted.hint,
+        None if hinted is None else hinted.start,
+        None if hinted is None else hinted.width,
         None if hinted is None else hinted.above,
         None if hinted is None else hinted.histogram,
-        level_bins(1),
-        LEVELS[1][0],
+        HINT_WINDOW,
+        HINT_SHIFT,
         beta1,
         beta2,
     )
@@ -407,10 +430,13 @@ def update_moments(
     if histogram is not None:
         check_block_tensor("update_moments", "histogram", histogram, table, exp_avg.device, level_bins(0))
     if hinted is not None:
-        check_block_tensor("update_moments", "hint", hinted.hint, table, exp_avg.device)
+        check_block_tensor("update_moments", "window_start", hinted.start, table, exp_avg.device)
+        check_block_tensor("update_moments", "window_width", hinted.width, table, exp_avg.device)
+        if bool(((hinted.width < 0) | (hinted.width > HINT_WINDOW)).any()):
+            raise ValueError(f"update_moments: window widths must lie in [0, HINT_WINDOW = {HINT_WINDOW}]")
         check_block_tensor("update_moments", "hint_above", hinted.above, table, exp_avg.device)
         check_block_tensor(
-            "update_moments", "hint_histogram", hinted.histogram, table, exp_avg.device, level_bins(1)
+            "update_moments", "hint_histogram", hinted.histogram, table, exp_avg.device, HINT_WINDOW
         )
     launch = _update_moments_cpu if backend == "cpu" else _update_moments_triton
     launch(grad, exp_avg, exp_avg_sq, table, tiles, beta1, beta2, histogram, hinted)

@@ -73,33 +73,39 @@ def refine(
     histogram: int64 [n_blocks, level_bins(level)], counts of this level's digit among the
     entries that match each block's prefix.
     """
-    # the digit is the largest d with (entries at or above d) >= remaining, i.e. with
+    digit, in_bin, above = find_bin(histogram, state.remaining)
+    enter_bin(state, level, (state.prefix << LEVELS[level][1]) | digit, in_bin, above, blocks)
+
+
+def find_bin(histogram: torch.Tensor, remaining: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per row of `histogram` (int64 [n_blocks, bins], bins in increasing order of |m|), the bin
+    that holds the `remaining`-th largest entry, its count, and the count of the bins above it."""
+    # the bin is the largest d with (entries at or above d) >= remaining, i.e. with
     # (entries below d) <= total - remaining: a search in the cumulative counts (no flips)
     at_or_below = histogram.cumsum(1)
     total = at_or_below[:, -1]
-    wanted = (total - state.remaining).unsqueeze(1)
+    wanted = (total - remaining).unsqueeze(1)
     digit = torch.searchsorted(at_or_below, wanted, right=True).clamp_(max=histogram.shape[1] - 1)
     in_bin = histogram.gather(1, digit).squeeze(1)
     above = total - at_or_below.gather(1, digit).squeeze(1)
-    enter_bin(state, level, digit.squeeze(1), in_bin, above, blocks)
+    return digit.squeeze(1), in_bin, above
 
 
 def enter_bin(
     state: RadixState,
     level: int,
-    digit: torch.Tensor,
+    new_prefix: torch.Tensor,
     in_bin: torch.Tensor,
     above: torch.Tensor,
     blocks: torch.Tensor | None = None,
 ) -> None:
-    """Fix `level`'s digit of every unresolved block (of `blocks`) to `digit`, whose bin holds
-    `in_bin` of the entries matching the prefix and has `above` of them in higher bins (all
-    int64 [n_blocks]): what `refine` does once it has found the bin. A block resolves early when
-    every entry of the bin is needed: then 'bits >= bin start' selects exactly `remaining`."""
-    shift, width = LEVELS[level]
+    """Move every unresolved block (of `blocks`) into the bin `new_prefix` (bits >> shift of
+    `level`), which holds `in_bin` of the entries that still count and has `above` of them in
+    higher bins (all int64 [n_blocks]). A block resolves early when every entry of the bin is
+    needed: then 'bits >= bin start' selects exactly `remaining`."""
+    shift, _ = LEVELS[level]
     active = state.unresolved if blocks is None else state.unresolved & blocks
     needed = state.remaining - above
-    new_prefix = (state.prefix << width) | digit
     resolves = active & ((needed == in_bin) | (level == NUM_LEVELS - 1))
     state.threshold = torch.where(resolves, new_prefix << shift, state.threshold)
     state.remaining = torch.where(active & ~resolves, needed, state.remaining)

@@ -5,9 +5,9 @@ below depends only on summed counts, so all ranks take the same branches and cal
 often):
 
 1. `update_moments`: m, v, and counts of |m|: the level-0 histogram, or for a block with a
-   hint (the level-0 digit of its previous threshold) the entries above the hinted bin and the
-   level-1 histogram of the bin (see moments.py);
-2. a block whose threshold stayed in its hinted bin takes levels 0 and 1 from those counts; any
+   hint (a window of level-1 prefixes around where its threshold is expected, see ThresholdHint)
+   the entries above the window and the histogram of the window (see moments.py);
+2. a block whose threshold fell into its window takes levels 0 and 1 from those counts; any
    other block pays a histogram pass over m (`abs_histogram`) for each level it lacks;
 3. a block still unresolved has narrowed its threshold to one level-2 bin (a few entries in 10^5
    of the block). Deferring backends (torch, cpu) update every other entry now and list that
@@ -22,20 +22,22 @@ of three passes over m before the update.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .histogram import abs_histogram, deferred_histogram
 from .masked_update import DEFER_SHIFT, DEFERRING_BACKENDS, NO_DEFERRAL, apply_deferred, masked_adamw
-from .moments import HintedCounts, update_moments
-from .radix import LEVELS, RESOLVED, RadixState, enter_bin, level_bins, refine
+from .moments import HINT_SHIFT, HINT_WINDOW, HintedCounts, update_moments
+from .radix import RESOLVED, RadixState, enter_bin, find_bin, level_bins, refine
 from .segments import SegmentTable
 
+# Half-widths of a hint's window, in level-1 prefixes: at least 32 (0.2-0.4% of |m|), at most
+# what the window's histogram holds.
+MIN_REACH, MAX_REACH = 32, HINT_WINDOW // 2
 # Most entries one block may defer: a bin beyond it takes a pass over m instead, so the list never
 # outgrows 16 level-2 histograms' worth of entries per block (O(blocks x bins), never O(shard)).
 DEFER_LIMIT = 16 * level_bins(2)
-NO_HINT = -1
-HINT_SHIFT = LEVELS[0][0]  # a hint is the level-0 digit of a threshold: threshold >> HINT_SHIFT
 
 SumOverRanks = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
@@ -43,6 +45,37 @@ SumOverRanks = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 def no_reduction(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """`sum_over_ranks` of a single process, or of top-k blocks local to each rank."""
     return tensors
+
+
+@dataclass(frozen=True)
+class ThresholdHint:
+    """What a step tells the next about each block's threshold, in level-1 prefixes
+    (threshold >> HINT_SHIFT; int64 [n_blocks] each).
+
+    prefix: this step's threshold; center: where the next one is expected (this one moved once
+    more by its last move: m drifts smoothly, so do its quantiles); reach: half the width of the
+    window counted around the center, twice the last prediction's error plus MIN_REACH (one
+    that missed by more widens the next window; a steady drift narrows it, and fewer entries
+    are counted).
+    """
+
+    prefix: torch.Tensor
+    center: torch.Tensor
+    reach: torch.Tensor
+
+    @staticmethod
+    def after(threshold: torch.Tensor, previous: ThresholdHint | None) -> ThresholdHint:
+        prefix = threshold >> HINT_SHIFT
+        if previous is None:
+            return ThresholdHint(prefix, prefix, torch.full_like(prefix, MAX_REACH))
+        error = (prefix - previous.center).abs()
+        reach = (2 * error + MIN_REACH).clamp(max=MAX_REACH)
+        return ThresholdHint(prefix, 2 * prefix - previous.prefix, reach)
+
+    def window(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first prefix and the width of each block's window."""
+        start = (self.center - self.reach).clamp(min=0)
+        return start, (self.center + self.reach - start).clamp(min=0)  # empty below prefix 0
 
 
 def topk_adamw_step(
@@ -58,12 +91,12 @@ def topk_adamw_step(
     eps: float,
     weight_decay: float,
     decay_selected_only: bool,
-    hint: torch.Tensor | None = None,
+    hint: ThresholdHint | None = None,
     sum_over_ranks: SumOverRanks = no_reduction,
     backend: str = "torch",
-) -> torch.Tensor:
+) -> ThresholdHint:
     """Update param, exp_avg and exp_avg_sq in place (step = the 1-based step count after this
-    one); returns the hints for the next step (int64 [n_blocks], NO_HINT where a block has none).
+    one); returns the hint for the next step.
 
     hint: the previous call's return value for this table, or None. It changes only the work
     done, never the result, but must be the same on every rank that sums histograms.
@@ -80,15 +113,17 @@ def topk_adamw_step(
     if table.num_blocks == 0:
         update_moments(grad, exp_avg, exp_avg_sq, table, beta1=beta1, beta2=beta2, backend=backend)
         masked_adamw(param, exp_avg, exp_avg_sq, table, table.block_k, backend=backend, **update)
-        return table.block_k.new_full((0,), NO_HINT)
+        return ThresholdHint.after(table.block_k, None)
 
     histogram = exp_avg.new_zeros(table.num_blocks, level_bins(0), dtype=torch.int64)
     hinted = None
     if hint is not None:
+        start, width = hint.window()
         hinted = HintedCounts(
-            hint,
-            torch.zeros_like(hint),
-            exp_avg.new_zeros(table.num_blocks, level_bins(1), dtype=torch.int64),
+            start,
+            width,
+            torch.zeros_like(start),
+            exp_avg.new_zeros(table.num_blocks, HINT_WINDOW, dtype=torch.int64),
         )
     update_moments(
         grad,
@@ -114,7 +149,7 @@ def topk_adamw_step(
     _refine_by_pass(radix, exp_avg, table, 2, open_blocks & ~defer, sum_over_ranks, backend)
     if not bool(defer.any()):
         masked_adamw(param, exp_avg, exp_avg_sq, table, radix.threshold, backend=backend, **update)
-        return radix.threshold >> HINT_SHIFT
+        return ThresholdHint.after(radix.threshold, hint)
 
     # entries above the bin are selected now; the bin's own wait for the exact threshold
     above_bin = (radix.prefix + 1) << DEFER_SHIFT
@@ -130,10 +165,10 @@ def topk_adamw_step(
     )
     assert deferred is not None
     histogram = exp_avg.new_zeros(table.num_blocks, level_bins(2), dtype=torch.int64)
-    deferred_histogram(exp_avg, deferred, torch.where(defer, radix.prefix, RESOLVED), 2, histogram)
+    deferred_histogram(deferred, torch.where(defer, radix.prefix, RESOLVED), 2, histogram)
     refine(radix, sum_over_ranks([histogram])[0], 2, blocks=defer)
-    apply_deferred(param, exp_avg, exp_avg_sq, deferred, radix.threshold, **update)
-    return radix.threshold >> HINT_SHIFT
+    apply_deferred(param, deferred, radix.threshold, **update)
+    return ThresholdHint.after(radix.threshold, hint)
 
 
 def _refine_by_pass(
@@ -164,17 +199,16 @@ def _refine_hinted(
     sum_over_ranks: SumOverRanks,
     backend: str,
 ) -> None:
-    """Levels 0 and 1 from the moments pass's counts: a block whose threshold stayed in its hinted
-    bin takes both from the hinted counts, any other is counted again over m."""
-    with_hint = hinted.hint >= 0
+    """Levels 0 and 1 from the moments pass's counts: a block whose threshold fell into its
+    window takes both from the window's histogram, any other is counted again over m."""
+    with_hint = hinted.start >= 0
     if bool((~with_hint).any()):
-        histogram, above, hint_histogram = sum_over_ranks([histogram, hinted.above, hinted.histogram])
+        histogram, above, in_window = sum_over_ranks([histogram, hinted.above, hinted.histogram])
         refine(radix, histogram, 0, blocks=~with_hint)
     else:  # no block has a level-0 histogram: not worth an all-reduce
-        above, hint_histogram = sum_over_ranks([hinted.above, hinted.histogram])
-    in_bin = hint_histogram.sum(1)
-    hit = with_hint & (above < radix.remaining) & (radix.remaining <= above + in_bin)
-    enter_bin(radix, 0, hinted.hint.clamp(min=0), in_bin, above, blocks=hit)
+        above, in_window = sum_over_ranks([hinted.above, hinted.histogram])
+    hit = with_hint & (above < radix.remaining) & (radix.remaining <= above + in_window.sum(1))
+    offset, in_bin, above_in_window = find_bin(in_window, radix.remaining - above)
+    enter_bin(radix, 1, hinted.start + offset, in_bin, above + above_in_window, blocks=hit)
     _refine_by_pass(radix, exp_avg, table, 0, with_hint & ~hit, sum_over_ranks, backend)
-    refine(radix, hint_histogram, 1, blocks=hit)
     _refine_by_pass(radix, exp_avg, table, 1, radix.unresolved & ~hit, sum_over_ranks, backend)

@@ -29,6 +29,7 @@ from dsforget.kernels import (
     NUM_LEVELS,
     RadixState,
     SegmentTable,
+    ThresholdHint,
     abs_histogram,
     available_backends,
     default_backend,
@@ -41,7 +42,7 @@ from dsforget.kernels import (
 from dsforget.kernels import step as step_op
 from dsforget.kernels._triton import INTERPRET, triton, triton_usable
 from dsforget.kernels.masked_update import DEFERRING_BACKENDS
-from dsforget.kernels.moments import HintedCounts
+from dsforget.kernels.moments import HINT_SHIFT, HINT_WINDOW, HintedCounts
 from dsforget.kernels.radix import LEVELS, RESOLVED, abs_bits, digit_and_prefix
 
 REPO = Path(__file__).resolve().parents[1]
@@ -449,22 +450,26 @@ def test_shard_without_topk_blocks(backend, device, size):
 @pytest.mark.parametrize(("backend", "device", "size"), fused_backends(include_large=True))
 def test_hinted_counts_match_the_backends_own_m(backend, device, size):
     """Catches hinted counting that loses or doubles entries (pieces inside tiles, threads,
-    several segments of one block), counts the wrong bin, counts 'above' with >= instead of >,
-    or still fills the level-0 histogram of a hinted block."""
+    several segments of one block), counts the window one prefix off at either end, counts
+    'above' from inside the window, or still fills the level-0 histogram of a hinted block."""
     shard = build_shard(LAYOUTS[size], device, seed=5)
     state = random_state(shard, seed=6)
     table = shard.table
-    # hint each block with the bin of one of its own entries (a populated bin); block 1 has none
-    hint = torch.full((table.num_blocks,), -1, dtype=torch.int64)
+    # a window around one of each block's own entries (populated); block 1 has none
+    # (widths differ by block, the widest included)
+    start = torch.full((table.num_blocks,), -1, dtype=torch.int64)
+    width = HINT_WINDOW - 3 * torch.arange(table.num_blocks, dtype=torch.int64)
     for shard_offset, length, _, _, block, _ in table.rows():
         if block != DENSE and block != 1 and length > 0:
-            hint[block] = int(abs_bits(state["exp_avg"][shard_offset].reshape(1)).item()) >> LEVELS[0][0]
-    hint = hint.to(device)
+            prefix = int(abs_bits(state["exp_avg"][shard_offset].reshape(1)).item()) >> HINT_SHIFT
+            start[block] = prefix - int(width[block]) // 2
+    start, width = start.to(device), width.to(device)
     histogram = torch.zeros(table.num_blocks, level_bins(0), dtype=torch.int64, device=device)
     hinted = HintedCounts(
-        hint,
-        torch.zeros_like(hint),
-        torch.zeros(table.num_blocks, level_bins(1), dtype=torch.int64, device=device),
+        start,
+        width,
+        torch.zeros_like(start),
+        torch.zeros(table.num_blocks, HINT_WINDOW, dtype=torch.int64, device=device),
     )
     update_moments(
         state["grad"],
@@ -477,24 +482,25 @@ def test_hinted_counts_match_the_backends_own_m(backend, device, size):
         hinted=hinted,
         backend=backend,
     )
-    own_histogram, own_above, own_binned = (
+    own_histogram, own_above, own_window = (
         torch.zeros_like(t) for t in (histogram, hinted.above, hinted.histogram)
     )
-    hints = hint.tolist()
+    starts, widths = start.tolist(), width.tolist()
     for shard_offset, length, _, _, block, _ in table.rows():
         if block == DENSE:
             continue
         bits = abs_bits(state["exp_avg"][shard_offset : shard_offset + length])
-        if hints[block] < 0:
+        if starts[block] < 0:
             own_histogram[block] += torch.bincount(digit_and_prefix(bits, 0)[0], minlength=level_bins(0))
             continue
-        digit, high = digit_and_prefix(bits, 1)
-        own_above[block] += int((high > hints[block]).sum())
-        own_binned[block] += torch.bincount(digit[high == hints[block]], minlength=level_bins(1))
-    assert int(own_binned.sum()) > 0 and int(own_above.sum()) > 0, "the hinted bins must be populated"
+        position = (bits >> HINT_SHIFT) - starts[block]  # in the window: 0 .. width - 1
+        own_above[block] += int((position >= widths[block]).sum())
+        inside = position[(position >= 0) & (position < widths[block])]
+        own_window[block] += torch.bincount(inside, minlength=HINT_WINDOW)
+    assert int(own_window.sum()) > 0 and int(own_above.sum()) > 0, "the windows must be populated"
     assert_bitwise(histogram, own_histogram, "level-0 histogram (unhinted blocks only)")
-    assert_bitwise(hinted.above, own_above, "entries above the hinted bin")
-    assert_bitwise(hinted.histogram, own_binned, "level-1 histogram of the hinted bin")
+    assert_bitwise(hinted.above, own_above, "entries above the window")
+    assert_bitwise(hinted.histogram, own_window, "histogram of the window")
 
 
 def run_ranks(step_on_rank, ranks: int) -> list:
@@ -580,7 +586,11 @@ def test_hinted_deferring_step_equals_the_three_pass_step(backend, device, defer
                 param_offset : param_offset + length
             ].to(device)
     expected = [clone(state) for state in states]
-    hints = [torch.tensor([700, 3], dtype=torch.int64, device=device)] * 2  # wrong on purpose
+    # windows of no threshold
+    wrong = ThresholdHint(
+        *(torch.tensor(v, device=device) for v in ([700 << 10, 3], [700 << 10, 3], [40, 2]))
+    )
+    hints = [wrong] * 2
     hyper = dict(lr=1e-2, betas=(BETA1, BETA2), eps=1e-8, weight_decay=0.1, decay_selected_only=True)
     for step in range(1, 7):
         current_step = step
@@ -628,7 +638,8 @@ def test_hinted_deferring_step_equals_the_three_pass_step(backend, device, defer
                 backend="torch",
             )
         for rank in range(2):
-            assert_bitwise(hints[rank], radix.threshold >> LEVELS[0][0], f"step {step} rank {rank} hints")
+            expected_prefix = radix.threshold >> HINT_SHIFT
+            assert_bitwise(hints[rank].prefix, expected_prefix, f"step {step} rank {rank} hints")
             for name in ("exp_avg", "exp_avg_sq", "param"):
                 assert_close(states[rank][name], expected[rank][name], f"step {step} rank {rank} {name}")
             assert_padding_untouched(states[rank], expected[rank], shards[rank])
@@ -1010,7 +1021,7 @@ def test_triton_kernels_compile_for_h100():
         assert compiled.asm["cubin"], kernel
 
     level0 = dict(DIGIT_SHIFT=LEVELS[0][0], BINS=level_bins(0), TILE=moments_op.TRITON_TILE)
-    hints = dict(HINT_SHIFT=LEVELS[1][0], HINT_BINS=level_bins(1))
+    hints = dict(HINT_SHIFT=HINT_SHIFT, HINT_WINDOW=HINT_WINDOW)
     for grad_type in ("*fp32", "*bf16"):
         for with_histogram, hinted in ((True, True), (True, False), (False, False)):
             constexprs = dict(level0, **hints, HISTOGRAM=with_histogram, HINT=hinted)
