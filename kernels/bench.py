@@ -20,15 +20,18 @@ each segment, the first matrix entering mid-row. Implementations, all on the sam
 Columns: median step time with p20/p80; GB/s counts 28 B per element for every row (read p, g,
 m, v; write p, m, v: the least any Adam-family step moves), so GB/s ranks speed on one scale;
 exact-mode MoFO needs at least 36 B (moments 20, update 16) in a step whose threshold hints
-hit, and 44-48 B when a threshold leaves its hinted bin (extra passes over m), so at most
+hit, and 44-48 B when a threshold leaves its hint's window (extra passes over m), so at most
 28/36 = 78% of AdamW's GB/s at equal efficiency. The timed steps carry their hints from step to
-step as the optimizer does; the state's m drifts towards the fixed gradient, so some steps miss.
-"% copy" relates that to a measured copy (8 B per element). Peak extra memory: on GPU
+step as the optimizer does, and every timed step gets a fresh gradient (drawn untimed; m starts
+stationary, see initial_state), so thresholds jitter as in a long fine-tune. The implementations
+take turns in rounds (run_rounds), so that the ratios hold on a shared machine whose speed
+varies. "% copy" relates that to a measured copy (8 B per element). Peak extra memory: on GPU
 torch.cuda.max_memory_allocated above the live state; on CPU the peak of live torch allocations
 during one step, from the profiler's per-op memory records (allocations inside C++ extensions
-are not seen; dsforget's are 64 KiB of counters and digit scratch per thread, and 16 B per
-deferred entry). Max error: largest |p - p_ref| after one step from the same state; p_ref is
-dsforget-torch (fp32) for the MoFO rows and torch.optim.AdamW(foreach=False) for the dense rows.
+are not seen; dsforget's are 64 KiB of counters and digit scratch per thread, and 24 B per
+deferred entry: index, block, m, v). Max error: largest |p - p_ref| after one step from the same
+state; p_ref is dsforget-torch (fp32) for the MoFO rows and torch.optim.AdamW(foreach=False) for
+the dense rows.
 """
 
 from __future__ import annotations
@@ -54,9 +57,13 @@ from .step import topk_adamw_step
 
 LR, BETA1, BETA2, EPS, WEIGHT_DECAY, FRACTION = 1e-3, 0.9, 0.999, 1e-8, 0.01, 0.15
 FIRST_STEP = 10  # the state has taken 9 steps: bias corrections away from their step-1 extremes
+GRAD_SCALE = 1e-3  # standard deviation of every gradient entry
+GRADIENT_SEEDS = 1000  # the rounds' fresh gradients: not the initial state's seed (0), whose
+# first draws they would repeat, correlated with m
 STEP_BYTES_PER_ELEMENT = 28
 COPY_BYTES_PER_ELEMENT = 8
 PADDING = 5  # elements after each segment, never touched by the MoFO implementations
+ROUNDS = 5  # turns the implementations take (see run_rounds)
 
 Step = Callable[[], None]
 
@@ -102,16 +109,26 @@ def build_shard(numel: int, device: torch.device) -> Shard:
 
 
 def initial_state(numel: int, device: torch.device, seed: int = 0) -> State:
+    """A state as Adam leaves it after many steps of noisy gradients: m drawn from its stationary
+    distribution for i.i.d. N(0, GRAD_SCALE^2) gradients (variance (1 - beta1) / (1 + beta1) of
+    theirs), so that |m|'s quantiles, the thresholds, only jitter from step to step."""
     generator = torch.Generator().manual_seed(seed)
 
     def normal(scale: float) -> torch.Tensor:
         return (torch.randn(numel, generator=generator) * scale).to(device)
 
-    exp_avg = normal(1e-3)
+    exp_avg = normal(GRAD_SCALE * math.sqrt((1 - BETA1) / (1 + BETA1)))
     # v >= m^2, as in training (v averages g^2, m averages g): |m|/sqrt(v) <= 1, no update blows
     # up from an independent, near-zero v
-    exp_avg_sq = exp_avg.square() + normal(1e-3).square_()
-    return State(normal(0.02), normal(1e-3), exp_avg, exp_avg_sq, step=FIRST_STEP - 1)
+    exp_avg_sq = exp_avg.square() + normal(GRAD_SCALE).square_()
+    return State(normal(0.02), normal(GRAD_SCALE), exp_avg, exp_avg_sq, step=FIRST_STEP - 1)
+
+
+def fresh_gradients(state: State, seed: int) -> Callable[[], None]:
+    """Refills state.grad with new noise in place (run between timed steps, untimed): every
+    implementation sees the same sequence for the same seed."""
+    generator = torch.Generator(state.grad.device).manual_seed(seed)
+    return lambda: state.grad.normal_(0.0, GRAD_SCALE, generator=generator)
 
 
 def bias_corrections(step: int) -> tuple[float, float]:
@@ -227,12 +244,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(step: Step, device: torch.device, repeats: int) -> list[float]:
-    """Milliseconds of each of `repeats` steps after one warm-up step."""
+def time_step(
+    step: Step, device: torch.device, repeats: int, between: Callable[[], object] | None = None
+) -> list[float]:
+    """Milliseconds of each of `repeats` steps after one warm-up step; `between` runs untimed
+    before each step."""
     step()
     synchronize(device)
     times = []
     for _ in range(repeats):
+        if between is not None:
+            between()
+            synchronize(device)
         start = time.perf_counter()
         step()
         synchronize(device)
@@ -280,36 +303,60 @@ def quantile(times: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_one(
-    name: str,
-    setup: Callable[[Shard, State], Step],
+def run_rounds(
+    implementations: list[tuple[str, Callable[[Shard, State], Step], torch.Tensor]],
     shard: Shard,
     initial: State,
-    reference: torch.Tensor,
     repeats: int,
-) -> Result:
+) -> list[Result]:
+    """Time `repeats` steps of every implementation, in ROUNDS turns: each turn starts from a
+    fresh copy of the initial state and the implementations take turns, so that a slow spell of
+    a shared machine (other jobs, memory bandwidth lent to other VMs) hits all of them alike and
+    the ratios between them stay meaningful. One copy of the state is alive at a time."""
     device = initial.param.device
-    try:
-        state = initial.clone()
-        step = setup(shard, state)
-        step()
-        synchronize(device)
-        error = (state.param - reference).abs().max().item()
-        times = time_step(step, device, repeats)
-        peak = peak_extra_mb(step, device)
-    except Exception as failure:  # a baseline that cannot build or run here is reported, not fatal
-        message = str(failure).strip().splitlines()
-        return Result(
-            name, status=f"unavailable: {type(failure).__name__}: {message[0] if message else ''}"[:200]
+    per_round = max(1, math.ceil(repeats / ROUNDS))
+    times: dict[str, list[float]] = {name: [] for name, _, _ in implementations}
+    errors: dict[str, float] = {}
+    peaks: dict[str, float] = {}
+    failures: dict[str, str] = {}
+    for round_index in range(ROUNDS):
+        for name, setup, reference in implementations:
+            if name in failures:
+                continue
+            try:
+                state = initial.clone()
+                step = setup(shard, state)
+                if round_index == 0:
+                    step()
+                    synchronize(device)
+                    errors[name] = (state.param - reference).abs().max().item()
+                times[name] += time_step(
+                    step, device, per_round, between=fresh_gradients(state, GRADIENT_SEEDS + round_index)
+                )
+                if round_index == ROUNDS - 1:
+                    peaks[name] = peak_extra_mb(step, device)
+            except Exception as failure:  # a baseline that cannot build or run here is reported, not fatal
+                message = str(failure).strip().splitlines()
+                first_line = message[0] if message else ""
+                failures[name] = f"unavailable: {type(failure).__name__}: {first_line}"[:200]
+            finally:
+                state = step = None  # free this copy before the next implementation's
+    results = []
+    for name, _, _ in implementations:
+        if name in failures:
+            results.append(Result(name, status=failures[name]))
+            continue
+        results.append(
+            Result(
+                name,
+                median_ms=statistics.median(times[name]),
+                p20_ms=quantile(times[name], 0.2),
+                p80_ms=quantile(times[name], 0.8),
+                peak_extra_mb=peaks[name],
+                max_abs_error=errors[name],
+            )
         )
-    return Result(
-        name,
-        median_ms=statistics.median(times),
-        p20_ms=quantile(times, 0.2),
-        p80_ms=quantile(times, 0.8),
-        peak_extra_mb=peak,
-        max_abs_error=error,
-    )
+    return results
 
 
 def reference_param(setup: Callable[[Shard, State], Step], shard: Shard, initial: State) -> torch.Tensor:
@@ -346,8 +393,7 @@ def bench_size(numel: int, device: torch.device, repeats: int) -> tuple[list[Res
             dense_reference,
         ),
     ]
-    results = [run_one(name, setup, shard, initial, ref, repeats) for name, setup, ref in implementations]
-    return results, copy_gb_per_s(numel, device, repeats)
+    return run_rounds(implementations, shard, initial, repeats), copy_gb_per_s(numel, device, repeats)
 
 
 def device_name(device: torch.device) -> str:
@@ -442,8 +488,13 @@ def csv_rows(numel: int, results: list[Result], copy_rate: float, device: str) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", help="comma-separated element counts, K/M/G suffixes allowed (e.g. 1M,4M)")
-    parser.add_argument("--tiny", action="store_true", help="one small size, 2 repeats: a smoke run")
-    parser.add_argument("--repeats", type=int, default=10, help="timed steps per implementation (default 10)")
+    parser.add_argument("--tiny", action="store_true", help="one small size, 1 step a round: a smoke run")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=30,
+        help=f"timed steps per implementation, over {ROUNDS} rounds (default 30)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--csv", help="append one row per result to this CSV file")
     args = parser.parse_args(argv)
@@ -452,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU ops, before it is imported
     sizes = [5003] if args.tiny else [parse_size(s) for s in args.sizes.split(",")] if args.sizes else None
     sizes = sizes or default_sizes(device)
-    repeats = 2 if args.tiny else args.repeats
+    repeats = 1 if args.tiny else args.repeats
     name = device_name(device)
     print(f"# dsforget kernel benchmark: {name}; " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     if device.type == "cpu" and hasattr(os, "getloadavg"):

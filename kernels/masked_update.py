@@ -4,7 +4,8 @@ Per element of every segment:
     selected = block == DENSE  or  bits(|m|) >= threshold[block]
     p *= 1 - lr*wd                     (all entries; only selected ones if decay_selected_only)
     p -= selected * lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
-The formula and its order follow torch.optim.AdamW so fraction 1 reproduces it.
+The formula and its order follow torch.optim.AdamW so fraction 1 reproduces it (the CPU kernel
+multiplies by 1/sqrt(bc2) instead of dividing: within an ulp of the denominator).
 
 One pass moves 16 B per element (read p, m, v; write p) and builds no mask tensor.
 
@@ -232,11 +233,14 @@ int64_t masked_adamw_run(float* __restrict p, const float* __restrict m, const f
                          int64_t n, uint32_t threshold, uint32_t defer_prefix, int64_t defer_shift,
                          float step_size, float bias_correction2_sqrt, float eps, float decay_selected,
                          float decay_unselected) {
+  // a product instead of ATen's division by sqrt(bc2): the divider bounds this loop (sqrt and two
+  // divisions per 8 lanes: 16 Mi on one core 10.2 -> 8.8 ms); denom moves by at most an ulp
+  const float inverse_bias_correction2_sqrt = 1.0f / bias_correction2_sqrt;
   int32_t deferred = 0;
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t bits = abs_bits(m[i]);
     const bool selected = bits >= threshold;
-    const float denom = std::sqrt(v[i]) / bias_correction2_sqrt + eps;
+    const float denom = std::sqrt(v[i]) * inverse_bias_correction2_sqrt + eps;
     const float decayed = p[i] * (selected ? decay_selected : decay_unselected);
     // ATen's addcdiv rounding
     const float updated = decayed + (-step_size * (selected ? m[i] : 0.0f)) / denom;

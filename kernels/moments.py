@@ -87,15 +87,15 @@ def update_moments_reference(
         m, v = exp_avg[span], exp_avg_sq[span]
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        if histogram is None or block == DENSE:
+        if block == DENSE:
             continue
-        if hinted is not None and windows is not None and windows[block][0] >= 0:
+        if windows is not None and hinted is not None and windows[block][0] >= 0:
             start, width = windows[block]
             in_window = (abs_bits(m) >> HINT_SHIFT) - start
             hinted.above[block] += (in_window >= width).sum()
             inside = in_window[(in_window >= 0) & (in_window < width)]
             hinted.histogram[block] += torch.bincount(inside, minlength=HINT_WINDOW)
-        else:
+        elif histogram is not None:
             digit, _ = digit_and_prefix(abs_bits(m), 0)
             histogram[block] += torch.bincount(digit, minlength=level_bins(0))
 
@@ -154,7 +154,7 @@ def _update_moments_kernel(
     exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
     tl.store(exp_avg_ptr + offsets, exp_avg, mask=in_segment)
     tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=in_segment)
-    if HISTOGRAM:
+    if HISTOGRAM or HINT:
         block = tl.load(block_ptr + segment)
         # DENSE segments count nothing: their bound collapses to the tile start.
         counted = offsets < tl.where(block >= 0, segment_end, tile_start)
@@ -169,7 +169,7 @@ def _update_moments_kernel(
             inside = counted & (in_window >= 0) & (in_window < window_width)
             tl.atomic_add(hint_histogram_ptr + row * HINT_WINDOW + in_window, ones, mask=inside)
             tl.atomic_add(hint_above_ptr + row, tl.sum((counted & (in_window >= window_width)).to(tl.int64)))
-        else:
+        elif HISTOGRAM:
             tl.atomic_add(histogram_ptr + row * BINS + digit, ones, mask=counted)
 
 
@@ -285,11 +285,7 @@ void update_moments_impl(const Grad* grad, float* m, float* v, const std::vector
                          const HintCounts& hints, const MomentsConstants& c) {
   for_each_tile(segments, tile_segment, tile_start, tile_size, histogram, hint_histogram,
                 [&](const Segment& s, int64_t first, int64_t last, RangeContext& context) {
-    if (histogram.shared == nullptr || s.block < 0) {
-      moments_tile<Grad, false>(grad, m, v, nullptr, rowscale, s, first, last, c);
-      return;
-    }
-    const int64_t window_start = hints.start == nullptr ? -1 : hints.start[s.block];
+    const int64_t window_start = hints.start == nullptr || s.block < 0 ? -1 : hints.start[s.block];
     if (window_start >= 0) {
       const uint32_t width = uint32_t(hints.width[s.block]);
       // counted in L1-sized pieces right after their moments, so the counting overlaps the
@@ -302,6 +298,10 @@ void update_moments_impl(const Grad* grad, float* m, float* v, const std::vector
                                                        uint32_t(window_start), width);
       }
       __atomic_fetch_add(hints.above + s.block, above, __ATOMIC_RELAXED);
+      return;
+    }
+    if (histogram.shared == nullptr || s.block < 0) {
+      moments_tile<Grad, false>(grad, m, v, nullptr, rowscale, s, first, last, c);
       return;
     }
     uint16_t* digits = context.histograms[0].scratch(last - first);
@@ -408,11 +408,10 @@ def update_moments(
 
     exp_avg, exp_avg_sq: flat fp32 shards, updated in place on segment elements only.
     histogram: int64 [n_blocks, level_bins(0)], accumulated into (callers zero it).
-    hinted: the counts that replace `histogram` for blocks with a hint (only with `histogram`).
+    hinted: the counts that replace `histogram` for blocks with a window (the others count into
+    `histogram`, if given).
     """
     check_backend("update_moments", backend, exp_avg.device)
-    if hinted is not None and histogram is None:
-        raise ValueError("update_moments: hinted counts need the level-0 histogram too")
     if backend == "torch":
         update_moments_reference(
             grad,

@@ -115,33 +115,19 @@ def topk_adamw_step(
         masked_adamw(param, exp_avg, exp_avg_sq, table, table.block_k, backend=backend, **update)
         return ThresholdHint.after(table.block_k, None)
 
-    histogram = exp_avg.new_zeros(table.num_blocks, level_bins(0), dtype=torch.int64)
-    hinted = None
-    if hint is not None:
-        start, width = hint.window()
-        hinted = HintedCounts(
-            start,
-            width,
-            torch.zeros_like(start),
-            exp_avg.new_zeros(table.num_blocks, HINT_WINDOW, dtype=torch.int64),
-        )
-    update_moments(
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        table,
-        beta1=beta1,
-        beta2=beta2,
-        histogram=histogram,
-        hinted=hinted,
-        backend=backend,
-    )
+    moments = {"beta1": beta1, "beta2": beta2, "backend": backend}
     radix = RadixState.start(table.block_k)
-    if hinted is None:
+    if hint is None:
+        histogram = exp_avg.new_zeros(table.num_blocks, level_bins(0), dtype=torch.int64)
+        update_moments(grad, exp_avg, exp_avg_sq, table, histogram=histogram, **moments)
         refine(radix, sum_over_ranks([histogram])[0], 0)
         _refine_by_pass(radix, exp_avg, table, 1, radix.unresolved, sum_over_ranks, backend)
     else:
-        _refine_hinted(radix, histogram, hinted, exp_avg, table, sum_over_ranks, backend)
+        start, width = hint.window()
+        window = exp_avg.new_zeros(table.num_blocks, HINT_WINDOW, dtype=torch.int64)
+        hinted = HintedCounts(start, width, torch.zeros_like(start), window)
+        update_moments(grad, exp_avg, exp_avg_sq, table, hinted=hinted, **moments)
+        _refine_in_window(radix, hinted, exp_avg, table, sum_over_ranks, backend)
     open_blocks = radix.unresolved
     defer = open_blocks & (radix.matching <= DEFER_LIMIT)
     if backend not in DEFERRING_BACKENDS:
@@ -190,25 +176,21 @@ def _refine_by_pass(
     refine(radix, sum_over_ranks([histogram])[0], level, blocks=blocks)
 
 
-def _refine_hinted(
+def _refine_in_window(
     radix: RadixState,
-    histogram: torch.Tensor,
     hinted: HintedCounts,
     exp_avg: torch.Tensor,
     table: SegmentTable,
     sum_over_ranks: SumOverRanks,
     backend: str,
 ) -> None:
-    """Levels 0 and 1 from the moments pass's counts: a block whose threshold fell into its
-    window takes both from the window's histogram, any other is counted again over m."""
-    with_hint = hinted.start >= 0
-    if bool((~with_hint).any()):
-        histogram, above, in_window = sum_over_ranks([histogram, hinted.above, hinted.histogram])
-        refine(radix, histogram, 0, blocks=~with_hint)
-    else:  # no block has a level-0 histogram: not worth an all-reduce
-        above, in_window = sum_over_ranks([hinted.above, hinted.histogram])
-    hit = with_hint & (above < radix.remaining) & (radix.remaining <= above + in_window.sum(1))
+    """Levels 0 and 1 from the moments pass's window counts (every block has a window): a block
+    whose threshold fell into its window takes both from them, any other is counted again over m."""
+    above, in_window = sum_over_ranks([hinted.above, hinted.histogram])
+    hit = (above < radix.remaining) & (radix.remaining <= above + in_window.sum(1))
     offset, in_bin, above_in_window = find_bin(in_window, radix.remaining - above)
     enter_bin(radix, 1, hinted.start + offset, in_bin, above + above_in_window, blocks=hit)
-    _refine_by_pass(radix, exp_avg, table, 0, with_hint & ~hit, sum_over_ranks, backend)
+    if bool(hit.all()):
+        return
+    _refine_by_pass(radix, exp_avg, table, 0, ~hit, sum_over_ranks, backend)
     _refine_by_pass(radix, exp_avg, table, 1, radix.unresolved & ~hit, sum_over_ranks, backend)
