@@ -49,8 +49,8 @@ CPU_TILE = 16384
 @dataclass(frozen=True)
 class HintedCounts:
     """start, width: int64 [n_blocks], a block's window of level-1 prefixes (start -1: none;
-    width <= HINT_WINDOW); above: int64 [n_blocks] and histogram: int64 [n_blocks, HINT_WINDOW],
-    accumulated into (callers zero them)."""
+    widths are clamped to [0, HINT_WINDOW]); above: int64 [n_blocks] and histogram: int64
+    [n_blocks, HINT_WINDOW], accumulated into (callers zero them)."""
 
     start: torch.Tensor
     width: torch.Tensor
@@ -90,7 +90,7 @@ def update_moments_reference(
         if block == DENSE:
             continue
         if windows is not None and hinted is not None and windows[block][0] >= 0:
-            start, width = windows[block]
+            start, width = windows[block][0], min(max(windows[block][1], 0), HINT_WINDOW)
             in_window = (abs_bits(m) >> HINT_SHIFT) - start
             hinted.above[block] += (in_window >= width).sum()
             inside = in_window[(in_window >= 0) & (in_window < width)]
@@ -164,7 +164,7 @@ def _update_moments_kernel(
         row = tl.maximum(block, 0)
         window_start = tl.load(window_start_ptr + row, mask=HINT & (block >= 0), other=-1)
         if window_start >= 0:
-            window_width = tl.load(window_width_ptr + row)
+            window_width = tl.minimum(tl.maximum(tl.load(window_width_ptr + row), 0), HINT_WINDOW)
             in_window = (bits >> HINT_SHIFT) - window_start  # [TILE] int64
             inside = counted & (in_window >= 0) & (in_window < window_width)
             tl.atomic_add(hint_histogram_ptr + row * HINT_WINDOW + in_window, ones, mask=inside)
@@ -274,6 +274,7 @@ struct HintCounts {
   const int64_t* width = nullptr;  // [n_blocks] at most the histogram's bins
   int64_t* above = nullptr;  // [n_blocks] entries above the window
   int64_t shift = 0;
+  int64_t max_width = 0;  // the histogram's bins; wider windows are clamped to it
 };
 
 constexpr int64_t kHintPiece = 1024;
@@ -287,7 +288,7 @@ void update_moments_impl(const Grad* grad, float* m, float* v, const std::vector
                 [&](const Segment& s, int64_t first, int64_t last, RangeContext& context) {
     const int64_t window_start = hints.start == nullptr || s.block < 0 ? -1 : hints.start[s.block];
     if (window_start >= 0) {
-      const uint32_t width = uint32_t(hints.width[s.block]);
+      const uint32_t width = uint32_t(std::clamp<int64_t>(hints.width[s.block], 0, hints.max_width));
       // counted in L1-sized pieces right after their moments, so the counting overlaps the
       // stream of the next piece (a whole 64 KiB tile at a time: +30% on the pass)
       int64_t above = 0;
@@ -326,7 +327,7 @@ void update_moments(const at::Tensor& grad, at::Tensor exp_avg, at::Tensor exp_a
   const HistogramTarget hint_counts{hinted ? hint_histogram->data_ptr<int64_t>() : nullptr, hint_bins};
   const HintCounts hints{hinted ? window_start->data_ptr<int64_t>() : nullptr,
                          hinted ? window_width->data_ptr<int64_t>() : nullptr,
-                         hinted ? hint_above->data_ptr<int64_t>() : nullptr, hint_shift};
+                         hinted ? hint_above->data_ptr<int64_t>() : nullptr, hint_shift, hint_bins};
   float* m = exp_avg.data_ptr<float>();
   float* v = exp_avg_sq.data_ptr<float>();
   // 1 - beta in double, then rounded, like the Python scalars the reference passes to ATen
@@ -431,8 +432,6 @@ def update_moments(
     if hinted is not None:
         check_block_tensor("update_moments", "window_start", hinted.start, table, exp_avg.device)
         check_block_tensor("update_moments", "window_width", hinted.width, table, exp_avg.device)
-        if bool(((hinted.width < 0) | (hinted.width > HINT_WINDOW)).any()):
-            raise ValueError(f"update_moments: window widths must lie in [0, HINT_WINDOW = {HINT_WINDOW}]")
         check_block_tensor("update_moments", "hint_above", hinted.above, table, exp_avg.device)
         check_block_tensor(
             "update_moments", "hint_histogram", hinted.histogram, table, exp_avg.device, HINT_WINDOW
