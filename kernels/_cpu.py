@@ -338,13 +338,13 @@ def cpu_ops() -> Any:
     """torch.ops.dsforget_cpu, building and loading the extension on first call."""
     from torch.utils.cpp_extension import load_inline
 
-    from . import histogram, masked_update, moments
+    from . import histogram, masked_update, moments, radix
 
     isa, flags = _isa_flags()
     try:
         load_inline(
             name=f"dsforget_cpu_{isa}",
-            cpp_sources=[PRELUDE, moments.CPU_SOURCE, histogram.CPU_SOURCE, masked_update.CPU_SOURCE],
+            cpp_sources=[PRELUDE, *(op.CPU_SOURCE for op in (moments, histogram, masked_update, radix))],
             extra_cflags=["-O3", *FP_FLAGS, "-fopenmp", *flags],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,

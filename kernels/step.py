@@ -29,7 +29,7 @@ import torch
 from .histogram import abs_histogram, deferred_histogram
 from .masked_update import DEFER_SHIFT, DEFERRING_BACKENDS, NO_DEFERRAL, apply_deferred, masked_adamw
 from .moments import HINT_SHIFT, HINT_WINDOW, HintedCounts, update_moments
-from .radix import RESOLVED, RadixState, enter_bin, find_bin, level_bins, refine
+from .radix import RESOLVED, RadixState, advance, level_bins, refine
 from .segments import SegmentTable
 
 # Half-widths of a hint's window, in level-1 prefixes: at least 32 (0.2-0.4% of |m|), at most
@@ -120,7 +120,7 @@ def topk_adamw_step(
     if hint is None:
         histogram = exp_avg.new_zeros(table.num_blocks, level_bins(0), dtype=torch.int64)
         update_moments(grad, exp_avg, exp_avg_sq, table, histogram=histogram, **moments)
-        refine(radix, sum_over_ranks([histogram])[0], 0)
+        refine(radix, sum_over_ranks([histogram])[0], 0, backend=backend)
         _refine_by_pass(radix, exp_avg, table, 1, radix.unresolved, sum_over_ranks, backend)
     else:
         start, width = hint.window()
@@ -152,7 +152,7 @@ def topk_adamw_step(
     assert deferred is not None
     histogram = exp_avg.new_zeros(table.num_blocks, level_bins(2), dtype=torch.int64)
     deferred_histogram(deferred, torch.where(defer, radix.prefix, RESOLVED), 2, histogram)
-    refine(radix, sum_over_ranks([histogram])[0], 2, blocks=defer)
+    refine(radix, sum_over_ranks([histogram])[0], 2, blocks=defer, backend=backend)
     apply_deferred(param, deferred, radix.threshold, **update)
     return ThresholdHint.after(radix.threshold, hint)
 
@@ -173,7 +173,7 @@ def _refine_by_pass(
     abs_histogram(
         exp_avg, table, torch.where(blocks, radix.prefix, RESOLVED), level, histogram, backend=backend
     )
-    refine(radix, sum_over_ranks([histogram])[0], level, blocks=blocks)
+    refine(radix, sum_over_ranks([histogram])[0], level, blocks=blocks, backend=backend)
 
 
 def _refine_in_window(
@@ -188,8 +188,7 @@ def _refine_in_window(
     whose threshold fell into its window takes both from them, any other is counted again over m."""
     above, in_window = sum_over_ranks([hinted.above, hinted.histogram])
     hit = (above < radix.remaining) & (radix.remaining <= above + in_window.sum(1))
-    offset, in_bin, above_in_window = find_bin(in_window, radix.remaining - above)
-    enter_bin(radix, 1, hinted.start + offset, in_bin, above + above_in_window, blocks=hit)
+    advance(radix, in_window, 1, hinted.start, above, blocks=hit, backend=backend)
     if bool(hit.all()):
         return
     _refine_by_pass(radix, exp_avg, table, 0, ~hit, sum_over_ranks, backend)

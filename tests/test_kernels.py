@@ -43,7 +43,7 @@ from dsforget.kernels import step as step_op
 from dsforget.kernels._triton import INTERPRET, triton, triton_usable
 from dsforget.kernels.masked_update import DEFERRING_BACKENDS
 from dsforget.kernels.moments import HINT_SHIFT, HINT_WINDOW, HintedCounts
-from dsforget.kernels.radix import LEVELS, RESOLVED, abs_bits, digit_and_prefix
+from dsforget.kernels.radix import LEVELS, RESOLVED, abs_bits, advance, digit_and_prefix
 
 REPO = Path(__file__).resolve().parents[1]
 POISON = (math.nan, 1e30, -1e30)
@@ -223,6 +223,39 @@ UPDATE = {"lr": 1e-2, "bias_correction1": 1 - BETA1**5, "bias_correction2": 1 - 
 
 
 # ------------------------------------------------------------------------------ op tests
+
+
+@pytest.mark.skipif("cpu" not in available_backends(torch.device("cpu")), reason="no C++ compiler")
+def test_radix_advance_cpu_equals_torch():
+    """Catches a C++ bin search that takes the wrong bin at empty bins, at the top or bottom bin,
+    or when fewer entries than wanted exist, a wrong early resolution, blocks outside the mask
+    or already resolved touched, and a window base or skipped count applied wrongly."""
+    generator = torch.Generator().manual_seed(8)
+    outcomes = set()
+    for trial in range(200):
+        n = int(torch.randint(1, 9, (1,), generator=generator))
+        level = trial % NUM_LEVELS
+        bins = level_bins(level)
+        sparse = torch.rand(n, bins, generator=generator) < (0.002 if trial % 3 else 0.05)
+        histogram = torch.randint(1, 4, (n, bins), generator=generator) * sparse
+        wanted = (histogram.sum(1).float() * torch.rand(n, generator=generator) * 1.1).long()
+        skipped = torch.randint(0, 3, (n,), generator=generator)
+        start = RadixState.start(wanted.clamp(min=0) + skipped)
+        start.prefix = torch.randint(-1, 50, (n,), generator=generator)  # -1: resolved already
+        base = torch.randint(0, 1000, (n,), generator=generator)
+        blocks = torch.rand(n, generator=generator) < 0.7 if trial % 2 else None
+        results = []
+        for backend in ("torch", "cpu"):
+            state = RadixState(
+                *(t.clone() for t in (start.prefix, start.remaining, start.threshold, start.matching))
+            )
+            advance(state, histogram, level, base, skipped, blocks, backend=backend)
+            results.append(state)
+        for name in ("prefix", "remaining", "threshold", "matching"):
+            assert_bitwise(getattr(results[1], name), getattr(results[0], name), f"trial {trial} {name}")
+        moved = start.unresolved if blocks is None else start.unresolved & blocks
+        outcomes.update(("resolved" if p == RESOLVED else "open") for p in results[0].prefix[moved].tolist())
+    assert outcomes == {"resolved", "open"}, outcomes
 
 
 @pytest.mark.parametrize("with_histogram", [True, False], ids=["histogram", "no-histogram"])
