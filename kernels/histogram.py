@@ -114,7 +114,26 @@ void abs_histogram(const at::Tensor& exp_avg, at::TensorList segment_columns, co
   });
 }
 
+// deferred_histogram for CPU tensors: entries given by their m and block.
+void deferred_histogram(const at::Tensor& exp_avg, const at::Tensor& block, const at::Tensor& prefix,
+                        at::Tensor histogram, int64_t shift, int64_t bits) {
+  const float* m = exp_avg.data_ptr<float>();
+  const int64_t* blocks = block.data_ptr<int64_t>();
+  const int64_t* prefix_ptr = prefix.data_ptr<int64_t>();
+  int64_t* counts = histogram.data_ptr<int64_t>();
+  const int64_t bins = int64_t(1) << bits;
+  for (int64_t i = 0; i < exp_avg.numel(); ++i) {
+    const uint32_t magnitude = abs_bits(m[i]);
+    // prefix -1 (resolved) never equals the non-negative high bits
+    if (int64_t(magnitude >> (shift + bits)) != prefix_ptr[blocks[i]]) continue;
+    ++counts[blocks[i] * bins + ((magnitude >> shift) & (bins - 1))];
+  }
+}
+
 TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
+  ops.def("deferred_histogram(Tensor exp_avg, Tensor block, Tensor prefix, Tensor(a!) histogram, int shift, "
+          "int bits) -> ()",
+          &deferred_histogram);
   ops.def("abs_histogram(Tensor exp_avg, Tensor[] segments, Tensor tile_segment, Tensor tile_start, "
           "int tile_size, Tensor prefix, Tensor(a!) histogram, int shift, int bits) -> ()",
           &abs_histogram);
@@ -179,10 +198,15 @@ def deferred_histogram(
     prefix: torch.Tensor,
     level: int,
     histogram: torch.Tensor,
+    backend: str = "torch",
 ) -> None:
-    """abs_histogram over the entries `masked_adamw` deferred instead of whole segments (any
-    device: the list is short)."""
+    """abs_histogram over the entries `masked_adamw` deferred instead of whole segments (the list
+    is short: a few torch ops on any device, one C++ loop on the "cpu" backend)."""
     if deferred.index.numel() == 0:
+        return
+    if backend == "cpu":
+        shift, width = LEVELS[level]
+        cpu_ops().deferred_histogram(deferred.exp_avg, deferred.block, prefix, histogram, shift, width)
         return
     digit, high = digit_and_prefix(abs_bits(deferred.exp_avg), level)
     # high >= 0 never equals RESOLVED (-1): resolved blocks count nothing

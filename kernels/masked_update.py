@@ -138,10 +138,31 @@ def apply_deferred(
     eps: float,
     weight_decay: float,
     decay_selected_only: bool,
+    backend: str = "torch",
 ) -> None:
-    """Update the entries `masked_adamw` deferred, now that `thresholds` are exact (any device:
-    the list is short, plain indexing is cheap)."""
+    """Update the entries `masked_adamw` deferred, now that `thresholds` are exact (the list is
+    short: plain indexing on any device, one C++ loop on the "cpu" backend)."""
     if deferred.index.numel() == 0:
+        return
+    step_size, bias_correction2_sqrt, decay = (
+        lr / bias_correction1,
+        math.sqrt(bias_correction2),
+        1 - lr * weight_decay,
+    )
+    if backend == "cpu":
+        cpu_ops().apply_deferred(
+            param,
+            deferred.index,
+            deferred.block,
+            deferred.exp_avg,
+            deferred.exp_avg_sq,
+            thresholds,
+            step_size,
+            bias_correction2_sqrt,
+            eps,
+            decay,
+            1.0 if decay_selected_only else decay,
+        )
         return
     p, m = param.index_select(0, deferred.index), deferred.exp_avg
     _update_entries(
@@ -149,10 +170,10 @@ def apply_deferred(
         m,
         deferred.exp_avg_sq,
         abs_bits(m) >= thresholds.index_select(0, deferred.block),
-        step_size=lr / bias_correction1,
-        bias_correction2_sqrt=math.sqrt(bias_correction2),
+        step_size=step_size,
+        bias_correction2_sqrt=bias_correction2_sqrt,
         eps=eps,
-        decay=1 - lr * weight_decay,
+        decay=decay,
         decay_selected_only=decay_selected_only,
     )
     param.index_copy_(0, deferred.index, p)
@@ -226,24 +247,36 @@ def _masked_adamw_triton(
 CPU_SOURCE = r"""
 namespace dsforget_cpu {
 
-// n elements of one tile; branch-free (selects become blends) so GCC vectorises it. Entries
-// with bits(|m|) >> defer_shift == defer_prefix keep their p (defer_prefix UINT32_MAX: none);
-// returns how many did.
+struct UpdateConstants {
+  float step_size;
+  // a product instead of ATen's division by sqrt(bc2): the divider bounds the update loop (sqrt
+  // and two divisions per 8 lanes: 16 Mi on one core 10.2 -> 8.8 ms); denom moves by <= an ulp
+  float inverse_bias_correction2_sqrt;
+  float eps, decay_selected, decay_unselected;
+};
+
+inline UpdateConstants update_constants(double step_size, double bias_correction2_sqrt, double eps,
+                                        double decay_selected, double decay_unselected) {
+  return {float(step_size), 1.0f / float(bias_correction2_sqrt), float(eps), float(decay_selected),
+          float(decay_unselected)};
+}
+
+// One entry's new p (branch-free: selects become blends when GCC vectorises a loop of it).
+inline float adamw_entry(float p, float m, float v, bool selected, const UpdateConstants& c) {
+  const float denom = std::sqrt(v) * c.inverse_bias_correction2_sqrt + c.eps;
+  const float decayed = p * (selected ? c.decay_selected : c.decay_unselected);
+  return decayed + (-c.step_size * (selected ? m : 0.0f)) / denom;  // ATen's addcdiv rounding
+}
+
+// n elements of one tile. Entries with bits(|m|) >> defer_shift == defer_prefix keep their p
+// (defer_prefix UINT32_MAX: none); returns how many did.
 int64_t masked_adamw_run(float* __restrict p, const float* __restrict m, const float* __restrict v,
                          int64_t n, uint32_t threshold, uint32_t defer_prefix, int64_t defer_shift,
-                         float step_size, float bias_correction2_sqrt, float eps, float decay_selected,
-                         float decay_unselected) {
-  // a product instead of ATen's division by sqrt(bc2): the divider bounds this loop (sqrt and two
-  // divisions per 8 lanes: 16 Mi on one core 10.2 -> 8.8 ms); denom moves by at most an ulp
-  const float inverse_bias_correction2_sqrt = 1.0f / bias_correction2_sqrt;
+                         const UpdateConstants& c) {
   int32_t deferred = 0;
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t bits = abs_bits(m[i]);
-    const bool selected = bits >= threshold;
-    const float denom = std::sqrt(v[i]) * inverse_bias_correction2_sqrt + eps;
-    const float decayed = p[i] * (selected ? decay_selected : decay_unselected);
-    // ATen's addcdiv rounding
-    const float updated = decayed + (-step_size * (selected ? m[i] : 0.0f)) / denom;
+    const float updated = adamw_entry(p[i], m[i], v[i], bits >= threshold, c);
     const bool defer = (bits >> defer_shift) == defer_prefix;
     deferred += defer;
     p[i] = defer ? p[i] : updated;
@@ -282,6 +315,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adamw(
   const float* v = exp_avg_sq.data_ptr<float>();
   const int64_t* threshold_ptr = thresholds.data_ptr<int64_t>();
   const int64_t* defer_ptr = defer_prefix.has_value() ? defer_prefix->data_ptr<int64_t>() : nullptr;
+  const UpdateConstants c =
+      update_constants(step_size, bias_correction2_sqrt, eps, decay_selected, decay_unselected);
   const Deferred deferred = for_each_tile(segments, tile_segment, tile_start, tile_size, {}, {},
                 [&](const Segment& s, int64_t first, int64_t last, RangeContext& context) {
     // DENSE segments get threshold 0, which every bits(|m|) reaches (NaN included).
@@ -291,9 +326,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adamw(
     const int64_t piece = defer < 0 ? last - first : kDeferPiece;
     for (int64_t start = first; start < last; start += piece) {
       const int64_t stop = std::min(start + piece, last);
-      const int64_t deferred = masked_adamw_run(
-          p + start, m + start, v + start, stop - start, threshold, prefix, defer_shift, float(step_size),
-          float(bias_correction2_sqrt), float(eps), float(decay_selected), float(decay_unselected));
+      const int64_t deferred =
+          masked_adamw_run(p + start, m + start, v + start, stop - start, threshold, prefix, defer_shift, c);
       if (deferred > 0) record_matching(m, v, start, stop, defer_shift, prefix, s.block, context.deferred);
     }
   });
@@ -306,7 +340,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adamw(
           as_tensor(deferred.exp_avg, at::kFloat), as_tensor(deferred.exp_avg_sq, at::kFloat)};
 }
 
+// apply_deferred for CPU tensors: the entries' m and v come with the list, p is read at index.
+void apply_deferred(at::Tensor param, const at::Tensor& index, const at::Tensor& block,
+                    const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& thresholds,
+                    double step_size, double bias_correction2_sqrt, double eps, double decay_selected,
+                    double decay_unselected) {
+  const UpdateConstants c =
+      update_constants(step_size, bias_correction2_sqrt, eps, decay_selected, decay_unselected);
+  float* p = param.data_ptr<float>();
+  const int64_t* at = index.data_ptr<int64_t>();
+  const int64_t* blocks = block.data_ptr<int64_t>();
+  const float* m = exp_avg.data_ptr<float>();
+  const float* v = exp_avg_sq.data_ptr<float>();
+  const int64_t* threshold = thresholds.data_ptr<int64_t>();
+  for (int64_t i = 0; i < index.numel(); ++i) {
+    const bool selected = abs_bits(m[i]) >= uint32_t(threshold[blocks[i]]);
+    p[at[i]] = adamw_entry(p[at[i]], m[i], v[i], selected, c);
+  }
+}
+
 TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
+  ops.def("apply_deferred(Tensor(a!) param, Tensor index, Tensor block, Tensor exp_avg, Tensor exp_avg_sq, "
+          "Tensor thresholds, float step_size, float bias_correction2_sqrt, float eps, float decay_selected, "
+          "float decay_unselected) -> ()",
+          &apply_deferred);
   ops.def("masked_adamw(Tensor(a!) param, Tensor exp_avg, Tensor exp_avg_sq, Tensor[] segments, "
           "Tensor tile_segment, Tensor tile_start, int tile_size, Tensor thresholds, Tensor? defer_prefix, "
           "int defer_shift, float step_size, float bias_correction2_sqrt, float eps, float decay_selected, "

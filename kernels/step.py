@@ -151,9 +151,9 @@ def topk_adamw_step(
     )
     assert deferred is not None
     histogram = exp_avg.new_zeros(table.num_blocks, level_bins(2), dtype=torch.int64)
-    deferred_histogram(deferred, torch.where(defer, radix.prefix, RESOLVED), 2, histogram)
+    deferred_histogram(deferred, torch.where(defer, radix.prefix, RESOLVED), 2, histogram, backend=backend)
     refine(radix, sum_over_ranks([histogram])[0], 2, blocks=defer, backend=backend)
-    apply_deferred(param, deferred, radix.threshold, **update)
+    apply_deferred(param, deferred, radix.threshold, backend=backend, **update)
     return ThresholdHint.after(radix.threshold, hint)
 
 
