@@ -211,11 +211,14 @@ class ForgetAdamW(torch.optim.Optimizer):
         name = self._names.get(id(tensor))
         if name is None and not self._discovered:
             # An engine built by plain deepspeed.initialize (HF Trainer, accelerate): find the
-            # layouts from the parameters' partition mappings, once, on every rank alike.
+            # layouts from the parameters' partition mappings, once, on every rank alike (and
+            # unlink DeepSpeed's CPU all-reduce buffers, as dsforget.initialize does).
             from .coordinator import verify_plan_agreement
+            from .distributed import release_shared_memory_names
             from .engine import discover_layouts
 
             self._discovered = True
+            release_shared_memory_names()
             verify_plan_agreement(self.plan)
             layouts, group = discover_layouts(self)
             self.bind(layouts, data_parallel_group=group)

@@ -41,13 +41,17 @@ def run_example(command: list[str], output: Path) -> list[float]:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     found = re.findall(r"^losses every 10 steps: (.*)$", done.stdout, flags=re.M)
     assert found, done.stdout[-2000:]
+    # the MoFO optimizer itself took every step (transformers swaps in its AdamW for an optimizer
+    # passed as Trainer(optimizers=...) under DeepSpeed, and the loss falls all the same)
+    assert re.search(r"^MoFOAdamW steps: 30$", done.stdout, flags=re.M), done.stdout[-2000:]
     return [float(x) for x in found[0].split(", ")]
 
 
 @pytest.mark.distributed
 def test_hf_trainer_example_with_and_without_deepspeed(tmp_path: Path) -> None:
-    """The Trainer builds the DeepSpeed engine itself: ForgetAdamW must find ZeRO-3's partitions on
-    its own (else its first step raises), and training must make progress in both set-ups."""
+    """The Trainer builds the DeepSpeed engine itself: the MoFO optimizer must be the one that steps
+    (not the AdamW transformers builds in its place), must find ZeRO-3's partitions on its own
+    (else its first step raises), and training must make progress in both set-ups."""
     example = "launch/examples/hf_trainer.py"
     plain = run_example([sys.executable, example], tmp_path / "plain")
     launcher = str(Path(sys.executable).with_name("deepspeed"))

@@ -4,7 +4,8 @@
     DS_ACCELERATOR=cpu .venv/bin/deepspeed --num_gpus 2 launch/examples/hf_trainer.py --zero 3   # 2 CPU ranks
     .venv/bin/deepspeed --num_gpus 8 launch/examples/hf_trainer.py --zero 3     # 8 GPUs
 
-Hand the optimizer to the Trainer with ``optimizers=(optimizer, None)``. Under DeepSpeed the
+Use ``dsforget.hf.ForgetTrainer`` with ``make_optimizer=``: under DeepSpeed transformers drops
+an optimizer passed as ``optimizers=(optimizer, None)`` and trains with its own AdamW. The
 Trainer builds the engine itself (through accelerate); ForgetAdamW then finds DeepSpeed's
 partitions from its parameters on its first step, so ZeRO-1/2/3 work unchanged. Pass the
 DeepSpeed config through ``dsforget.engine.prepare_config`` (it allows the client optimizer).
@@ -15,9 +16,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 import dsforget
+from dsforget.hf import ForgetTrainer
 
 
 class CountingSequences(torch.utils.data.Dataset):
@@ -74,14 +76,19 @@ def main() -> None:
         deepspeed=deepspeed_config,
         use_cpu=not torch.cuda.is_available(),
     )
-    optimizer = dsforget.MoFOAdamW(model.named_parameters(), lr=3e-3, fraction=0.15)
-    trainer = Trainer(
-        model=model, args=training, train_dataset=CountingSequences(), optimizers=(optimizer, None)
+    trainer = ForgetTrainer(
+        model=model,
+        args=training,
+        train_dataset=CountingSequences(),
+        make_optimizer=lambda model: dsforget.MoFOAdamW(model.named_parameters(), lr=3e-3, fraction=0.15),
     )
     trainer.train()
     if trainer.is_world_process_zero():
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         print(f"losses every 10 steps: {', '.join(f'{loss:.4f}' for loss in losses)}", flush=True)
+        optimizer = trainer.forget_optimizer
+        steps = max((int(state["step"]) for state in optimizer.state.values()), default=0)
+        print(f"{type(optimizer).__name__} steps: {steps}", flush=True)
 
 
 if __name__ == "__main__":
