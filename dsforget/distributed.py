@@ -111,9 +111,10 @@ def release_shared_memory_names() -> None:
     import deepspeed.comm as dist
     from deepspeed.comm import comm as ds_comm
 
-    backend = ds_comm.cdb
+    if not dist.is_initialized() or getattr(ds_comm.cdb, "shm_comm_op", None) is None:
+        return
     world_size = dist.get_world_size()
-    if getattr(backend, "shm_comm_op", None) is None or world_size < 2:
+    if world_size < 2:
         return
     if int(os.environ.get("LOCAL_SIZE", 0)) != world_size:  # shm.cpp's own test: every rank local
         return

@@ -52,29 +52,67 @@ class DeferredEntries:
     exp_avg_sq: torch.Tensor
 
 
+@dataclass(frozen=True)
+class AdamWScalars:
+    """The scalars of one step's masked AdamW update, as torch.optim.AdamW computes them (in
+    double precision; kernels round them to fp32)."""
+
+    lr: float
+    bias_correction1: float
+    bias_correction2: float
+    eps: float
+    weight_decay: float
+    decay_selected_only: bool = False
+
+    @staticmethod
+    def at_step(
+        step: int,
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        decay_selected_only: bool,
+    ) -> AdamWScalars:
+        """For the 1-based `step` being taken."""
+        beta1, beta2 = betas
+        return AdamWScalars(lr, 1 - beta1**step, 1 - beta2**step, eps, weight_decay, decay_selected_only)
+
+    @property
+    def step_size(self) -> float:
+        return self.lr / self.bias_correction1
+
+    @property
+    def bias_correction2_sqrt(self) -> float:
+        return math.sqrt(self.bias_correction2)
+
+    @property
+    def decay(self) -> float:
+        return 1 - self.lr * self.weight_decay
+
+    @property
+    def decay_unselected(self) -> float:
+        return 1.0 if self.decay_selected_only else self.decay
+
+    def kernel_arguments(self) -> tuple[float, float, float, float, float]:
+        """step_size, bias_correction2_sqrt, eps, decay of selected and of unselected entries."""
+        return self.step_size, self.bias_correction2_sqrt, self.eps, self.decay, self.decay_unselected
+
+
 def _update_entries(
-    p: torch.Tensor,
-    m: torch.Tensor,
-    v: torch.Tensor,
-    selected: torch.Tensor | None,
-    *,
-    step_size: float,
-    bias_correction2_sqrt: float,
-    eps: float,
-    decay: float,
-    decay_selected_only: bool,
+    p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, selected: torch.Tensor | None, scalars: AdamWScalars
 ) -> None:
     """The update of entries p (in place) in the reference's op order; selected None: all of them."""
-    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    denom = (v.sqrt() / scalars.bias_correction2_sqrt).add_(scalars.eps)
     if selected is None:
-        p.mul_(decay)
-        p.addcdiv_(m, denom, value=-step_size)
+        p.mul_(scalars.decay)
+        p.addcdiv_(m, denom, value=-scalars.step_size)
         return
-    if decay_selected_only:
-        p.mul_(torch.where(selected, decay, 1.0))
+    if scalars.decay_selected_only:
+        p.mul_(torch.where(selected, scalars.decay, 1.0))
     else:
-        p.mul_(decay)
-    p.addcdiv_(torch.where(selected, m, 0.0), denom, value=-step_size)
+        p.mul_(scalars.decay)
+    p.addcdiv_(torch.where(selected, m, 0.0), denom, value=-scalars.step_size)
 
 
 def masked_adamw_reference(
@@ -83,22 +121,9 @@ def masked_adamw_reference(
     exp_avg_sq: torch.Tensor,
     table: SegmentTable,
     thresholds: torch.Tensor,
-    *,
-    lr: float,
-    bias_correction1: float,
-    bias_correction2: float,
-    eps: float,
-    weight_decay: float,
-    decay_selected_only: bool,
+    scalars: AdamWScalars,
     defer_prefix: torch.Tensor | None = None,
 ) -> DeferredEntries | None:
-    constants = {
-        "step_size": lr / bias_correction1,
-        "bias_correction2_sqrt": math.sqrt(bias_correction2),
-        "eps": eps,
-        "decay": 1 - lr * weight_decay,
-        "decay_selected_only": decay_selected_only,
-    }
     threshold_list = thresholds.tolist()
     defer_list = defer_prefix.tolist() if defer_prefix is not None else None
     deferred_index, deferred_block = [], []
@@ -106,13 +131,13 @@ def masked_adamw_reference(
         span = slice(shard_offset, shard_offset + length)
         p, m, v = param[span], exp_avg[span], exp_avg_sq[span]
         if block == DENSE:
-            _update_entries(p, m, v, None, **constants)
+            _update_entries(p, m, v, None, scalars)
             continue
         kept = None
         if defer_list is not None and defer_list[block] != NO_DEFERRAL:
             deferred = (abs_bits(m) >> DEFER_SHIFT) == defer_list[block]
             kept = (deferred.nonzero().squeeze(1), p[deferred].clone())
-        _update_entries(p, m, v, abs_bits(m) >= threshold_list[block], **constants)
+        _update_entries(p, m, v, abs_bits(m) >= threshold_list[block], scalars)
         if kept is not None:
             offsets, values = kept
             p[offsets] = values
@@ -131,24 +156,13 @@ def apply_deferred(
     param: torch.Tensor,
     deferred: DeferredEntries,
     thresholds: torch.Tensor,
-    *,
-    lr: float,
-    bias_correction1: float,
-    bias_correction2: float,
-    eps: float,
-    weight_decay: float,
-    decay_selected_only: bool,
+    scalars: AdamWScalars,
     backend: str = "torch",
 ) -> None:
     """Update the entries `masked_adamw` deferred, now that `thresholds` are exact (the list is
     short: plain indexing on any device, one C++ loop on the "cpu" backend)."""
     if deferred.index.numel() == 0:
         return
-    step_size, bias_correction2_sqrt, decay = (
-        lr / bias_correction1,
-        math.sqrt(bias_correction2),
-        1 - lr * weight_decay,
-    )
     if backend == "cpu":
         cpu_ops().apply_deferred(
             param,
@@ -157,25 +171,12 @@ def apply_deferred(
             deferred.exp_avg,
             deferred.exp_avg_sq,
             thresholds,
-            step_size,
-            bias_correction2_sqrt,
-            eps,
-            decay,
-            1.0 if decay_selected_only else decay,
+            *scalars.kernel_arguments(),
         )
         return
     p, m = param.index_select(0, deferred.index), deferred.exp_avg
-    _update_entries(
-        p,
-        m,
-        deferred.exp_avg_sq,
-        abs_bits(m) >= thresholds.index_select(0, deferred.block),
-        step_size=step_size,
-        bias_correction2_sqrt=bias_correction2_sqrt,
-        eps=eps,
-        decay=decay,
-        decay_selected_only=decay_selected_only,
-    )
+    selected = abs_bits(m) >= thresholds.index_select(0, deferred.block)
+    _update_entries(p, m, deferred.exp_avg_sq, selected, scalars)
     param.index_copy_(0, deferred.index, p)
 
 
@@ -224,7 +225,7 @@ def _masked_adamw_triton(
     table: SegmentTable,
     tiles: TileTable,
     thresholds: torch.Tensor,
-    scalars: tuple[float, float, float, float, float],
+    scalars: AdamWScalars,
 ) -> None:
     if tiles.num_tiles == 0:
         return
@@ -238,7 +239,7 @@ def _masked_adamw_triton(
         table.length,
         table.block,
         addressable(thresholds, tiles.tile_start),
-        *scalars,
+        *scalars.kernel_arguments(),
         TILE=tiles.tile_size,
         **LAUNCH_OPTIONS,
     )
@@ -382,7 +383,7 @@ def _masked_adamw_cpu(
     table: SegmentTable,
     tiles: TileTable,
     thresholds: torch.Tensor,
-    scalars: tuple[float, float, float, float, float],
+    scalars: AdamWScalars,
     defer_prefix: torch.Tensor | None,
 ) -> DeferredEntries | None:
     deferred = cpu_ops().masked_adamw(
@@ -396,7 +397,7 @@ def _masked_adamw_cpu(
         addressable(thresholds, tiles.tile_start),
         None if defer_prefix is None else addressable(defer_prefix, tiles.tile_start),
         DEFER_SHIFT,
-        *scalars,
+        *scalars.kernel_arguments(),
     )
     return None if defer_prefix is None else DeferredEntries(*deferred)
 
@@ -407,13 +408,8 @@ def masked_adamw(
     exp_avg_sq: torch.Tensor,
     table: SegmentTable,
     thresholds: torch.Tensor,
+    scalars: AdamWScalars,
     *,
-    lr: float,
-    bias_correction1: float,
-    bias_correction2: float,
-    eps: float,
-    weight_decay: float,
-    decay_selected_only: bool,
     defer_prefix: torch.Tensor | None = None,
     backend: str = "torch",
 ) -> DeferredEntries | None:
@@ -429,34 +425,12 @@ def masked_adamw(
             f"masked_adamw: backend {backend!r} cannot defer entries (use one of {DEFERRING_BACKENDS})"
         )
     if backend == "torch":
-        return masked_adamw_reference(
-            param,
-            exp_avg,
-            exp_avg_sq,
-            table,
-            thresholds,
-            lr=lr,
-            bias_correction1=bias_correction1,
-            bias_correction2=bias_correction2,
-            eps=eps,
-            weight_decay=weight_decay,
-            decay_selected_only=decay_selected_only,
-            defer_prefix=defer_prefix,
-        )
+        return masked_adamw_reference(param, exp_avg, exp_avg_sq, table, thresholds, scalars, defer_prefix)
     tiles = tile_table(table, CPU_TILE if backend == "cpu" else TRITON_TILE)
     check_buffers("masked_adamw", tiles, param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
     check_block_tensor("masked_adamw", "thresholds", thresholds, table, param.device)
     if defer_prefix is not None:
         check_block_tensor("masked_adamw", "defer_prefix", defer_prefix, table, param.device)
-    decay = 1 - lr * weight_decay
-    # the same double-precision scalars as the reference, rounded to fp32 by the kernels
-    scalars = (
-        lr / bias_correction1,
-        math.sqrt(bias_correction2),
-        eps,
-        decay,
-        1.0 if decay_selected_only else decay,
-    )
     if backend == "cpu":
         return _masked_adamw_cpu(param, exp_avg, exp_avg_sq, table, tiles, thresholds, scalars, defer_prefix)
     _masked_adamw_triton(param, exp_avg, exp_avg_sq, table, tiles, thresholds, scalars)

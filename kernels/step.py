@@ -27,7 +27,14 @@ from dataclasses import dataclass
 import torch
 
 from .histogram import abs_histogram, deferred_histogram
-from .masked_update import DEFER_SHIFT, DEFERRING_BACKENDS, NO_DEFERRAL, apply_deferred, masked_adamw
+from .masked_update import (
+    DEFER_SHIFT,
+    DEFERRING_BACKENDS,
+    NO_DEFERRAL,
+    AdamWScalars,
+    apply_deferred,
+    masked_adamw,
+)
 from .moments import HINT_SHIFT, HINT_WINDOW, HintedCounts, update_moments
 from .radix import RESOLVED, RadixState, advance, level_bins, refine
 from .segments import SegmentTable
@@ -102,17 +109,12 @@ def topk_adamw_step(
     done, never the result, but must be the same on every rank that sums histograms.
     """
     beta1, beta2 = betas
-    update = {
-        "lr": lr,
-        "bias_correction1": 1 - beta1**step,
-        "bias_correction2": 1 - beta2**step,
-        "eps": eps,
-        "weight_decay": weight_decay,
-        "decay_selected_only": decay_selected_only,
-    }
+    update = AdamWScalars.at_step(
+        step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_selected_only=decay_selected_only
+    )
     if table.num_blocks == 0:
         update_moments(grad, exp_avg, exp_avg_sq, table, beta1=beta1, beta2=beta2, backend=backend)
-        masked_adamw(param, exp_avg, exp_avg_sq, table, table.block_k, backend=backend, **update)
+        masked_adamw(param, exp_avg, exp_avg_sq, table, table.block_k, update, backend=backend)
         return ThresholdHint.after(table.block_k, None)
 
     moments = {"beta1": beta1, "beta2": beta2, "backend": backend}
@@ -134,7 +136,7 @@ def topk_adamw_step(
         defer = torch.zeros_like(open_blocks)
     _refine_by_pass(radix, exp_avg, table, 2, open_blocks & ~defer, sum_over_ranks, backend)
     if not bool(defer.any()):
-        masked_adamw(param, exp_avg, exp_avg_sq, table, radix.threshold, backend=backend, **update)
+        masked_adamw(param, exp_avg, exp_avg_sq, table, radix.threshold, update, backend=backend)
         return ThresholdHint.after(radix.threshold, hint)
 
     # entries above the bin are selected now; the bin's own wait for the exact threshold
@@ -145,15 +147,15 @@ def topk_adamw_step(
         exp_avg_sq,
         table,
         torch.where(defer, above_bin, radix.threshold),
+        update,
         defer_prefix=torch.where(defer, radix.prefix, NO_DEFERRAL),
         backend=backend,
-        **update,
     )
     assert deferred is not None
     histogram = exp_avg.new_zeros(table.num_blocks, level_bins(2), dtype=torch.int64)
     deferred_histogram(deferred, torch.where(defer, radix.prefix, RESOLVED), 2, histogram, backend=backend)
     refine(radix, sum_over_ranks([histogram])[0], 2, blocks=defer, backend=backend)
-    apply_deferred(param, deferred, radix.threshold, backend=backend, **update)
+    apply_deferred(param, deferred, radix.threshold, update, backend=backend)
     return ThresholdHint.after(radix.threshold, hint)
 
 

@@ -41,7 +41,7 @@ from dsforget.kernels import (
 )
 from dsforget.kernels import step as step_op
 from dsforget.kernels._triton import INTERPRET, triton, triton_usable
-from dsforget.kernels.masked_update import DEFERRING_BACKENDS
+from dsforget.kernels.masked_update import DEFERRING_BACKENDS, AdamWScalars
 from dsforget.kernels.moments import HINT_SHIFT, HINT_WINDOW, HintedCounts
 from dsforget.kernels.radix import LEVELS, RESOLVED, abs_bits, advance, digit_and_prefix
 
@@ -382,7 +382,7 @@ def test_masked_adamw_matches_reference(backend, device, size, weight_decay, dec
     before = random_state(shard, seed=6)
     thresholds = thresholds_with_ties(before, shard)
     expected, actual = clone(before), clone(before)
-    hyper = dict(UPDATE, weight_decay=weight_decay, decay_selected_only=decay_selected_only)
+    scalars = AdamWScalars(**UPDATE, weight_decay=weight_decay, decay_selected_only=decay_selected_only)
     for state, name in ((expected, "torch"), (actual, backend)):
         masked_adamw(
             state["param"],
@@ -390,7 +390,7 @@ def test_masked_adamw_matches_reference(backend, device, size, weight_decay, dec
             state["exp_avg_sq"],
             shard.table,
             thresholds,
-            **hyper,
+            scalars,
             backend=name,
         )
     covered = shard.covered
@@ -440,9 +440,7 @@ def test_nothing_selected_leaves_param_bit_for_bit(backend, device, size):
         after["exp_avg_sq"],
         shard.table,
         thresholds,
-        **UPDATE,
-        weight_decay=0.0,
-        decay_selected_only=False,
+        AdamWScalars(**UPDATE, weight_decay=0.0, decay_selected_only=False),
         backend=backend,
     )
     assert_bitwise(after["param"], before["param"], "param")
@@ -467,9 +465,7 @@ def test_shard_without_topk_blocks(backend, device, size):
             state["exp_avg_sq"],
             shard.table,
             no_blocks,
-            **UPDATE,
-            weight_decay=0.1,
-            decay_selected_only=True,
+            AdamWScalars(**UPDATE, weight_decay=0.1, decay_selected_only=True),
             backend=name,
         )
     for name in ("param", "exp_avg", "exp_avg_sq"):
@@ -662,12 +658,7 @@ def test_hinted_deferring_step_equals_the_three_pass_step(backend, device, defer
                 state["exp_avg_sq"],
                 shard.table,
                 radix.threshold,
-                lr=hyper["lr"],
-                bias_correction1=1 - BETA1**step,
-                bias_correction2=1 - BETA2**step,
-                eps=hyper["eps"],
-                weight_decay=hyper["weight_decay"],
-                decay_selected_only=True,
+                AdamWScalars.at_step(step, **hyper),
                 backend="torch",
             )
         for rank in range(2):
@@ -758,9 +749,7 @@ def test_three_ops_select_exactly_the_per_block_topk(backend, device):
             state["exp_avg_sq"],
             shard.table,
             radix.threshold,
-            **UPDATE,
-            weight_decay=0.0,
-            decay_selected_only=False,
+            AdamWScalars(**UPDATE, weight_decay=0.0, decay_selected_only=False),
             backend=backend,
         )
 
@@ -815,9 +804,7 @@ def test_fraction_one_equals_torch_adamw(backend, device, size):
         state["exp_avg_sq"],
         table,
         radix.threshold,
-        **UPDATE,
-        weight_decay=0.1,
-        decay_selected_only=False,
+        AdamWScalars(**UPDATE, weight_decay=0.1, decay_selected_only=False),
         backend=backend,
     )
     covered = shard.covered
@@ -862,9 +849,7 @@ def test_results_do_not_depend_on_the_layout(backend, device, size):
             exp_avg_sq,
             table,
             thresholds,
-            **UPDATE,
-            weight_decay=0.1,
-            decay_selected_only=False,
+            AdamWScalars(**UPDATE, weight_decay=0.1, decay_selected_only=False),
             backend=backend,
         )
         gather = [
@@ -921,9 +906,7 @@ def test_unknown_or_unusable_backend_is_a_clear_error(op):
             state["exp_avg_sq"],
             shard.table,
             torch.zeros(1, dtype=torch.int64),
-            **UPDATE,
-            weight_decay=0.0,
-            decay_selected_only=False,
+            AdamWScalars(**UPDATE, weight_decay=0.0, decay_selected_only=False),
             backend=backend,
         ),
     }
