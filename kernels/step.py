@@ -59,11 +59,13 @@ class ThresholdHint:
     """What a step tells the next about each block's threshold, in level-1 prefixes
     (threshold >> HINT_SHIFT; int64 [n_blocks] each).
 
-    prefix: this step's threshold; center: where the next one is expected (this one moved once
-    more by its last move: m drifts smoothly, so do its quantiles); reach: half the width of the
-    window counted around the center, twice the last prediction's error plus MIN_REACH (one
-    that missed by more widens the next window; a steady drift narrows it, and fewer entries
-    are counted).
+    prefix: this step's threshold; center: where the next one is expected (this one moved on by
+    half its last move: m drifts smoothly, so do its quantiles, but a block's quantile also
+    jitters, which a full extrapolation would double); reach: half the width of the window
+    counted around the center: three times the last prediction's error plus MIN_REACH, or 7/8
+    of the last reach if that is more (one large error keeps the window wide for a few steps).
+    Measured on a 58 M-parameter Llama's 58 top-k tensors, steps 20-69 with fresh gradients:
+    0 misses (39 with a full extrapolation and twice the last error alone).
     """
 
     prefix: torch.Tensor
@@ -76,8 +78,8 @@ class ThresholdHint:
         if previous is None:
             return ThresholdHint(prefix, prefix, torch.full_like(prefix, MAX_REACH))
         error = (prefix - previous.center).abs()
-        reach = (2 * error + MIN_REACH).clamp(max=MAX_REACH)
-        return ThresholdHint(prefix, 2 * prefix - previous.prefix, reach)
+        reach = torch.maximum(3 * error + MIN_REACH, previous.reach * 7 // 8).clamp_(max=MAX_REACH)
+        return ThresholdHint(prefix, prefix + (prefix - previous.prefix) // 2, reach)
 
     def window(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first prefix and the width of each block's window."""

@@ -1069,3 +1069,22 @@ def test_benchmark_tiny_run(tmp_path):
         assert row["device"] and row["torch"] and row["deepspeed"]
     fused = next(row for row in rows if row["implementation"] == "dsforget-cpu")
     assert fused["status"] == "ok" and float(fused["max_abs_error"]) < 1e-6, fused
+
+
+def test_model_benchmark_tiny_run():
+    """Keeps `python -m dsforget.kernels.bench_model` from rotting: MoFO and torch's fused AdamW
+    step a whole (tiny) Llama's parameters and get a time; baselines that cannot run say why."""
+    result = run_python(["-m", "dsforget.kernels.bench_model", "--tiny"])
+    rows = {
+        cells[0]: cells[1:]
+        for line in result.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith(("| implementation", "| ---"))
+        for cells in [[cell.strip() for cell in line.strip("|").split("|")]]
+    }
+    backend = default_backend(torch.device("cpu"))
+    for name in (f"mofo-{backend}", "torch-adamw-fused"):
+        assert float(rows[name][0]) > 0, result.stdout
+    assert len(rows) == 4 and all(
+        cells[0].replace(".", "", 1).isdigit() or cells[0].startswith("unavailable: ")
+        for cells in rows.values()
+    ), result.stdout
