@@ -81,6 +81,14 @@ def make_optimizers(
     ]
 
 
+def fresh_gradients(params: list[torch.Tensor], generator: torch.Generator) -> None:
+    """New noise in every gradient, in place (before every step, warm-up ones too: a gradient
+    held fixed pulls m, and the thresholds, along until the timed steps start)."""
+    for param in params:
+        param.grad.normal_(0.0, GRAD_SCALE, generator=generator)
+    synchronize(params[0].device)
+
+
 def time_rounds(
     model: torch.nn.Module,
     implementations: list[tuple[str, Callable[[], torch.optim.Optimizer]]],
@@ -101,14 +109,13 @@ def time_rounds(
             optimizer = None
             try:
                 for param in params:
-                    param.grad = torch.empty_like(param).normal_(0.0, GRAD_SCALE, generator=generator)
+                    param.grad = torch.empty_like(param)
                 optimizer = factory()
                 for _ in range(warmup):  # state allocated, kernels built, m past its first steps
+                    fresh_gradients(params, generator)
                     optimizer.step()
                 for _ in range(per_round):
-                    for param in params:
-                        param.grad.normal_(0.0, GRAD_SCALE, generator=generator)
-                    synchronize(device)
+                    fresh_gradients(params, generator)
                     start = time.perf_counter()
                     optimizer.step()
                     synchronize(device)
