@@ -225,14 +225,16 @@ UPDATE = {"lr": 1e-2, "bias_correction1": 1 - BETA1**5, "bias_correction2": 1 - 
 # ------------------------------------------------------------------------------ op tests
 
 
-@pytest.mark.skipif("cpu" not in available_backends(torch.device("cpu")), reason="no C++ compiler")
-def test_radix_advance_cpu_equals_torch():
-    """Catches a C++ bin search that takes the wrong bin at empty bins, at the top or bottom bin,
-    or when fewer entries than wanted exist, a wrong early resolution, blocks outside the mask
-    or already resolved touched, and a window base or skipped count applied wrongly."""
+@pytest.mark.parametrize(
+    ("backend", "device"), [pytest.param(*case.values[:2], id=case.id) for case in fused_backends()]
+)
+def test_radix_advance_matches_torch(backend, device):
+    """Catches a C++ or Triton bin search that takes the wrong bin at empty bins, at the top or
+    bottom bin, or when fewer entries than wanted exist, a wrong early resolution, blocks outside
+    the mask or already resolved touched, and a window base or skipped count applied wrongly."""
     generator = torch.Generator().manual_seed(8)
     outcomes = set()
-    for trial in range(200):
+    for trial in range(200 if backend == "cpu" else 30):  # the Triton interpreter is slow
         n = int(torch.randint(1, 9, (1,), generator=generator))
         level = trial % NUM_LEVELS
         bins = level_bins(level)
@@ -245,12 +247,22 @@ def test_radix_advance_cpu_equals_torch():
         base = torch.randint(0, 1000, (n,), generator=generator)
         blocks = torch.rand(n, generator=generator) < 0.7 if trial % 2 else None
         results = []
-        for backend in ("torch", "cpu"):
-            state = RadixState(
-                *(t.clone() for t in (start.prefix, start.remaining, start.threshold, start.matching))
+        for name in ("torch", backend):
+            tensors = (start.prefix, start.remaining, start.threshold, start.matching)
+            state = RadixState(*(t.clone().to(device) for t in tensors))
+            moved_by = (histogram, base, skipped, blocks)
+            advance(
+                state,
+                *(None if t is None else t.to(device) for t in moved_by[:1]),
+                level,
+                *(None if t is None else t.to(device) for t in moved_by[1:]),
+                backend=name,
             )
-            advance(state, histogram, level, base, skipped, blocks, backend=backend)
-            results.append(state)
+            results.append(
+                RadixState(
+                    *(t.cpu() for t in (state.prefix, state.remaining, state.threshold, state.matching))
+                )
+            )
         for name in ("prefix", "remaining", "threshold", "matching"):
             assert_bitwise(getattr(results[1], name), getattr(results[0], name), f"trial {trial} {name}")
         moved = start.unresolved if blocks is None else start.unresolved & blocks
@@ -1016,6 +1028,7 @@ def test_triton_kernels_compile_for_h100():
     from dsforget.kernels import histogram as histogram_op
     from dsforget.kernels import masked_update as masked_op
     from dsforget.kernels import moments as moments_op
+    from dsforget.kernels import radix as radix_op
     from dsforget.kernels._triton import LAUNCH_OPTIONS
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -1039,7 +1052,7 @@ def test_triton_kernels_compile_for_h100():
     level0 = dict(DIGIT_SHIFT=LEVELS[0][0], BINS=level_bins(0), TILE=moments_op.TRITON_TILE)
     hints = dict(HINT_SHIFT=HINT_SHIFT, HINT_WINDOW=HINT_WINDOW)
     for grad_type in ("*fp32", "*bf16"):
-        for with_histogram, hinted in ((True, True), (True, False), (False, False)):
+        for with_histogram, hinted in ((True, True), (True, False), (False, True), (False, False)):
             constexprs = dict(level0, **hints, HISTOGRAM=with_histogram, HINT=hinted)
             compile_kernel(moments_op._update_moments_kernel, constexprs, grad_type)
     for level, (shift, width) in enumerate(LEVELS):
@@ -1051,6 +1064,12 @@ def test_triton_kernels_compile_for_h100():
         )
         compile_kernel(histogram_op._abs_histogram_kernel, constexprs)
     compile_kernel(masked_op._masked_adamw_kernel, dict(TILE=masked_op.TRITON_TILE))
+    for level, (shift, _) in enumerate(LEVELS):
+        for masked in (False, True):
+            constexprs = dict(
+                BINS=level_bins(level), SHIFT=shift, LAST=level == NUM_LEVELS - 1, MASKED=masked
+            )
+            compile_kernel(radix_op._advance_kernel, constexprs)
 
 
 def test_benchmark_tiny_run(tmp_path):
