@@ -110,16 +110,15 @@ def topk_adamw_step(
     hint: the previous call's return value for this table, or None. It changes only the work
     done, never the result, but must be the same on every rank that sums histograms.
     """
-    beta1, beta2 = betas
     update = AdamWScalars.at_step(
         step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_selected_only=decay_selected_only
     )
+    moments = {"beta1": betas[0], "beta2": betas[1], "backend": backend}
     if table.num_blocks == 0:
-        update_moments(grad, exp_avg, exp_avg_sq, table, beta1=beta1, beta2=beta2, backend=backend)
+        update_moments(grad, exp_avg, exp_avg_sq, table, **moments)
         masked_adamw(param, exp_avg, exp_avg_sq, table, table.block_k, update, backend=backend)
         return ThresholdHint.after(table.block_k, None)
 
-    moments = {"beta1": beta1, "beta2": beta2, "backend": backend}
     radix = RadixState.start(table.block_k)
     if hint is None:
         histogram = exp_avg.new_zeros(table.num_blocks, level_bins(0), dtype=torch.int64)
