@@ -303,44 +303,58 @@ def quantile(times: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def take_turns(
+    names: list[str], run_turn: Callable[[str, int], list[float]]
+) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Times of `run_turn(name, round)` for every implementation over ROUNDS rounds, the
+    implementations taking turns within each round: a slow spell of a shared machine (other
+    jobs, memory bandwidth lent to other VMs) then hits all of them alike and the ratios between
+    them stay meaningful. An implementation that raises is reported (why) and not run again."""
+    times: dict[str, list[float]] = {name: [] for name in names}
+    failures: dict[str, str] = {}
+    for round_index in range(ROUNDS):
+        for name in names:
+            if name in failures:
+                continue
+            try:
+                times[name] += run_turn(name, round_index)
+            except Exception as failure:  # a baseline that cannot build or run here is reported, not fatal
+                message = str(failure).strip().splitlines()
+                first_line = message[0] if message else ""
+                failures[name] = f"unavailable: {type(failure).__name__}: {first_line}"[:200]
+    return times, failures
+
+
 def run_rounds(
     implementations: list[tuple[str, Callable[[Shard, State], Step], torch.Tensor]],
     shard: Shard,
     initial: State,
     repeats: int,
 ) -> list[Result]:
-    """Time `repeats` steps of every implementation, in ROUNDS turns: each turn starts from a
-    fresh copy of the initial state and the implementations take turns, so that a slow spell of
-    a shared machine (other jobs, memory bandwidth lent to other VMs) hits all of them alike and
-    the ratios between them stay meaningful. One copy of the state is alive at a time."""
+    """Time `repeats` steps of every implementation (take_turns); each turn starts from a fresh
+    copy of the initial state, and one copy is alive at a time."""
     device = initial.param.device
     per_round = max(1, math.ceil(repeats / ROUNDS))
-    times: dict[str, list[float]] = {name: [] for name, _, _ in implementations}
+    setups = {name: (setup, reference) for name, setup, reference in implementations}
     errors: dict[str, float] = {}
     peaks: dict[str, float] = {}
-    failures: dict[str, str] = {}
-    for round_index in range(ROUNDS):
-        for name, setup, reference in implementations:
-            if name in failures:
-                continue
-            try:
-                state = initial.clone()
-                step = setup(shard, state)
-                if round_index == 0:
-                    step()
-                    synchronize(device)
-                    errors[name] = (state.param - reference).abs().max().item()
-                times[name] += time_step(
-                    step, device, per_round, between=fresh_gradients(state, GRADIENT_SEEDS + round_index)
-                )
-                if round_index == ROUNDS - 1:
-                    peaks[name] = peak_extra_mb(step, device)
-            except Exception as failure:  # a baseline that cannot build or run here is reported, not fatal
-                message = str(failure).strip().splitlines()
-                first_line = message[0] if message else ""
-                failures[name] = f"unavailable: {type(failure).__name__}: {first_line}"[:200]
-            finally:
-                state = step = None  # free this copy before the next implementation's
+
+    def run_turn(name: str, round_index: int) -> list[float]:
+        setup, reference = setups[name]
+        state = initial.clone()
+        step = setup(shard, state)
+        if round_index == 0:
+            step()
+            synchronize(device)
+            errors[name] = (state.param - reference).abs().max().item()
+        times = time_step(
+            step, device, per_round, between=fresh_gradients(state, GRADIENT_SEEDS + round_index)
+        )
+        if round_index == ROUNDS - 1:
+            peaks[name] = peak_extra_mb(step, device)
+        return times
+
+    times, failures = take_turns(list(setups), run_turn)
     results = []
     for name, _, _ in implementations:
         if name in failures:

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 
 from .backends import default_backend
-from .bench import ROUNDS, device_name, quantile, synchronize, versions
+from .bench import ROUNDS, device_name, quantile, synchronize, take_turns, versions
 
 LR, FRACTION, GRAD_SCALE = 1e-4, 0.15, 1e-3
 
@@ -95,39 +95,31 @@ def time_rounds(
     repeats: int,
     warmup: int,
 ) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Milliseconds per timed step of each implementation, and why any could not run."""
+    """Milliseconds per timed step of each implementation (bench.take_turns: each turn from a new
+    optimizer), and why any could not run."""
     params = list(model.parameters())
     device = params[0].device
     per_round = max(1, -(-repeats // ROUNDS))
-    times: dict[str, list[float]] = {name: [] for name, _ in implementations}
-    failures: dict[str, str] = {}
-    for round_index in range(ROUNDS):
-        for name, factory in implementations:
-            if name in failures:
-                continue
-            generator = torch.Generator(device).manual_seed(1000 + round_index)
-            optimizer = None
-            try:
-                for param in params:
-                    param.grad = torch.empty_like(param)
-                optimizer = factory()
-                for _ in range(warmup):  # state allocated, kernels built, m past its first steps
-                    fresh_gradients(params, generator)
-                    optimizer.step()
-                for _ in range(per_round):
-                    fresh_gradients(params, generator)
-                    start = time.perf_counter()
-                    optimizer.step()
-                    synchronize(device)
-                    times[name].append((time.perf_counter() - start) * 1e3)
-            except Exception as failure:  # a baseline that cannot build or run here is reported
-                message = str(failure).strip().splitlines()
-                failures[name] = f"unavailable: {type(failure).__name__}: {message[0] if message else ''}"[
-                    :200
-                ]
-            finally:
-                del optimizer  # free its state before the next implementation's
-    return times, failures
+    factories = dict(implementations)
+
+    def run_turn(name: str, round_index: int) -> list[float]:
+        generator = torch.Generator(device).manual_seed(1000 + round_index)
+        for param in params:
+            param.grad = torch.empty_like(param)
+        optimizer = factories[name]()
+        for _ in range(warmup):  # state allocated, kernels built, m past its first steps
+            fresh_gradients(params, generator)
+            optimizer.step()
+        times = []
+        for _ in range(per_round):
+            fresh_gradients(params, generator)
+            start = time.perf_counter()
+            optimizer.step()
+            synchronize(device)
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+
+    return take_turns(list(factories), run_turn)
 
 
 def format_table(title: str, times: dict[str, list[float]], failures: dict[str, str]) -> str:
