@@ -6,12 +6,13 @@ package never needs a GPU or Triton.
 """
 
 from .backends import available_backends, default_backend
+from .hints import ThresholdHint
 from .histogram import abs_histogram
 from .masked_update import masked_adamw
 from .moments import update_moments
 from .radix import NUM_LEVELS, RadixState, level_bins, refine
 from .segments import DENSE, NO_ROWSCALE, SegmentTable
-from .step import ThresholdHint, topk_adamw_step
+from .step import topk_adamw_step
 
 __all__ = [
     "DENSE",

@@ -1,7 +1,7 @@
 """The CPU backend's C++ extension, compiled on first use with torch.utils.cpp_extension.
 
 Each op module holds the C++ of its own kernel (`CPU_SOURCE`, registered as
-torch.ops.dsforget_cpu.<op>); this module adds the shared prelude, compiles the three into one
+torch.ops.dsforget_cpu.<op>); this module adds the shared prelude, compiles them into one
 library (about 30 s on 2 cores, once per machine: the build is cached under
 $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and loads it.
 
@@ -338,13 +338,16 @@ def cpu_ops() -> Any:
     """torch.ops.dsforget_cpu, building and loading the extension on first call."""
     from torch.utils.cpp_extension import load_inline
 
-    from . import histogram, masked_update, moments, radix
+    from . import hints, histogram, masked_update, moments, radix
 
     isa, flags = _isa_flags()
     try:
         load_inline(
             name=f"dsforget_cpu_{isa}",
-            cpp_sources=[PRELUDE, *(op.CPU_SOURCE for op in (moments, histogram, masked_update, radix))],
+            cpp_sources=[
+                PRELUDE,
+                *(op.CPU_SOURCE for op in (moments, histogram, masked_update, radix, hints)),
+            ],
             extra_cflags=["-O3", *FP_FLAGS, "-fopenmp", *flags],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,

@@ -53,9 +53,10 @@ class RadixState:
 
     @staticmethod
     def start(block_k: torch.Tensor) -> RadixState:
+        # every move replaces the tensors (never writes into them), so they may be shared
         zeros = torch.zeros_like(block_k)
         return RadixState(
-            prefix=zeros.clone(), remaining=block_k.clone(), threshold=zeros.clone(), matching=zeros - 1
+            prefix=zeros, remaining=block_k, threshold=zeros, matching=torch.full_like(zeros, -1)
         )
 
     @property
@@ -80,6 +81,9 @@ def refine(
     histogram: int64 [n_blocks, level_bins(level)], counts of this level's digit among the
     entries that match each block's prefix.
     """
+    if backend == "cpu":  # base and skipped computed in C++: one op instead of three
+        _advance_cpu(state, histogram, level, None, None, blocks, within_counts=False)
+        return
     base = state.prefix << LEVELS[level][1]
     advance(state, histogram, level, base, torch.zeros_like(base), blocks, backend)
 
@@ -97,8 +101,8 @@ def advance(
     largest entry, from counts of consecutive `level` prefixes (bits >> shift of the level):
     histogram[b, j] counts prefix base[b] + j, and skipped[b] entries lie above all of them.
     `refine` appends a digit (base: prefix << digit bits, nothing skipped); a hint's window
-    starts anywhere. A block resolves early when every entry of its bin is needed: then
-    'bits >= bin start' selects exactly `remaining`.
+    starts anywhere (`advance_within`). A block resolves early when every entry of its bin is
+    needed: then 'bits >= bin start' selects exactly `remaining`.
 
     backend "cpu": one C++ call (~10 us) instead of ~25 small torch ops, which cost 5-10 us
     each right after a pass over the shard has evicted the interpreter's caches; "triton": one
@@ -110,18 +114,7 @@ def advance(
         )
         return
     if backend == "cpu":
-        state.prefix, state.remaining, state.threshold, state.matching = cpu_ops().radix_advance(
-            state.prefix,
-            state.remaining,
-            state.threshold,
-            state.matching,
-            histogram,
-            base,
-            skipped,
-            blocks,
-            LEVELS[level][0],
-            level == NUM_LEVELS - 1,
-        )
+        _advance_cpu(state, histogram, level, base, skipped, blocks, within_counts=False)
         return
     # the bin is the largest j with (entries at or above j) >= wanted, i.e. with
     # (entries below j) <= total - wanted: a search in the cumulative counts (no flips)
@@ -141,6 +134,52 @@ def advance(
     state.remaining = torch.where(continues, needed, state.remaining)
     state.matching = torch.where(continues, in_bin, state.matching)
     state.prefix = torch.where(resolves, RESOLVED, torch.where(active, new_prefix, state.prefix))
+
+
+def advance_within(
+    state: RadixState,
+    histogram: torch.Tensor,
+    level: int,
+    base: torch.Tensor,
+    skipped: torch.Tensor,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """`advance` for the unresolved blocks whose `remaining`-th largest entry lies among the
+    counted ones (skipped < remaining <= skipped + counts); returns the mask of the blocks that
+    moved (bool [n_blocks]; a hint's window: the blocks it hit)."""
+    if backend == "cpu":
+        return _advance_cpu(state, histogram, level, base, skipped, None, within_counts=True)
+    moves = state.unresolved & (skipped < state.remaining) & (state.remaining <= skipped + histogram.sum(1))
+    advance(state, histogram, level, base, skipped, blocks=moves, backend=backend)
+    return moves
+
+
+def _advance_cpu(
+    state: RadixState,
+    histogram: torch.Tensor,
+    level: int,
+    base: torch.Tensor | None,
+    skipped: torch.Tensor | None,
+    blocks: torch.Tensor | None,
+    *,
+    within_counts: bool,
+) -> torch.Tensor:
+    shift, digit_bits = LEVELS[level]
+    state.prefix, state.remaining, state.threshold, state.matching, moved = cpu_ops().radix_advance(
+        state.prefix,
+        state.remaining,
+        state.threshold,
+        state.matching,
+        histogram,
+        base,
+        skipped,
+        blocks,
+        shift,
+        digit_bits,
+        level == NUM_LEVELS - 1,
+        within_counts,
+    )
+    return moved
 
 
 @jit
@@ -228,28 +267,44 @@ CPU_SOURCE = r"""
 namespace dsforget_cpu {
 
 // radix.advance for int64 CPU tensors [n_blocks] (histogram [n_blocks, bins]); returns the new
-// prefix, remaining, threshold and matching.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> radix_advance(
+// prefix, remaining, threshold and matching, and which blocks moved (bool). base None: prefix <<
+// digit_bits (refine); skipped None: 0. within_counts: only blocks whose remaining-th largest
+// entry lies among the counted ones move (a hint's window).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> radix_advance(
     const at::Tensor& prefix, const at::Tensor& remaining, const at::Tensor& threshold,
-    const at::Tensor& matching, const at::Tensor& histogram, const at::Tensor& base,
-    const at::Tensor& skipped, const c10::optional<at::Tensor>& blocks, int64_t shift, bool last_level) {
+    const at::Tensor& matching, const at::Tensor& histogram, const c10::optional<at::Tensor>& base,
+    const c10::optional<at::Tensor>& skipped, const c10::optional<at::Tensor>& blocks, int64_t shift,
+    int64_t digit_bits, bool last_level, bool within_counts) {
   at::Tensor new_prefix = prefix.clone(), new_remaining = remaining.clone();
   at::Tensor new_threshold = threshold.clone(), new_matching = matching.clone();
+  at::Tensor moved = at::zeros({prefix.numel()}, prefix.options().dtype(at::kBool));
   const at::Tensor counts = histogram.contiguous();
   const at::Tensor chosen = blocks.has_value() ? blocks->to(at::kBool).contiguous() : at::Tensor();
+  const at::Tensor bases = base.has_value() ? base->contiguous() : at::Tensor();
+  const at::Tensor skips = skipped.has_value() ? skipped->contiguous() : at::Tensor();
   const int64_t n = prefix.numel(), bins = counts.size(1);
   const int64_t* count = counts.data_ptr<int64_t>();
+  int64_t* p_out = new_prefix.data_ptr<int64_t>();
+  int64_t* left_out = new_remaining.data_ptr<int64_t>();
+  bool* moved_out = moved.data_ptr<bool>();
   for (int64_t b = 0; b < n; ++b) {
-    int64_t& p = new_prefix.data_ptr<int64_t>()[b];
+    int64_t& p = p_out[b];
     if (p == -1 || (chosen.defined() && !chosen.data_ptr<bool>()[b])) continue;
     const int64_t* row = count + b * bins;
-    int64_t& left = new_remaining.data_ptr<int64_t>()[b];
-    const int64_t wanted = left - skipped.data_ptr<int64_t>()[b];
+    const int64_t skip = skips.defined() ? skips.data_ptr<int64_t>()[b] : 0;
+    int64_t& left = left_out[b];
+    if (within_counts) {
+      int64_t total = 0;
+      for (int64_t d = 0; d < bins; ++d) total += row[d];
+      if (left <= skip || left > skip + total) continue;
+    }
+    const int64_t wanted = left - skip;
     int64_t digit = bins - 1, above = 0;  // the top bin, unless a lower one is needed
     while (digit > 0 && above + row[digit] < wanted) above += row[digit--];
-    above += skipped.data_ptr<int64_t>()[b];
+    above += skip;
     const int64_t needed = left - above, in_bin = row[digit];
-    const int64_t entered = base.data_ptr<int64_t>()[b] + digit;
+    const int64_t entered = (bases.defined() ? bases.data_ptr<int64_t>()[b] : p << digit_bits) + digit;
+    moved_out[b] = true;
     if (needed == in_bin || last_level) {
       new_threshold.data_ptr<int64_t>()[b] = entered << shift;
       p = -1;
@@ -259,13 +314,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> radix_advance(
       p = entered;
     }
   }
-  return {new_prefix, new_remaining, new_threshold, new_matching};
+  return {new_prefix, new_remaining, new_threshold, new_matching, moved};
 }
 
 TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
   ops.def("radix_advance(Tensor prefix, Tensor remaining, Tensor threshold, Tensor matching, "
-          "Tensor histogram, Tensor base, Tensor skipped, Tensor? blocks, int shift, bool last_level) -> "
-          "(Tensor, Tensor, Tensor, Tensor)",
+          "Tensor histogram, Tensor? base, Tensor? skipped, Tensor? blocks, int shift, int digit_bits, "
+          "bool last_level, bool within_counts) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
           &radix_advance);
 }
 

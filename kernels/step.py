@@ -22,10 +22,10 @@ of three passes over m before the update.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from .hints import ThresholdHint
 from .histogram import abs_histogram, deferred_histogram
 from .masked_update import (
     DEFER_SHIFT,
@@ -35,13 +35,10 @@ from .masked_update import (
     apply_deferred,
     masked_adamw,
 )
-from .moments import HINT_SHIFT, HINT_WINDOW, HintedCounts, update_moments
-from .radix import RESOLVED, RadixState, advance, level_bins, refine
+from .moments import HINT_WINDOW, HintedCounts, update_moments
+from .radix import RESOLVED, RadixState, advance_within, level_bins, refine
 from .segments import SegmentTable
 
-# Half-widths of a hint's window, in level-1 prefixes: at least 32 (0.2-0.4% of |m|), at most
-# what the window's histogram holds.
-MIN_REACH, MAX_REACH = 32, HINT_WINDOW // 2
 # Most entries one block may defer: a bin beyond it takes a pass over m instead, so the list never
 # outgrows 16 level-2 histograms' worth of entries per block (O(blocks x bins), never O(shard)).
 DEFER_LIMIT = 16 * level_bins(2)
@@ -52,39 +49,6 @@ SumOverRanks = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 def no_reduction(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """`sum_over_ranks` of a single process, or of top-k blocks local to each rank."""
     return tensors
-
-
-@dataclass(frozen=True)
-class ThresholdHint:
-    """What a step tells the next about each block's threshold, in level-1 prefixes
-    (threshold >> HINT_SHIFT; int64 [n_blocks] each).
-
-    prefix: this step's threshold; center: where the next one is expected (this one moved on by
-    half its last move: m drifts smoothly, so do its quantiles, but a block's quantile also
-    jitters, which a full extrapolation would double); reach: half the width of the window
-    counted around the center: three times the last prediction's error plus MIN_REACH, or 7/8
-    of the last reach if that is more (one large error keeps the window wide for a few steps).
-    Measured on a 58 M-parameter Llama's 58 top-k tensors, steps 20-69 with fresh gradients:
-    0 misses (39 with a full extrapolation and twice the last error alone).
-    """
-
-    prefix: torch.Tensor
-    center: torch.Tensor
-    reach: torch.Tensor
-
-    @staticmethod
-    def after(threshold: torch.Tensor, previous: ThresholdHint | None) -> ThresholdHint:
-        prefix = threshold >> HINT_SHIFT
-        if previous is None:
-            return ThresholdHint(prefix, prefix, torch.full_like(prefix, MAX_REACH))
-        error = (prefix - previous.center).abs()
-        reach = torch.maximum(3 * error + MIN_REACH, previous.reach * 7 // 8).clamp_(max=MAX_REACH)
-        return ThresholdHint(prefix, prefix + (prefix - previous.prefix) // 2, reach)
-
-    def window(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first prefix and the width of each block's window."""
-        start = (self.center - self.reach).clamp(min=0)
-        return start, (self.center + self.reach - start).clamp(min=0)  # empty below prefix 0
 
 
 def topk_adamw_step(
@@ -117,7 +81,7 @@ def topk_adamw_step(
     if table.num_blocks == 0:
         update_moments(grad, exp_avg, exp_avg_sq, table, **moments)
         masked_adamw(param, exp_avg, exp_avg_sq, table, table.block_k, update, backend=backend)
-        return ThresholdHint.after(table.block_k, None)
+        return ThresholdHint.after(table.block_k, None, backend)
 
     radix = RadixState.start(table.block_k)
     if hint is None:
@@ -126,9 +90,8 @@ def topk_adamw_step(
         refine(radix, sum_over_ranks([histogram])[0], 0, backend=backend)
         _refine_by_pass(radix, exp_avg, table, 1, radix.unresolved, sum_over_ranks, backend)
     else:
-        start, width = hint.window()
         window = exp_avg.new_zeros(table.num_blocks, HINT_WINDOW, dtype=torch.int64)
-        hinted = HintedCounts(start, width, torch.zeros_like(start), window)
+        hinted = HintedCounts(hint.start, hint.width, torch.zeros_like(hint.start), window)
         update_moments(grad, exp_avg, exp_avg_sq, table, hinted=hinted, **moments)
         _refine_in_window(radix, hinted, exp_avg, table, sum_over_ranks, backend)
     open_blocks = radix.unresolved
@@ -138,7 +101,7 @@ def topk_adamw_step(
     _refine_by_pass(radix, exp_avg, table, 2, open_blocks & ~defer, sum_over_ranks, backend)
     if not bool(defer.any()):
         masked_adamw(param, exp_avg, exp_avg_sq, table, radix.threshold, update, backend=backend)
-        return ThresholdHint.after(radix.threshold, hint)
+        return ThresholdHint.after(radix.threshold, hint, backend)
 
     # entries above the bin are selected now; the bin's own wait for the exact threshold
     above_bin = (radix.prefix + 1) << DEFER_SHIFT
@@ -157,7 +120,7 @@ def topk_adamw_step(
     deferred_histogram(deferred, torch.where(defer, radix.prefix, RESOLVED), 2, histogram, backend=backend)
     refine(radix, sum_over_ranks([histogram])[0], 2, blocks=defer, backend=backend)
     apply_deferred(param, deferred, radix.threshold, update, backend=backend)
-    return ThresholdHint.after(radix.threshold, hint)
+    return ThresholdHint.after(radix.threshold, hint, backend)
 
 
 def _refine_by_pass(
@@ -190,8 +153,7 @@ def _refine_in_window(
     """Levels 0 and 1 from the moments pass's window counts (every block has a window): a block
     whose threshold fell into its window takes both from them, any other is counted again over m."""
     above, in_window = sum_over_ranks([hinted.above, hinted.histogram])
-    hit = (above < radix.remaining) & (radix.remaining <= above + in_window.sum(1))
-    advance(radix, in_window, 1, hinted.start, above, blocks=hit, backend=backend)
+    hit = advance_within(radix, in_window, 1, hinted.start, above, backend=backend)
     if bool(hit.all()):
         return
     _refine_by_pass(radix, exp_avg, table, 0, ~hit, sum_over_ranks, backend)

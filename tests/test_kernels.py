@@ -43,7 +43,7 @@ from dsforget.kernels import step as step_op
 from dsforget.kernels._triton import INTERPRET, triton, triton_usable
 from dsforget.kernels.masked_update import DEFERRING_BACKENDS, AdamWScalars
 from dsforget.kernels.moments import HINT_SHIFT, HINT_WINDOW, HintedCounts
-from dsforget.kernels.radix import LEVELS, RESOLVED, abs_bits, advance, digit_and_prefix
+from dsforget.kernels.radix import LEVELS, RESOLVED, abs_bits, advance, advance_within, digit_and_prefix
 
 REPO = Path(__file__).resolve().parents[1]
 POISON = (math.nan, 1e30, -1e30)
@@ -231,7 +231,8 @@ UPDATE = {"lr": 1e-2, "bias_correction1": 1 - BETA1**5, "bias_correction2": 1 - 
 def test_radix_advance_matches_torch(backend, device):
     """Catches a C++ or Triton bin search that takes the wrong bin at empty bins, at the top or
     bottom bin, or when fewer entries than wanted exist, a wrong early resolution, blocks outside
-    the mask or already resolved touched, and a window base or skipped count applied wrongly."""
+    the mask or already resolved touched, a window base or skipped count applied wrongly, a
+    refine that derives the wrong base, and a window that claims (or misses) the wrong blocks."""
     generator = torch.Generator().manual_seed(8)
     outcomes = set()
     for trial in range(200 if backend == "cpu" else 30):  # the Triton interpreter is slow
@@ -246,28 +247,58 @@ def test_radix_advance_matches_torch(backend, device):
         start.prefix = torch.randint(-1, 50, (n,), generator=generator)  # -1: resolved already
         base = torch.randint(0, 1000, (n,), generator=generator)
         blocks = torch.rand(n, generator=generator) < 0.7 if trial % 2 else None
-        results = []
+        variant = ("advance", "within", "refine")[trial // NUM_LEVELS % 3]
+        results, moved_masks = [], []
         for name in ("torch", backend):
             tensors = (start.prefix, start.remaining, start.threshold, start.matching)
             state = RadixState(*(t.clone().to(device) for t in tensors))
-            moved_by = (histogram, base, skipped, blocks)
-            advance(
-                state,
-                *(None if t is None else t.to(device) for t in moved_by[:1]),
-                level,
-                *(None if t is None else t.to(device) for t in moved_by[1:]),
-                backend=name,
-            )
+            on_device = [None if t is None else t.to(device) for t in (histogram, base, skipped, blocks)]
+            if variant == "advance":
+                advance(state, on_device[0], level, *on_device[1:], backend=name)
+            elif variant == "within":
+                moved_masks.append(
+                    advance_within(state, on_device[0], level, *on_device[1:3], backend=name).cpu()
+                )
+            else:
+                refine(state, on_device[0], level, blocks=on_device[3], backend=name)
             results.append(
                 RadixState(
                     *(t.cpu() for t in (state.prefix, state.remaining, state.threshold, state.matching))
                 )
             )
         for name in ("prefix", "remaining", "threshold", "matching"):
-            assert_bitwise(getattr(results[1], name), getattr(results[0], name), f"trial {trial} {name}")
+            assert_bitwise(
+                getattr(results[1], name), getattr(results[0], name), f"trial {trial} {variant} {name}"
+            )
+        if variant == "within":
+            assert_bitwise(moved_masks[1], moved_masks[0], f"trial {trial} moved blocks")
+            outcomes.update(("hit" if hit else "miss") for hit in moved_masks[0][start.unresolved].tolist())
+            continue
         moved = start.unresolved if blocks is None else start.unresolved & blocks
         outcomes.update(("resolved" if p == RESOLVED else "open") for p in results[0].prefix[moved].tolist())
-    assert outcomes == {"resolved", "open"}, outcomes
+    assert outcomes == {"resolved", "open", "hit", "miss"}, outcomes
+
+
+def test_next_hint_in_cpp_matches_torch():
+    """Catches a C++ hint whose center rounds a negative move towards zero instead of down, a
+    reach that ignores the last reach or the cap, or a window not cut at prefix 0."""
+    if "cpu" not in available_backends("cpu"):
+        pytest.skip("no C++ compiler: the cpu backend is unavailable here")
+    generator = torch.Generator().manual_seed(9)
+    n = 500
+    threshold = torch.randint(0, 1 << 31, (n,), generator=generator)
+    threshold[:20] = torch.randint(0, 1 << 14, (20,), generator=generator)  # windows reaching below 0
+    previous = ThresholdHint.around(
+        (threshold >> HINT_SHIFT) + torch.randint(-300, 300, (n,), generator=generator),
+        (threshold >> HINT_SHIFT) + torch.randint(-300, 300, (n,), generator=generator),
+        torch.randint(-5, 700, (n,), generator=generator),
+    )
+    for before in (None, previous):
+        expected = ThresholdHint.after(threshold, before, backend="torch")
+        got = ThresholdHint.after(threshold, before, backend="cpu")
+        for name in ("prefix", "center", "reach", "start", "width"):
+            assert_bitwise(getattr(got, name), getattr(expected, name), name)
+    assert bool((expected.start == 0).any() and (expected.width < 2 * expected.reach).any())
 
 
 @pytest.mark.parametrize("with_histogram", [True, False], ids=["histogram", "no-histogram"])
@@ -628,7 +659,7 @@ def test_hinted_deferring_step_equals_the_three_pass_step(backend, device, defer
             ].to(device)
     expected = [clone(state) for state in states]
     # windows of no threshold
-    wrong = ThresholdHint(
+    wrong = ThresholdHint.around(
         *(torch.tensor(v, device=device) for v in ([700 << 10, 3], [700 << 10, 3], [40, 2]))
     )
     hints = [wrong] * 2

@@ -1,0 +1,117 @@
+"""Threshold hints: what one step tells the next about where each block's threshold will be.
+
+A hint is a window of level-1 prefixes (bits(|m|) >> HINT_SHIFT) that the next moments pass
+counts instead of the level-0 histogram (see moments.py); it changes only the work a step does,
+never its result. The "cpu" backend computes the next hint in one C++ call: right after a pass
+over the shard has evicted the interpreter's caches, each of the ~17 small torch ops of the
+reference costs 5-25 us, together ~0.1 ms a step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._cpu import cpu_ops
+from .moments import HINT_SHIFT, HINT_WINDOW
+
+# Half-widths of a window, in level-1 prefixes: at least 32 (0.2-0.4% of |m|), at most what the
+# window's histogram holds.
+MIN_REACH, MAX_REACH = 32, HINT_WINDOW // 2
+
+
+@dataclass(frozen=True)
+class ThresholdHint:
+    """Each block's threshold hint, in level-1 prefixes (int64 [n_blocks] each).
+
+    prefix: this step's threshold; center: where the next one is expected (this one moved on by
+    half its last move: m drifts smoothly, so do its quantiles, but a block's quantile also
+    jitters, which a full extrapolation would double); reach: half the width of the window
+    counted around the center: three times the last prediction's error plus MIN_REACH, or 7/8
+    of the last reach if that is more (one large error keeps the window wide for a few steps).
+    start, width: that window, [center - reach, center + reach) cut at prefix 0 (empty if it
+    lies below 0). Measured on a 58 M-parameter Llama's 58 top-k tensors, steps 20-69 with fresh
+    gradients: 0 misses (39 with a full extrapolation and twice the last error alone).
+    """
+
+    prefix: torch.Tensor
+    center: torch.Tensor
+    reach: torch.Tensor
+    start: torch.Tensor
+    width: torch.Tensor
+
+    @staticmethod
+    def around(prefix: torch.Tensor, center: torch.Tensor, reach: torch.Tensor) -> ThresholdHint:
+        start = (center - reach).clamp(min=0)
+        return ThresholdHint(prefix, center, reach, start, (center + reach - start).clamp(min=0))
+
+    @staticmethod
+    def after(
+        threshold: torch.Tensor, previous: ThresholdHint | None, backend: str = "torch"
+    ) -> ThresholdHint:
+        """The hint for the step after the one that selected `threshold` (int64 [n_blocks]) with
+        the hint `previous` (None: it had none)."""
+        if backend == "cpu":
+            before = (
+                (None, None, None) if previous is None else (previous.prefix, previous.center, previous.reach)
+            )
+            packed = cpu_ops().next_hint(threshold, *before, HINT_SHIFT, MIN_REACH, MAX_REACH)
+            return ThresholdHint(*packed.unbind(0))
+        prefix = threshold >> HINT_SHIFT
+        if previous is None:
+            return ThresholdHint.around(prefix, prefix, torch.full_like(prefix, MAX_REACH))
+        error = (prefix - previous.center).abs()
+        reach = torch.maximum(3 * error + MIN_REACH, previous.reach * 7 // 8).clamp_(max=MAX_REACH)
+        return ThresholdHint.around(prefix, prefix + (prefix - previous.prefix) // 2, reach)
+
+
+CPU_SOURCE = r"""
+namespace dsforget_cpu {
+
+// ThresholdHint.after for int64 CPU tensors [n_blocks]: one [5, n_blocks] tensor whose rows are
+// prefix, center, reach, start and width (the reference's integer math; // floors).
+at::Tensor next_hint(const at::Tensor& threshold, const c10::optional<at::Tensor>& previous_prefix,
+                     const c10::optional<at::Tensor>& previous_center,
+                     const c10::optional<at::Tensor>& previous_reach, int64_t shift, int64_t min_reach,
+                     int64_t max_reach) {
+  const int64_t n = threshold.numel();
+  at::Tensor packed = at::empty({5, n}, threshold.options());
+  int64_t* prefix = packed.data_ptr<int64_t>();
+  int64_t *center = prefix + n, *reach = prefix + 2 * n, *start = prefix + 3 * n, *width = prefix + 4 * n;
+  const bool first = !previous_prefix.has_value();
+  // contiguous copies (usually the tensors themselves), alive while their pointers are read
+  const at::Tensor bits = threshold.contiguous();
+  const at::Tensor last_prefix = first ? at::Tensor() : previous_prefix->contiguous();
+  const at::Tensor last_center = first ? at::Tensor() : previous_center->contiguous();
+  const at::Tensor last_reach = first ? at::Tensor() : previous_reach->contiguous();
+  const int64_t* bit = bits.data_ptr<int64_t>();
+  const int64_t* moved_from = first ? nullptr : last_prefix.data_ptr<int64_t>();
+  const int64_t* expected = first ? nullptr : last_center.data_ptr<int64_t>();
+  const int64_t* was = first ? nullptr : last_reach.data_ptr<int64_t>();
+  const auto floor_div = [](int64_t x, int64_t d) { return x / d - (x % d != 0 && (x < 0) != (d < 0)); };
+  for (int64_t b = 0; b < n; ++b) {
+    prefix[b] = bit[b] >> shift;
+    if (first) {
+      center[b] = prefix[b];
+      reach[b] = max_reach;
+    } else {
+      const int64_t error = std::abs(prefix[b] - expected[b]);
+      const int64_t kept = floor_div(was[b] * 7, 8);
+      reach[b] = std::min(std::max(3 * error + min_reach, kept), max_reach);
+      center[b] = prefix[b] + floor_div(prefix[b] - moved_from[b], 2);
+    }
+    start[b] = std::max<int64_t>(center[b] - reach[b], 0);
+    width[b] = std::max<int64_t>(center[b] + reach[b] - start[b], 0);
+  }
+  return packed;
+}
+
+TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
+  ops.def("next_hint(Tensor threshold, Tensor? previous_prefix, Tensor? previous_center, "
+          "Tensor? previous_reach, int shift, int min_reach, int max_reach) -> Tensor",
+          &next_hint);
+}
+
+}  // namespace dsforget_cpu
+"""
