@@ -27,7 +27,7 @@ import torch
 from ._cpu import cpu_ops
 from ._triton import LAUNCH_OPTIONS, addressable, jit, tl
 from .backends import check_backend
-from .radix import LEVELS, abs_bits
+from .radix import LEVELS, RESOLVED, abs_bits
 from .segments import DENSE, SegmentTable
 from .tiles import TileTable, check_block_tensor, check_buffers, segment_columns, tile_table
 
@@ -37,7 +37,9 @@ TRITON_TILE = 1024
 CPU_TILE = 16384
 DEFER_SHIFT = LEVELS[-1][0] + LEVELS[-1][1]  # a deferred bin fixes every bit above the last level's digit
 DEFERRING_BACKENDS = ("torch", "cpu")
-NO_DEFERRAL = -1  # defer_prefix of a block that defers nothing
+# defer_prefix of a block that defers nothing: the prefix RadixState gives a resolved block, so a
+# state's prefix is the defer_prefix of a step that defers every open block's bin
+NO_DEFERRAL = RESOLVED
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ from .histogram import abs_histogram, deferred_histogram
 from .masked_update import (
     DEFER_SHIFT,
     DEFERRING_BACKENDS,
-    NO_DEFERRAL,
     AdamWScalars,
     apply_deferred,
     masked_adamw,
@@ -94,16 +93,19 @@ def topk_adamw_step(
         hinted = HintedCounts(hint.start, hint.width, torch.zeros_like(hint.start), window)
         update_moments(grad, exp_avg, exp_avg_sq, table, hinted=hinted, **moments)
         _refine_in_window(radix, hinted, exp_avg, table, sum_over_ranks, backend)
-    open_blocks = radix.unresolved
-    defer = open_blocks & (radix.matching <= DEFER_LIMIT)
-    if backend not in DEFERRING_BACKENDS:
-        defer = torch.zeros_like(open_blocks)
-    _refine_by_pass(radix, exp_avg, table, 2, open_blocks & ~defer, sum_over_ranks, backend)
+    # a block still open has narrowed its threshold to one level-2 bin: it is counted over m if
+    # its bin holds too many entries or the backend cannot defer, and deferred otherwise
+    counted = radix.unresolved
+    if backend in DEFERRING_BACKENDS:
+        counted = counted & (radix.matching > DEFER_LIMIT)
+    _refine_by_pass(radix, exp_avg, table, 2, counted, sum_over_ranks, backend)
+    defer = radix.unresolved  # (level 2 resolves every block it refines)
     if not bool(defer.any()):
         masked_adamw(param, exp_avg, exp_avg_sq, table, radix.threshold, update, backend=backend)
         return ThresholdHint.after(radix.threshold, hint, backend)
 
-    # entries above the bin are selected now; the bin's own wait for the exact threshold
+    # entries above the bin are selected now; the bin's own wait for the exact threshold (a
+    # resolved block's prefix is NO_DEFERRAL: radix.prefix names exactly the bins to defer)
     above_bin = (radix.prefix + 1) << DEFER_SHIFT
     deferred = masked_adamw(
         param,
@@ -112,13 +114,13 @@ def topk_adamw_step(
         table,
         torch.where(defer, above_bin, radix.threshold),
         update,
-        defer_prefix=torch.where(defer, radix.prefix, NO_DEFERRAL),
+        defer_prefix=radix.prefix,
         backend=backend,
     )
     assert deferred is not None
     histogram = exp_avg.new_zeros(table.num_blocks, level_bins(2), dtype=torch.int64)
-    deferred_histogram(deferred, torch.where(defer, radix.prefix, RESOLVED), 2, histogram, backend=backend)
-    refine(radix, sum_over_ranks([histogram])[0], 2, blocks=defer, backend=backend)
+    deferred_histogram(deferred, radix.prefix, 2, histogram, backend=backend)
+    refine(radix, sum_over_ranks([histogram])[0], 2, backend=backend)
     apply_deferred(param, deferred, radix.threshold, update, backend=backend)
     return ThresholdHint.after(radix.threshold, hint, backend)
 
