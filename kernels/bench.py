@@ -21,11 +21,13 @@ Columns: median step time with p20/p80; GB/s counts 28 B per element for every r
 m, v; write p, m, v: the least any Adam-family step moves), so GB/s ranks speed on one scale;
 exact-mode MoFO needs at least 36 B (moments 20, update 16) in a step whose threshold hints
 hit, and 44-48 B when a threshold leaves its hint's window (extra passes over m), so at most
-28/36 = 78% of AdamW's GB/s at equal efficiency. The timed steps carry their hints from step to
-step as the optimizer does, and every timed step gets a fresh gradient (drawn untimed; m starts
-stationary, see initial_state), so thresholds jitter as in a long fine-tune. The implementations
-take turns in rounds (run_rounds), so that the ratios hold on a shared machine whose speed
-varies. "% copy" relates that to a measured copy (8 B per element). Peak extra memory: on GPU
+28/36 = 78% of AdamW's GB/s at equal efficiency, and 16/24 = 67% on a machine whose time goes
+to reads (MoFO reads 24 B, Adam 16). The timed steps carry their hints from step to step as
+the optimizer does (dsforget's after SETTLE_STEPS untimed ones per turn, when its threshold
+windows have narrowed as in a long run), and every step gets a fresh gradient (drawn untimed;
+m starts stationary, see initial_state), so thresholds jitter as in a long fine-tune. The
+implementations take turns in rounds (run_rounds), so that the ratios hold on a shared machine
+whose speed varies. "% copy" relates that to a measured copy (8 B per element). Peak extra memory: on GPU
 torch.cuda.max_memory_allocated above the live state; on CPU the peak of live torch allocations
 during one step, from the profiler's per-op memory records (allocations inside C++ extensions
 are not seen; dsforget's are 64 KiB of counters and digit scratch per thread, and 24 B per
@@ -64,6 +66,10 @@ STEP_BYTES_PER_ELEMENT = 28
 COPY_BYTES_PER_ELEMENT = 8
 PADDING = 5  # elements after each segment, never touched by the MoFO implementations
 ROUNDS = 5  # turns the implementations take (see run_rounds)
+# untimed steps before dsforget's timed ones in every turn: its threshold windows start wide (a
+# turn's first step has none) and narrow over ~20 steps, as at the start of any run (16 Mi here:
+# ~16.5 ms a step at first, ~13.3 ms from step ~20 on); the dense steps need one, for caches
+SETTLE_STEPS = 20
 
 Step = Callable[[], None]
 
@@ -245,21 +251,24 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_step(
-    step: Step, device: torch.device, repeats: int, between: Callable[[], object] | None = None
+    step: Step,
+    device: torch.device,
+    repeats: int,
+    between: Callable[[], object] | None = None,
+    warmup: int = 1,
 ) -> list[float]:
-    """Milliseconds of each of `repeats` steps after one warm-up step; `between` runs untimed
-    before each step."""
-    step()
-    synchronize(device)
+    """Milliseconds of each of `repeats` steps after `warmup` untimed ones; `between` runs
+    untimed before each step (warm-up steps included)."""
     times = []
-    for _ in range(repeats):
-        if between is not None:
+    for index in range(warmup + repeats):
+        if between is not None and index > 0:
             between()
             synchronize(device)
         start = time.perf_counter()
         step()
         synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
+        if index >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
     return times
 
 
@@ -348,7 +357,11 @@ def run_rounds(
             synchronize(device)
             errors[name] = (state.param - reference).abs().max().item()
         times = time_step(
-            step, device, per_round, between=fresh_gradients(state, GRADIENT_SEEDS + round_index)
+            step,
+            device,
+            per_round,
+            between=fresh_gradients(state, GRADIENT_SEEDS + round_index),
+            warmup=SETTLE_STEPS if name.startswith("dsforget-") else 1,  # the steps with hints
         )
         if round_index == ROUNDS - 1:
             peaks[name] = peak_extra_mb(step, device)
