@@ -68,7 +68,7 @@ PADDING = 5  # elements after each segment, never touched by the MoFO implementa
 ROUNDS = 5  # turns the implementations take (see run_rounds)
 # untimed steps before dsforget's timed ones in every turn: its threshold windows start wide (a
 # turn's first step has none) and narrow over ~20 steps, as at the start of any run (16 Mi here:
-# ~16.5 ms a step at first, ~13.3 ms from step ~20 on); the dense steps need one, for caches
+# ~16.5 ms a step at first, 13-15 ms from step ~20 on); the dense steps need one, for caches
 SETTLE_STEPS = 20
 
 Step = Callable[[], None]
