@@ -9,12 +9,14 @@ multiplies by 1/sqrt(bc2) instead of dividing: within an ulp of the denominator)
 
 One pass moves 16 B per element (read p, m, v; write p) and builds no mask tensor.
 
-Deferral ("torch" and "cpu" backends): with `defer_prefix`, the entries of a block whose
-bits(|m|) >> DEFER_SHIFT equal its prefix (the last radix level's bin, which holds the still
-unknown threshold) keep their p and are returned as a short list; `apply_deferred` updates
-them once the threshold is exact. The threshold passed for such a block must be the first bit
-pattern above that bin. This saves the last histogram pass over m; the list holds the entries of
-one level-2 bin, a few in 10^5 of a block for smooth |m| distributions.
+Deferral: with `defer_prefix`, the entries of a block whose bits(|m|) >> DEFER_SHIFT equal its
+prefix (the last radix level's bin, which holds the still unknown threshold) keep their p and
+are returned as a short list; `apply_deferred` updates them once the threshold is exact. The
+threshold passed for such a block must be the first bit pattern above that bin. This saves the
+last histogram pass over m; the list holds the entries of one level-2 bin, a few in 10^5 of a
+block for smooth |m| distributions. The Triton kernel compacts them on the device: each program
+takes its slots with one atomic add, so the caller states how many there can be
+(`defer_capacity`: the deferred bins' entry counts summed over ranks bound every rank's share).
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ TRITON_TILE = 1024
 # 16384 elements per CPU tile (p, m, v: 192 KiB); sets the work-split granularity only.
 CPU_TILE = 16384
 DEFER_SHIFT = LEVELS[-1][0] + LEVELS[-1][1]  # a deferred bin fixes every bit above the last level's digit
-DEFERRING_BACKENDS = ("torch", "cpu")
 # defer_prefix of a block that defers nothing: the prefix RadixState gives a resolved block, so a
 # state's prefix is the defer_prefix of a step that defers every open block's bin
 NO_DEFERRAL = RESOLVED
@@ -193,11 +194,20 @@ def _masked_adamw_kernel(
     length_ptr,  # [S] int64
     block_ptr,  # [S] int64
     thresholds_ptr,  # [n_blocks] int64, bit pattern of the smallest selected |m|
+    defer_prefix_ptr,  # [n_blocks] int64, bits >> DEFER_SHIFT of the entries to leave (DEFER only)
+    slots_taken_ptr,  # [1] int64, deferred entries written so far (DEFER only)
+    deferred_index_ptr,  # [capacity] int64, the deferred entries' shard indices (DEFER only)
+    deferred_block_ptr,  # [capacity] int64, and blocks
+    deferred_exp_avg_ptr,  # [capacity] fp32, and m
+    deferred_exp_avg_sq_ptr,  # [capacity] fp32, and v
+    defer_capacity,  # slots in the list: entries past it are left unwritten (and reported)
     step_size,  # lr / bias_correction1
     bias_correction2_sqrt,
     eps,
     decay_selected,  # 1 - lr*wd
     decay_unselected,  # 1 - lr*wd, or 1 when decay_selected_only
+    DEFER_SHIFT: tl.constexpr,
+    DEFER: tl.constexpr,
     TILE: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -212,12 +222,26 @@ def _masked_adamw_kernel(
     param = tl.load(param_ptr + offsets, mask=in_segment)
     exp_avg = tl.load(exp_avg_ptr + offsets, mask=in_segment)
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=in_segment)
-    selected = tl.abs(exp_avg).to(tl.int32, bitcast=True) >= threshold
+    bits = tl.abs(exp_avg).to(tl.int32, bitcast=True)
+    selected = bits >= threshold
     # IEEE sqrt and division (Triton's defaults are approximate), as torch computes them.
     denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
-    param = param * tl.where(selected, decay_selected, decay_unselected)
-    param = param + tl.div_rn(-step_size * tl.where(selected, exp_avg, 0.0), denom)
-    tl.store(param_ptr + offsets, param, mask=in_segment)
+    updated = param * tl.where(selected, decay_selected, decay_unselected)
+    updated = updated + tl.div_rn(-step_size * tl.where(selected, exp_avg, 0.0), denom)
+    if DEFER:
+        # NO_DEFERRAL (-1) and DENSE blocks match no bits >> DEFER_SHIFT (always >= 0)
+        prefix = tl.load(defer_prefix_ptr + tl.maximum(block, 0), mask=block >= 0, other=-1)
+        deferred = in_segment & ((bits >> DEFER_SHIFT).to(tl.int64) == prefix)
+        flags = deferred.to(tl.int64)
+        first_slot = tl.atomic_add(slots_taken_ptr, tl.sum(flags, 0))
+        slot = first_slot + tl.cumsum(flags, 0) - 1
+        listed = deferred & (slot < defer_capacity)
+        tl.store(deferred_index_ptr + slot, offsets, mask=listed)
+        tl.store(deferred_block_ptr + slot, tl.zeros_like(offsets) + block, mask=listed)
+        tl.store(deferred_exp_avg_ptr + slot, exp_avg, mask=listed)
+        tl.store(deferred_exp_avg_sq_ptr + slot, exp_avg_sq, mask=listed)
+        updated = tl.where(deferred, param, updated)
+    tl.store(param_ptr + offsets, updated, mask=in_segment)
 
 
 def _masked_adamw_triton(
@@ -228,23 +252,44 @@ def _masked_adamw_triton(
     tiles: TileTable,
     thresholds: torch.Tensor,
     scalars: AdamWScalars,
-) -> None:
-    if tiles.num_tiles == 0:
-        return
-    _masked_adamw_kernel[(tiles.num_tiles,)](
-        param,
-        exp_avg,
-        exp_avg_sq,
-        tiles.tile_segment,
-        tiles.tile_start,
-        table.shard_offset,
-        table.length,
-        table.block,
-        addressable(thresholds, tiles.tile_start),
-        *scalars.kernel_arguments(),
-        TILE=tiles.tile_size,
-        **LAUNCH_OPTIONS,
-    )
+    defer_prefix: torch.Tensor | None,
+    defer_capacity: int,
+) -> DeferredEntries | None:
+    capacity = defer_capacity if defer_prefix is not None else 0
+    slots_taken = torch.zeros(1, dtype=torch.int64, device=param.device)
+    index = torch.empty(capacity, dtype=torch.int64, device=param.device)
+    block, values = torch.empty_like(index), torch.empty(2, capacity, device=param.device)
+    if tiles.num_tiles > 0:
+        thresholds = addressable(thresholds, tiles.tile_start)
+        # stand-ins for an empty list: no slot is below capacity 0, nothing is written there
+        listed = (index, block, *values) if capacity else (tiles.tile_start,) * 2 + (param,) * 2
+        _masked_adamw_kernel[(tiles.num_tiles,)](
+            param,
+            exp_avg,
+            exp_avg_sq,
+            tiles.tile_segment,
+            tiles.tile_start,
+            table.shard_offset,
+            table.length,
+            table.block,
+            thresholds,
+            thresholds if defer_prefix is None else addressable(defer_prefix, tiles.tile_start),
+            slots_taken,
+            *listed,
+            capacity,
+            *scalars.kernel_arguments(),
+            DEFER_SHIFT=DEFER_SHIFT,
+            DEFER=defer_prefix is not None,
+            TILE=tiles.tile_size,
+            **LAUNCH_OPTIONS,
+        )
+    if defer_prefix is None:
+        return None
+    taken = int(slots_taken.item())
+    _check_deferred_count(taken, capacity)  # (entries past the capacity were not listed)
+    # programs take their slots in any order: sorted, the list is the other backends'
+    index, order = index[:taken].sort()
+    return DeferredEntries(index, block[order], values[0, order], values[1, order])
 
 
 CPU_SOURCE = r"""
@@ -413,6 +458,7 @@ def masked_adamw(
     scalars: AdamWScalars,
     *,
     defer_prefix: torch.Tensor | None = None,
+    defer_capacity: int = 0,
     backend: str = "torch",
 ) -> DeferredEntries | None:
     """Apply the update to `param` in place on segment elements only (m and v are read only).
@@ -420,20 +466,35 @@ def masked_adamw(
     thresholds: int64 [n_blocks], RadixState.threshold once every block is resolved.
     defer_prefix: int64 [n_blocks], bits >> DEFER_SHIFT of the entries to leave for
     `apply_deferred` (NO_DEFERRAL: none); returns those entries (None without defer_prefix).
+    defer_capacity: at least the number of entries that can defer here (RuntimeError if more
+    did); the Triton kernel reserves this many slots.
     """
     check_backend("masked_adamw", backend, param.device)
-    if defer_prefix is not None and backend not in DEFERRING_BACKENDS:
-        raise ValueError(
-            f"masked_adamw: backend {backend!r} cannot defer entries (use one of {DEFERRING_BACKENDS})"
-        )
     if backend == "torch":
-        return masked_adamw_reference(param, exp_avg, exp_avg_sq, table, thresholds, scalars, defer_prefix)
-    tiles = tile_table(table, CPU_TILE if backend == "cpu" else TRITON_TILE)
-    check_buffers("masked_adamw", tiles, param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-    check_block_tensor("masked_adamw", "thresholds", thresholds, table, param.device)
-    if defer_prefix is not None:
-        check_block_tensor("masked_adamw", "defer_prefix", defer_prefix, table, param.device)
-    if backend == "cpu":
-        return _masked_adamw_cpu(param, exp_avg, exp_avg_sq, table, tiles, thresholds, scalars, defer_prefix)
-    _masked_adamw_triton(param, exp_avg, exp_avg_sq, table, tiles, thresholds, scalars)
-    return None
+        deferred = masked_adamw_reference(
+            param, exp_avg, exp_avg_sq, table, thresholds, scalars, defer_prefix
+        )
+    else:
+        tiles = tile_table(table, CPU_TILE if backend == "cpu" else TRITON_TILE)
+        check_buffers("masked_adamw", tiles, param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+        check_block_tensor("masked_adamw", "thresholds", thresholds, table, param.device)
+        if defer_prefix is not None:
+            check_block_tensor("masked_adamw", "defer_prefix", defer_prefix, table, param.device)
+        if backend == "triton":
+            return _masked_adamw_triton(
+                param, exp_avg, exp_avg_sq, table, tiles, thresholds, scalars, defer_prefix, defer_capacity
+            )
+        deferred = _masked_adamw_cpu(
+            param, exp_avg, exp_avg_sq, table, tiles, thresholds, scalars, defer_prefix
+        )
+    if deferred is not None:
+        _check_deferred_count(deferred.index.numel(), defer_capacity)
+    return deferred
+
+
+def _check_deferred_count(count: int, capacity: int) -> None:
+    if count > capacity:
+        raise RuntimeError(
+            f"masked_adamw: {count} entries deferred, more than defer_capacity={capacity} (a caller's "
+            "bound that is too small: the entries beyond it kept their p)"
+        )

@@ -10,10 +10,10 @@ often):
 2. a block whose threshold fell into its window takes levels 0 and 1 from those counts; any
    other block pays a histogram pass over m (`abs_histogram`) for each level it lacks;
 3. a block still unresolved has narrowed its threshold to one level-2 bin (a few entries in 10^5
-   of the block). Deferring backends (torch, cpu) update every other entry now and list that
-   bin's entries; the level-2 histogram of the list fixes the threshold and `apply_deferred`
-   updates them. A bin of more than DEFER_LIMIT entries (ties, e.g. many exact zeros) and the
-   Triton backend take a level-2 pass over m before the update instead.
+   of the block). The update leaves that bin's entries and lists them; the level-2 histogram of
+   the list fixes the threshold and `apply_deferred` updates them. A bin of more than
+   DEFER_LIMIT entries (ties, e.g. many exact zeros) takes a level-2 pass over m before the
+   update instead.
 
 With hits, the step reads and writes 36 B per element (moments 20, update 16) instead of the 44 B
 of three passes over m before the update.
@@ -29,7 +29,6 @@ from .hints import ThresholdHint
 from .histogram import abs_histogram, deferred_histogram
 from .masked_update import (
     DEFER_SHIFT,
-    DEFERRING_BACKENDS,
     AdamWScalars,
     apply_deferred,
     masked_adamw,
@@ -93,14 +92,14 @@ def topk_adamw_step(
         hinted = HintedCounts(hint.start, hint.width, torch.zeros_like(hint.start), window)
         update_moments(grad, exp_avg, exp_avg_sq, table, hinted=hinted, **moments)
         _refine_in_window(radix, hinted, exp_avg, table, sum_over_ranks, backend)
-    # a block still open has narrowed its threshold to one level-2 bin: it is counted over m if
-    # its bin holds too many entries or the backend cannot defer, and deferred otherwise
-    counted = radix.unresolved
-    if backend in DEFERRING_BACKENDS:
-        counted = counted & (radix.matching > DEFER_LIMIT)
-    _refine_by_pass(radix, exp_avg, table, 2, counted, sum_over_ranks, backend)
+    # a block still open has narrowed its threshold to one level-2 bin of `matching` entries
+    # (over all ranks): counted over m if it holds too many, deferred otherwise
+    _refine_by_pass(
+        radix, exp_avg, table, 2, radix.unresolved & (radix.matching > DEFER_LIMIT), sum_over_ranks, backend
+    )
     defer = radix.unresolved  # (level 2 resolves every block it refines)
-    if not bool(defer.any()):
+    capacity = int(torch.where(defer, radix.matching, 0).sum())  # no block: 0 (every bin holds one)
+    if capacity == 0:
         masked_adamw(param, exp_avg, exp_avg_sq, table, radix.threshold, update, backend=backend)
         return ThresholdHint.after(radix.threshold, hint, backend)
 
@@ -115,6 +114,7 @@ def topk_adamw_step(
         torch.where(defer, above_bin, radix.threshold),
         update,
         defer_prefix=radix.prefix,
+        defer_capacity=capacity,
         backend=backend,
     )
     assert deferred is not None

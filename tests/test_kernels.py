@@ -41,7 +41,7 @@ from dsforget.kernels import (
 )
 from dsforget.kernels import step as step_op
 from dsforget.kernels._triton import INTERPRET, triton, triton_usable
-from dsforget.kernels.masked_update import DEFERRING_BACKENDS, AdamWScalars
+from dsforget.kernels.masked_update import DEFER_SHIFT, NO_DEFERRAL, AdamWScalars
 from dsforget.kernels.moments import HINT_SHIFT, HINT_WINDOW, HintedCounts
 from dsforget.kernels.radix import LEVELS, RESOLVED, abs_bits, advance, advance_within, digit_and_prefix
 
@@ -465,6 +465,47 @@ def test_masked_adamw_matches_reference(backend, device, size, weight_decay, dec
         )
 
 
+@pytest.mark.parametrize(("backend", "device", "size"), fused_backends(include_large=True))
+def test_masked_adamw_defers_the_bins_it_is_told(backend, device, size):
+    """Catches a deferred entry whose p moved, one left out of the list or listed twice (the
+    Triton kernel's slots: one atomic per program), a wrong block, m or v in the list, a list not
+    in shard order, blocks with NO_DEFERRAL deferring, and a list longer than defer_capacity
+    passing silently."""
+    shard = build_shard(LAYOUTS[size], device, seed=15)
+    before = random_state(shard, seed=16)
+    thresholds = thresholds_with_ties(before, shard)
+    bins = thresholds >> DEFER_SHIFT
+    defer_prefix = torch.where(torch.arange(bins.numel(), device=device) % 2 == 1, NO_DEFERRAL, bins)
+    passed = torch.where(defer_prefix == NO_DEFERRAL, thresholds, (bins + 1) << DEFER_SHIFT)
+    scalars = AdamWScalars(**UPDATE, weight_decay=0.1, decay_selected_only=False)
+
+    def update(backend_name: str, capacity: int):
+        state = clone(before)
+        deferred = masked_adamw(
+            state["param"],
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            shard.table,
+            passed,
+            scalars,
+            defer_prefix=defer_prefix,
+            defer_capacity=capacity,
+            backend=backend_name,
+        )
+        return state, deferred
+
+    (expected, listed), (actual, got) = (update(name, shard.covered.numel()) for name in ("torch", backend))
+    assert listed.index.numel() > 0, "nothing deferred: the test checks nothing"
+    for name in ("index", "block", "exp_avg", "exp_avg_sq"):
+        assert_bitwise(getattr(got, name), getattr(listed, name), f"deferred {name}")
+    assert_bitwise(actual["param"][got.index], before["param"][got.index], "deferred param")
+    covered = shard.covered
+    assert_close(actual["param"][covered], expected["param"][covered], "param")
+    assert_padding_untouched(actual, before, shard)
+    with pytest.raises(RuntimeError, match="defer_capacity"):
+        update(backend, listed.index.numel() - 1)
+
+
 @pytest.mark.parametrize(("backend", "device", "size"), fused_backends())
 def test_nothing_selected_leaves_param_bit_for_bit(backend, device, size):
     """Catches an update that is 'almost' zero for unselected entries (e.g. p + 0*x rounding,
@@ -713,7 +754,7 @@ def test_hinted_deferring_step_equals_the_three_pass_step(backend, device, defer
     levels_by_step = {step: sorted({level for s, level in passes if s == step}) for step in range(1, 7)}
     assert levels_by_step[1][:2] == [0, 1], "the wrong hints of step 1 must be counted again over m"
     assert any(1 not in levels for levels in levels_by_step.values()), "no hint ever hit"
-    defers = defer_limit is None and backend in DEFERRING_BACKENDS
+    defers = defer_limit is None
     assert all(2 not in levels for levels in levels_by_step.values()) == defers, levels_by_step
 
 
@@ -1046,7 +1087,16 @@ def test_triton_kernels_under_the_interpreter():
     assert " passed" in result.stdout and "failed" not in result.stdout, result.stdout[-3000:]
 
 
-FP32_POINTERS = {"grad_ptr", "exp_avg_ptr", "exp_avg_sq_ptr", "rowscale_ptr", "param_ptr"}
+FP32_POINTERS = {
+    "grad_ptr",
+    "exp_avg_ptr",
+    "exp_avg_sq_ptr",
+    "rowscale_ptr",
+    "param_ptr",
+    "deferred_exp_avg_ptr",
+    "deferred_exp_avg_sq_ptr",
+}
+INT_SCALARS = {"defer_capacity"}
 
 
 @pytest.mark.skipif(triton is None, reason="Triton is not installed")
@@ -1073,6 +1123,8 @@ def test_triton_kernels_compile_for_h100():
                 signature[name] = grad_type
             elif name.endswith("_ptr"):
                 signature[name] = "*fp32" if name in FP32_POINTERS else "*i64"
+            elif name in INT_SCALARS:
+                signature[name] = "i64"
             else:
                 signature[name] = "fp32"
         indexed = {(i,): constexprs[name] for i, name in enumerate(kernel.arg_names) if name in constexprs}
@@ -1094,7 +1146,9 @@ def test_triton_kernels_compile_for_h100():
             TILE=histogram_op.TRITON_TILE,
         )
         compile_kernel(histogram_op._abs_histogram_kernel, constexprs)
-    compile_kernel(masked_op._masked_adamw_kernel, dict(TILE=masked_op.TRITON_TILE))
+    for defer in (False, True):
+        constexprs = dict(DEFER_SHIFT=DEFER_SHIFT, DEFER=defer, TILE=masked_op.TRITON_TILE)
+        compile_kernel(masked_op._masked_adamw_kernel, constexprs)
     for level, (shift, _) in enumerate(LEVELS):
         for masked in (False, True):
             constexprs = dict(
