@@ -67,8 +67,8 @@ COPY_BYTES_PER_ELEMENT = 8
 PADDING = 5  # elements after each segment, never touched by the MoFO implementations
 ROUNDS = 5  # turns the implementations take (see run_rounds)
 # untimed steps before dsforget's timed ones in every turn: its threshold windows start wide (a
-# turn's first step has none) and narrow over ~20 steps, as at the start of any run (16 Mi here:
-# ~16.5 ms a step at first, 13-15 ms from step ~20 on); the dense steps need one, for caches
+# turn's first step has none) and narrow over ~10 steps, as at the start of any run (16 Mi here:
+# steps 2-10 ~9% slower than steps 21-60); the dense steps need one, for caches
 SETTLE_STEPS = 20
 
 Step = Callable[[], None]

@@ -19,6 +19,8 @@ from .moments import HINT_SHIFT, HINT_WINDOW
 # Half-widths of a window, in level-1 prefixes: at least 32 (0.2-0.4% of |m|), at most what the
 # window's histogram holds.
 MIN_REACH, MAX_REACH = 32, HINT_WINDOW // 2
+# The share of its last reach a window keeps (numerator, denominator), if more than the error asks
+REACH_KEPT = (3, 4)
 
 
 @dataclass(frozen=True)
@@ -28,11 +30,13 @@ class ThresholdHint:
     prefix: this step's threshold; center: where the next one is expected (this one moved on by
     half its last move: m drifts smoothly, so do its quantiles, but a block's quantile also
     jitters, which a full extrapolation would double); reach: half the width of the window
-    counted around the center: three times the last prediction's error plus MIN_REACH, or 7/8
-    of the last reach if that is more (one large error keeps the window wide for a few steps).
-    start, width: that window, [center - reach, center + reach) cut at prefix 0 (empty if it
-    lies below 0). Measured on a 58 M-parameter Llama's 58 top-k tensors, steps 20-69 with fresh
-    gradients: 0 misses (39 with a full extrapolation and twice the last error alone).
+    counted around the center: three times the last prediction's error plus MIN_REACH, or
+    REACH_KEPT of the last reach if that is more (one large error keeps the window wide for a few
+    steps). start, width: that window, [center - reach, center + reach) cut at prefix 0 (empty
+    if it lies below 0). Measured on a 58 M-parameter Llama's 58 top-k tensors, steps 21-70 with
+    fresh gradients: one block missed once with REACH_KEPT 3/4, none with 7/8, whose wider windows
+    cost 4-5% of every step (16 Mi shard, both timed interleaved in one process); 39 misses with a
+    full extrapolation and twice the last error alone.
     """
 
     prefix: torch.Tensor
@@ -56,13 +60,14 @@ class ThresholdHint:
             before = (
                 (None, None, None) if previous is None else (previous.prefix, previous.center, previous.reach)
             )
-            packed = cpu_ops().next_hint(threshold, *before, HINT_SHIFT, MIN_REACH, MAX_REACH)
+            packed = cpu_ops().next_hint(threshold, *before, HINT_SHIFT, MIN_REACH, MAX_REACH, *REACH_KEPT)
             return ThresholdHint(*packed.unbind(0))
         prefix = threshold >> HINT_SHIFT
         if previous is None:
             return ThresholdHint.around(prefix, prefix, torch.full_like(prefix, MAX_REACH))
         error = (prefix - previous.center).abs()
-        reach = torch.maximum(3 * error + MIN_REACH, previous.reach * 7 // 8).clamp_(max=MAX_REACH)
+        kept = previous.reach * REACH_KEPT[0] // REACH_KEPT[1]
+        reach = torch.maximum(3 * error + MIN_REACH, kept).clamp_(max=MAX_REACH)
         return ThresholdHint.around(prefix, prefix + (prefix - previous.prefix) // 2, reach)
 
 
@@ -74,7 +79,7 @@ namespace dsforget_cpu {
 at::Tensor next_hint(const at::Tensor& threshold, const c10::optional<at::Tensor>& previous_prefix,
                      const c10::optional<at::Tensor>& previous_center,
                      const c10::optional<at::Tensor>& previous_reach, int64_t shift, int64_t min_reach,
-                     int64_t max_reach) {
+                     int64_t max_reach, int64_t kept_numerator, int64_t kept_denominator) {
   const int64_t n = threshold.numel();
   at::Tensor packed = at::empty({5, n}, threshold.options());
   int64_t* prefix = packed.data_ptr<int64_t>();
@@ -97,7 +102,7 @@ at::Tensor next_hint(const at::Tensor& threshold, const c10::optional<at::Tensor
       reach[b] = max_reach;
     } else {
       const int64_t error = std::abs(prefix[b] - expected[b]);
-      const int64_t kept = floor_div(was[b] * 7, 8);
+      const int64_t kept = floor_div(was[b] * kept_numerator, kept_denominator);
       reach[b] = std::min(std::max(3 * error + min_reach, kept), max_reach);
       center[b] = prefix[b] + floor_div(prefix[b] - moved_from[b], 2);
     }
@@ -109,7 +114,8 @@ at::Tensor next_hint(const at::Tensor& threshold, const c10::optional<at::Tensor
 
 TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
   ops.def("next_hint(Tensor threshold, Tensor? previous_prefix, Tensor? previous_center, "
-          "Tensor? previous_reach, int shift, int min_reach, int max_reach) -> Tensor",
+          "Tensor? previous_reach, int shift, int min_reach, int max_reach, int kept_numerator, "
+          "int kept_denominator) -> Tensor",
           &next_hint);
 }
 
