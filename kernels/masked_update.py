@@ -149,10 +149,14 @@ def masked_adamw_reference(
     if defer_list is None:
         return None
     if not deferred_index:
-        empty = torch.empty(0, dtype=torch.int64, device=param.device)
-        return DeferredEntries(empty, empty.clone(), exp_avg[empty], exp_avg_sq[empty])
+        return _no_entries(param.device)
     index, order = torch.cat(deferred_index).sort()
     return DeferredEntries(index, torch.cat(deferred_block)[order], exp_avg[index], exp_avg_sq[index])
+
+
+def _no_entries(device: torch.device) -> DeferredEntries:
+    empty = torch.empty(0, dtype=torch.int64, device=device)
+    return DeferredEntries(empty, empty.clone(), torch.empty(0, device=device), torch.empty(0, device=device))
 
 
 def apply_deferred(
@@ -255,41 +259,44 @@ def _masked_adamw_triton(
     defer_prefix: torch.Tensor | None,
     defer_capacity: int,
 ) -> DeferredEntries | None:
-    capacity = defer_capacity if defer_prefix is not None else 0
-    slots_taken = torch.zeros(1, dtype=torch.int64, device=param.device)
-    index = torch.empty(capacity, dtype=torch.int64, device=param.device)
-    block, values = torch.empty_like(index), torch.empty(2, capacity, device=param.device)
-    if tiles.num_tiles > 0:
-        thresholds = addressable(thresholds, tiles.tile_start)
-        # stand-ins for an empty list: no slot is below capacity 0, nothing is written there
-        listed = (index, block, *values) if capacity else (tiles.tile_start,) * 2 + (param,) * 2
-        _masked_adamw_kernel[(tiles.num_tiles,)](
-            param,
-            exp_avg,
-            exp_avg_sq,
-            tiles.tile_segment,
-            tiles.tile_start,
-            table.shard_offset,
-            table.length,
-            table.block,
-            thresholds,
-            thresholds if defer_prefix is None else addressable(defer_prefix, tiles.tile_start),
-            slots_taken,
-            *listed,
-            capacity,
-            *scalars.kernel_arguments(),
-            DEFER_SHIFT=DEFER_SHIFT,
-            DEFER=defer_prefix is not None,
-            TILE=tiles.tile_size,
-            **LAUNCH_OPTIONS,
-        )
+    if tiles.num_tiles == 0:
+        return None if defer_prefix is None else _no_entries(param.device)
+    if defer_prefix is None:  # int64 and fp32 stand-ins for the list, which DEFER=False never touches
+        capacity, slots_taken, listed = 0, tiles.tile_start, (tiles.tile_start,) * 2 + (param,) * 2
+    else:
+        capacity = defer_capacity
+        slots_taken = torch.zeros(1, dtype=torch.int64, device=param.device)
+        index = torch.empty(max(capacity, 1), dtype=torch.int64, device=param.device)  # (a valid address)
+        listed = (index, torch.empty_like(index), *torch.empty(2, index.numel(), device=param.device))
+    thresholds = addressable(thresholds, tiles.tile_start)
+    _masked_adamw_kernel[(tiles.num_tiles,)](
+        param,
+        exp_avg,
+        exp_avg_sq,
+        tiles.tile_segment,
+        tiles.tile_start,
+        table.shard_offset,
+        table.length,
+        table.block,
+        thresholds,
+        thresholds if defer_prefix is None else addressable(defer_prefix, tiles.tile_start),
+        slots_taken,
+        *listed,
+        capacity,
+        *scalars.kernel_arguments(),
+        DEFER_SHIFT=DEFER_SHIFT,
+        DEFER=defer_prefix is not None,
+        TILE=tiles.tile_size,
+        **LAUNCH_OPTIONS,
+    )
     if defer_prefix is None:
         return None
     taken = int(slots_taken.item())
     _check_deferred_count(taken, capacity)  # (entries past the capacity were not listed)
     # programs take their slots in any order: sorted, the list is the other backends'
+    index, block, exp_avg_listed, exp_avg_sq_listed = listed
     index, order = index[:taken].sort()
-    return DeferredEntries(index, block[order], values[0, order], values[1, order])
+    return DeferredEntries(index, block[order], exp_avg_listed[order], exp_avg_sq_listed[order])
 
 
 CPU_SOURCE = r"""

@@ -27,12 +27,7 @@ import torch
 
 from .hints import ThresholdHint
 from .histogram import abs_histogram, deferred_histogram
-from .masked_update import (
-    DEFER_SHIFT,
-    AdamWScalars,
-    apply_deferred,
-    masked_adamw,
-)
+from .masked_update import DEFER_SHIFT, AdamWScalars, apply_deferred, masked_adamw
 from .moments import HINT_WINDOW, HintedCounts, update_moments
 from .radix import RESOLVED, RadixState, advance_within, level_bins, refine
 from .segments import SegmentTable
