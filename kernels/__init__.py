@@ -5,14 +5,19 @@ takes `backend=` ("torch", "cpu" or "triton", see `available_backends`). Importi
 package never needs a GPU or Triton.
 """
 
-from .backends import available_backends, default_backend
-from .hints import ThresholdHint
-from .histogram import abs_histogram
-from .masked_update import masked_adamw
-from .moments import update_moments
-from .radix import NUM_LEVELS, RadixState, level_bins, refine
-from .segments import DENSE, NO_ROWSCALE, SegmentTable
-from .step import topk_adamw_step
+if __name__ == "kernels":  # imported by its folder's name, not as dsforget.kernels
+    from ._name_clash import hand_over_top_level_name
+
+    hand_over_top_level_name()
+else:
+    from .backends import available_backends, default_backend
+    from .hints import ThresholdHint
+    from .histogram import abs_histogram
+    from .masked_update import masked_adamw
+    from .moments import update_moments
+    from .radix import NUM_LEVELS, RadixState, level_bins, refine
+    from .segments import DENSE, NO_ROWSCALE, SegmentTable
+    from .step import topk_adamw_step
 
 __all__ = [
     "DENSE",

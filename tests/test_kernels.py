@@ -1075,6 +1075,33 @@ def test_import_needs_neither_triton_nor_a_gpu():
     run_python(["-c", code], env={"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""})
 
 
+def test_top_level_kernels_name_is_left_to_its_package():
+    """Catches the checkout's kernels/ folder shadowing Hugging Face's `kernels` package when
+    the checkout's root is on sys.path (python -m from it): transformers >= 5.25 imports that
+    package while loading any model, and every model load from the root failed."""
+    code = (
+        "import importlib.metadata as metadata, pathlib, sys\n"
+        "try:\n"
+        "    metadata.version('kernels')\n"
+        "except metadata.PackageNotFoundError:\n"
+        "    try:\n"
+        "        import kernels\n"
+        "    except ModuleNotFoundError as error:\n"
+        "        assert 'dsforget.kernels' in str(error), error\n"
+        "    else:\n"
+        "        raise AssertionError(f'imported {kernels.__file__}')\n"
+        "else:\n"
+        "    import kernels\n"
+        "    assert pathlib.Path(sys.path[0] or '.').resolve() == pathlib.Path.cwd(), sys.path[0]\n"
+        "    folder = pathlib.Path(kernels.__file__).resolve().parent\n"
+        "    assert folder != pathlib.Path.cwd() / 'kernels', folder\n"
+        "    import transformers.modeling_utils\n"
+        "import dsforget.kernels as ours\n"
+        "assert ours.topk_adamw_step.__module__ == 'dsforget.kernels.step', ours.topk_adamw_step.__module__\n"
+    )
+    run_python(["-c", code])
+
+
 @pytest.mark.skipif(triton is None, reason="Triton is not installed")
 @pytest.mark.skipif(INTERPRET, reason="already running under the interpreter")
 def test_triton_kernels_under_the_interpreter():
