@@ -11,7 +11,10 @@ each segment, the first matrix entering mid-row. Implementations, all on the sam
 - mofo-reference:  the MoFO reference code's step (per parameter: lerp/addcmul, torch.topk of
                    |m| for the threshold, torch.where mask, addcdiv);
 - dsforget-torch:  kernels.step.topk_adamw_step on the plain-PyTorch references;
-- dsforget-cpu / dsforget-triton: the fused backend of the device;
+- dsforget-cpu / dsforget-triton: the fused backend of the device (on the CPU the one-pass
+                   step, kernels/speculative.py);
+- dsforget-cpu-two-pass: the CPU backend's two-pass step (moments, then the update), which the
+                   one-pass step replaces with the same result bit for bit;
 - torch-adamw-fused / -foreach: torch.optim.AdamW on the whole flat tensor (dense baselines;
                    "x AdamW" is relative to the fused one);
 - deepspeed-cpu-adam / deepspeed-fused-adam: DeepSpeed's own dense Adam for the device, as
@@ -19,10 +22,11 @@ each segment, the first matrix entering mid-row. Implementations, all on the sam
 
 Columns: median step time with p20/p80; GB/s counts 28 B per element for every row (read p, g,
 m, v; write p, m, v: the least any Adam-family step moves), so GB/s ranks speed on one scale;
-exact-mode MoFO needs at least 36 B (moments 20, update 16) in a step whose threshold hints
-hit, and 44-48 B when a threshold leaves its hint's window (extra passes over m), so at most
-28/36 = 78% of AdamW's GB/s at equal efficiency, and 16/24 = 67% on a machine whose time goes
-to reads (MoFO reads 24 B, Adam 16). The timed steps carry their hints from step to step as
+the two-pass exact-mode MoFO step needs at least 36 B (moments 20, update 16) in a step whose
+threshold hints hit, and 44-48 B when a threshold leaves its hint's window (extra passes over
+m), so at most 28/36 = 78% of AdamW's GB/s at equal efficiency, and 16/24 = 67% on a machine
+whose time goes to reads (it reads 24 B, Adam 16). The one-pass step moves Adam's 28 B when
+hints hit, plus its lists (~24 B per window entry, 0.3-1% of the entries). The timed steps carry their hints from step to step as
 the optimizer does (dsforget's after SETTLE_STEPS untimed ones per turn, when its threshold
 windows have narrowed as in a long run), and every step gets a fresh gradient (drawn untimed;
 m starts stationary, see initial_state), so thresholds jitter as in a long fine-tune. The
@@ -31,7 +35,9 @@ whose speed varies. "% copy" relates that to a measured copy (8 B per element). 
 torch.cuda.max_memory_allocated above the live state; on CPU the peak of live torch allocations
 during one step, from the profiler's per-op memory records (allocations inside C++ extensions
 are not seen; dsforget's are 64 KiB of counters and digit scratch per thread, and 24 B per
-deferred entry: index, block, m, v). Max error: largest |p - p_ref| after one step from the same
+deferred entry: index, block, m, v); the one-pass step's list buffers, kept between steps
+(~0.7 B per element, kernels/speculative.py), are allocated before the timed steps and not
+counted here. Max error: largest |p - p_ref| after one step from the same
 state; p_ref is dsforget-torch (fp32) for the MoFO rows and torch.optim.AdamW(foreach=False) for
 the dense rows.
 """
@@ -167,7 +173,7 @@ def mofo_reference_step(shard: Shard, state: State) -> Step:
     return step
 
 
-def dsforget_step(backend: str) -> Callable[[Shard, State], Step]:
+def dsforget_step(backend: str, speculate: bool = True) -> Callable[[Shard, State], Step]:
     """dsforget's step (kernels.step.topk_adamw_step), carrying its threshold hints between steps."""
 
     def setup(shard: Shard, state: State) -> Step:
@@ -189,6 +195,7 @@ def dsforget_step(backend: str) -> Callable[[Shard, State], Step]:
                 decay_selected_only=False,
                 hint=hint[0],
                 backend=backend,
+                speculate=speculate,
             )
 
         return step
@@ -411,6 +418,10 @@ def bench_size(numel: int, device: torch.device, repeats: int) -> tuple[list[Res
     ]
     if fused != "torch":
         implementations.append((f"dsforget-{fused}", dsforget_step(fused), mofo_reference))
+    if fused == "cpu":  # the step the one-pass step replaces (results identical)
+        implementations.append(
+            ("dsforget-cpu-two-pass", dsforget_step(fused, speculate=False), mofo_reference)
+        )
     implementations += [
         ("torch-adamw-fused", torch_adamw_step(fused=True), dense_reference),
         ("torch-adamw-foreach", torch_adamw_step(foreach=True), dense_reference),

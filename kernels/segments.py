@@ -9,6 +9,7 @@ The kernels know nothing about models or DeepSpeed: they see only these integer 
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -79,5 +80,41 @@ class SegmentTable:
         ]
         return list(zip(*(c.tolist() for c in cols), strict=True))
 
+    def split_at_spans(self, spans: list[tuple[int, int]]) -> tuple[SegmentTable, SegmentTable]:
+        """(inside, outside): the parts of this table's segments inside and outside the shard
+        spans [first, last) (ascending, disjoint), as two tables of the same blocks."""
+        inside: list[tuple[int, int, int, int, int, int]] = []
+        outside: list[tuple[int, int, int, int, int, int]] = []
+        starts = [first for first, _ in spans]
+        for row in self.rows():
+            shard_offset, length = row[0], row[1]
+            end = shard_offset + length
+            cursor = shard_offset
+            for first, last in spans[max(bisect.bisect_right(starts, shard_offset) - 1, 0) :]:
+                if first >= end:
+                    break
+                if last <= cursor:
+                    continue
+                if first > cursor:
+                    outside.append(_part(row, cursor, first))
+                inside.append(_part(row, max(first, cursor), min(last, end)))
+                cursor = min(last, end)
+            if cursor < end:
+                outside.append(_part(row, cursor, end))
+        block_k = self.block_k.tolist()
+        device = self.length.device
+        return (
+            SegmentTable.build(inside, self.rowscale, block_k, device),
+            SegmentTable.build(outside, self.rowscale, block_k, device),
+        )
+
     def to(self, device: torch.device | str) -> SegmentTable:
         return SegmentTable(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
+
+
+def _part(
+    row: tuple[int, int, int, int, int, int], first: int, last: int
+) -> tuple[int, int, int, int, int, int]:
+    """The row of shard elements [first, last) of the segment `row`."""
+    shard_offset, _, param_offset, row_len, block, rowscale_start = row
+    return (first, last - first, param_offset + first - shard_offset, row_len, block, rowscale_start)

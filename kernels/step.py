@@ -31,6 +31,7 @@ from .masked_update import DEFER_SHIFT, AdamWScalars, apply_deferred, masked_ada
 from .moments import HINT_WINDOW, HintedCounts, update_moments
 from .radix import RESOLVED, RadixState, advance_within, level_bins, refine
 from .segments import SegmentTable
+from .speculative import correct_speculation, speculative_update
 
 # Most entries one block may defer: a bin beyond it takes a pass over m instead, so the list never
 # outgrows 16 level-2 histograms' worth of entries per block (O(blocks x bins), never O(shard)).
@@ -60,12 +61,16 @@ def topk_adamw_step(
     hint: ThresholdHint | None = None,
     sum_over_ranks: SumOverRanks = no_reduction,
     backend: str = "torch",
+    speculate: bool = True,
 ) -> ThresholdHint:
     """Update param, exp_avg and exp_avg_sq in place (step = the 1-based step count after this
     one); returns the hint for the next step.
 
     hint: the previous call's return value for this table, or None. It changes only the work
     done, never the result, but must be the same on every rank that sums histograms.
+    speculate: take the one-pass step (speculative.py) where it applies: the "cpu" backend, a
+    hint, and selected and unselected entries decaying alike. False forces the two-pass step
+    (for comparisons); neither changes the result.
     """
     update = AdamWScalars.at_step(
         step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_selected_only=decay_selected_only
@@ -75,6 +80,11 @@ def topk_adamw_step(
         update_moments(grad, exp_avg, exp_avg_sq, table, **moments)
         masked_adamw(param, exp_avg, exp_avg_sq, table, table.block_k, update, backend=backend)
         return ThresholdHint.after(table.block_k, None, backend)
+
+    if speculate and hint is not None and backend == "cpu" and update.decay == update.decay_unselected:
+        return _speculative_step(
+            param, grad, exp_avg, exp_avg_sq, table, update, moments, hint, sum_over_ranks
+        )
 
     radix = RadixState.start(table.block_k)
     if hint is None:
@@ -155,3 +165,63 @@ def _refine_in_window(
         return
     _refine_by_pass(radix, exp_avg, table, 0, ~hit, sum_over_ranks, backend)
     _refine_by_pass(radix, exp_avg, table, 1, radix.unresolved & ~hit, sum_over_ranks, backend)
+
+
+def _speculative_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    table: SegmentTable,
+    update: AdamWScalars,
+    moments: dict,
+    hint: ThresholdHint,
+    sum_over_ranks: SumOverRanks,
+) -> ThresholdHint:
+    """The step with the update applied in the moments pass (see speculative.py): the window
+    counts fix levels 0 and 1 of a block that hit, the window entries listed by the pass its
+    level 2; a block that missed is counted over m and corrected."""
+    backend = moments["backend"]
+    window = exp_avg.new_zeros(table.num_blocks, HINT_WINDOW, dtype=torch.int64)
+    hinted = HintedCounts(hint.start, hint.width, torch.zeros_like(hint.start), window)
+    left = speculative_update(
+        grad,
+        param,
+        exp_avg,
+        exp_avg_sq,
+        table,
+        hinted,
+        update,
+        beta1=moments["beta1"],
+        beta2=moments["beta2"],
+    )
+    untouched, speculated = (None, table)
+    if left.untouched.numel() > 0:  # (this rank's own: no branch below that leads to a collective)
+        untouched, speculated = table.split_at_spans(left.untouched_spans())
+
+    radix = RadixState.start(table.block_k)
+    above, in_window = sum_over_ranks([hinted.above, hinted.histogram])
+    hit = advance_within(radix, in_window, 1, hinted.start, above, backend=backend)
+    missed = not bool(hit.all())
+    if missed:
+        _refine_by_pass(radix, exp_avg, table, 0, ~hit, sum_over_ranks, backend)
+        _refine_by_pass(radix, exp_avg, table, 1, radix.unresolved & ~hit, sum_over_ranks, backend)
+    if not radix.done:
+        # an open block that hit has its level-2 bin in its window: the pass listed its entries
+        # (but those of untouched spans); one that missed is counted over m
+        histogram = exp_avg.new_zeros(table.num_blocks, level_bins(2), dtype=torch.int64)
+        in_list = torch.where(hit, radix.prefix, RESOLVED)
+        deferred_histogram(left.deferred, in_list, 2, histogram, backend=backend)
+        if untouched is not None:
+            abs_histogram(exp_avg, untouched, in_list, 2, histogram, backend=backend)
+        over_m = torch.where(hit, RESOLVED, radix.prefix)
+        if bool((over_m != RESOLVED).any()):
+            abs_histogram(exp_avg, table, over_m, 2, histogram, backend=backend)
+        refine(radix, sum_over_ranks([histogram])[0], 2, backend=backend)
+
+    apply_deferred(param, left.deferred, radix.threshold, update, backend=backend)
+    if untouched is not None:
+        masked_adamw(param, exp_avg, exp_avg_sq, untouched, radix.threshold, update, backend=backend)
+    if missed:
+        correct_speculation(param, exp_avg, exp_avg_sq, speculated, radix.threshold, hinted, left, update)
+    return ThresholdHint.after(radix.threshold, hint, backend)
