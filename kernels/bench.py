@@ -26,17 +26,18 @@ the two-pass exact-mode MoFO step needs at least 36 B (moments 20, update 16) in
 threshold hints hit, and 44-48 B when a threshold leaves its hint's window (extra passes over
 m), so at most 28/36 = 78% of AdamW's GB/s at equal efficiency, and 16/24 = 67% on a machine
 whose time goes to reads (it reads 24 B, Adam 16). The one-pass step moves Adam's 28 B when
-hints hit, plus its lists (~24 B per window entry, 0.3-1% of the entries). The timed steps carry their hints from step to step as
-the optimizer does (dsforget's after SETTLE_STEPS untimed ones per turn, when its threshold
-windows have narrowed as in a long run), and every step gets a fresh gradient (drawn untimed;
-m starts stationary, see initial_state), so thresholds jitter as in a long fine-tune. The
-implementations take turns in rounds (run_rounds), so that the ratios hold on a shared machine
-whose speed varies. "% copy" relates that to a measured copy (8 B per element). Peak extra memory: on GPU
+hints hit, plus its lists (~28 B per window entry, 0.3-1% of the entries). The timed steps carry
+their hints from step to step as the optimizer does (dsforget's after SETTLE_STEPS untimed ones
+per turn, when its threshold windows have narrowed as in a long run), and every step gets a
+fresh gradient (drawn untimed; m starts stationary, see initial_state), so thresholds jitter as
+in a long fine-tune. The implementations take turns in rounds (run_rounds), so that the ratios
+hold on a shared machine whose speed varies. "% copy" relates that to a measured copy (8 B per
+element). Peak extra memory: on GPU
 torch.cuda.max_memory_allocated above the live state; on CPU the peak of live torch allocations
 during one step, from the profiler's per-op memory records (allocations inside C++ extensions
 are not seen; dsforget's are 64 KiB of counters and digit scratch per thread, and 24 B per
 deferred entry: index, block, m, v); the one-pass step's list buffers, kept between steps
-(~0.7 B per element, kernels/speculative.py), are allocated before the timed steps and not
+(~0.75 B per element, kernels/speculative.py), are allocated before the timed steps and not
 counted here. Max error: largest |p - p_ref| after one step from the same
 state; p_ref is dsforget-torch (fp32) for the MoFO rows and torch.optim.AdamW(foreach=False) for
 the dense rows.

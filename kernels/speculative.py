@@ -12,8 +12,10 @@ to be:
   (`p_new - step` does not give back the unselected p, where the update moves p across a power
   of two or is large against p: ~2% of the selected entries in the benchmark, at lr 1e-3), the
   unselected p is listed (the rollbacks);
-- entries inside the window (~0.3-1% of a block): left as they are and listed with m and v
-  (`DeferredEntries`), like the two-pass step's last bin; `apply_deferred` updates them;
+- entries inside the window (~0.3-1% of a block): updated as unselected and listed with m, v
+  and that p (like the two-pass step's last bin); `resolve_window` adds the step to those that
+  turn out selected, writing p without reading it (the entries are scattered: a read is a cache
+  miss each);
 - entries below the window: updated as unselected (decayed only);
 - DENSE segments: updated.
 
@@ -25,8 +27,8 @@ puts back the listed unselected values. Every path gives the two-pass step's res
 (tested), so speculation changes the work a step does, never its result.
 
 Memory: each block has a region of 1 / LISTED_SHARE of its local entries (at least LISTED_MIN)
-in buffers kept per table (`list_buffers`) for its deferred entries (24 B each: index, block, m,
-v) and as many for rollbacks (20 B), i.e. ~0.7 B per element of the shard. A piece of a block
+in buffers kept per table (`list_buffers`) for its window entries (28 B each: index, block, m,
+v, p) and as many for rollbacks (20 B), i.e. ~0.75 B per element of the shard. A piece of a block
 whose entries do not fit (ties: a block of equal |m| has all of it in the window) is left
 untouched, as is the rest of that thread's range of the block's pieces; the untouched spans are
 returned and take the two-pass update (`masked_adamw`) once the threshold is exact. Which pieces
@@ -61,14 +63,15 @@ LISTED_MIN = 1024
 class SpeculationLeftovers:
     """What the one-pass update leaves for the rest of the step.
 
-    deferred: the window entries (p untouched; `apply_deferred` updates them), by block, in no
-    particular order within a block.
+    deferred: the window entries, by block, in no particular order within a block, and
+    deferred_unselected: fp32 [D], their p as written (unselected; `resolve_window`).
     rollback_index, rollback_block: int64 [R], rollback_unselected: fp32 [R], the entries updated as
     selected whose unselected p cannot be recomputed from the new one (p if they are not).
     untouched: int64 [U, 2], ascending shard spans [first, last) whose p this op did not write.
     """
 
     deferred: DeferredEntries
+    deferred_unselected: torch.Tensor
     rollback_index: torch.Tensor
     rollback_block: torch.Tensor
     rollback_unselected: torch.Tensor
@@ -112,9 +115,10 @@ struct PieceCounts {
 // argument, not a runtime flag: GCC does not vectorise a loop that selects between the two forms.
 enum class Moments { kUpdated, kLerpFromStart, kLerpFromEnd };
 
-// The update of n entries of one top-k piece as if its threshold were window.high; entries inside
-// the window keep p. before[i]: p as it was; flags[i]: bit 0 inside the window, bit 1 a selected
-// update that subtracting the step does not undo bit for bit. Branch-free (GCC vectorises it).
+// The update of n entries of one top-k piece as if its threshold were window.high (entries inside
+// the window are unselected until resolve_window). before[i]: p as it was; flags[i]: bit 0 inside
+// the window, bit 1 a selected update that subtracting the step does not undo bit for bit.
+// Branch-free (GCC vectorises it).
 // The unselected p is p * decay: adamw_entry adds (-step_size * 0) / denom, which is -0 (a no-op)
 // for every denom > 0, and this saves that division (one of two per entry). Returns false if a
 // denom is not > 0 (NaN, or 0: v NaN, or eps 0 with v 0): the piece must then be left untouched,
@@ -144,7 +148,7 @@ inline bool speculate_piece(const Grad* __restrict grad, float* __restrict p, fl
     const float updated = unselected + step;
     const bool lossy = selected & (float_bits(updated - step) != float_bits(unselected));
     before[i] = old;
-    p[i] = in_window ? old : (selected ? updated : unselected);
+    p[i] = selected ? updated : unselected;
     flags[i] = uint8_t(in_window) | uint8_t(uint8_t(lossy) << 1);
     inside += in_window;
     irreversible += lossy;
@@ -180,7 +184,7 @@ constexpr int64_t kSpeculationPiece = 1024;
 // their page faults every step), filled from the region's start; used[b] counts the slots taken.
 struct SpeculationLists {
   int64_t *deferred_index, *deferred_block;
-  float *deferred_exp_avg, *deferred_exp_avg_sq;
+  float *deferred_exp_avg, *deferred_exp_avg_sq, *deferred_unselected;
   int64_t *rollback_index, *rollback_block;
   float* rollback_unselected;
   const int64_t *region_start, *region_size;
@@ -216,6 +220,7 @@ struct SpeculationLists {
       std::memmove(deferred_block + deferred, deferred_block + from, size_t(d) * sizeof(int64_t));
       std::memmove(deferred_exp_avg + deferred, deferred_exp_avg + from, size_t(d) * sizeof(float));
       std::memmove(deferred_exp_avg_sq + deferred, deferred_exp_avg_sq + from, size_t(d) * sizeof(float));
+      std::memmove(deferred_unselected + deferred, deferred_unselected + from, size_t(d) * sizeof(float));
       std::memmove(rollback_index + rollbacks, rollback_index + from, size_t(r) * sizeof(int64_t));
       std::memmove(rollback_block + rollbacks, rollback_block + from, size_t(r) * sizeof(int64_t));
       std::memmove(rollback_unselected + rollbacks, rollback_unselected + from, size_t(r) * sizeof(float));
@@ -226,9 +231,22 @@ struct SpeculationLists {
   }
 };
 
+// Bit j of the result: flags[j] != 0, for j < n <= 64 (AVX-512BW: one compare for 64 flags).
+inline uint64_t nonzero_mask(const uint8_t* flags, int64_t n) {
+#if defined(__AVX512BW__)
+  if (n == 64) {
+    const __m512i bytes = _mm512_loadu_si512(flags);
+    return _mm512_test_epi8_mask(bytes, bytes);
+  }
+#endif
+  uint64_t mask = 0;
+  for (int64_t j = 0; j < n; ++j) mask |= uint64_t(flags[j] != 0) << j;
+  return mask;
+}
+
 // Lists the flagged entries of a committed piece starting at shard element `start` into the
-// reserved slots, and counts its window entries by level-1 prefix. The flags are read 8 at a
-// time: most words are all zero.
+// reserved slots, and counts its window entries by level-1 prefix. A piece lists ~1% of its
+// entries: the flags are scanned 64 at a time and only the set ones visited.
 inline void list_piece(const float* m, const float* v, const float* before, const uint8_t* flags,
                        int64_t start, int64_t n, int64_t block, Window window, int64_t shift,
                        const UpdateConstants& c, LocalHistogram& histogram, SpeculationLists& lists,
@@ -236,26 +254,25 @@ inline void list_piece(const float* m, const float* v, const float* before, cons
   const uint32_t first_prefix = window.low >> shift;
   int64_t deferred_at = lists.region_start[block] + deferred_slot;
   int64_t rollback_at = lists.region_start[block] + rollback_slot;
-  for (int64_t word = 0; word < n; word += 8) {
-    uint64_t packed = 0;
-    std::memcpy(&packed, flags + word, size_t(std::min<int64_t>(8, n - word)));
-    while (packed != 0) {
-      const int lane = __builtin_ctzll(packed) / 8;
-      packed &= ~(uint64_t(0xff) << (8 * lane));
-      const int64_t i = word + lane;
+  for (int64_t word = 0; word < n; word += 64) {
+    uint64_t set = nonzero_mask(flags + word, std::min<int64_t>(64, n - word));
+    for (; set != 0; set &= set - 1) {
+      const int64_t i = word + __builtin_ctzll(set);
       const int64_t at = start + i;
+      const float p_unselected = before[i] * c.decay_unselected;  // as speculate_piece
       if (flags[i] & 1) {
         histogram.add(block, (abs_bits(m[at]) >> shift) - first_prefix);
         lists.deferred_index[deferred_at] = at;
         lists.deferred_block[deferred_at] = block;
         lists.deferred_exp_avg[deferred_at] = m[at];
         lists.deferred_exp_avg_sq[deferred_at] = v[at];
+        lists.deferred_unselected[deferred_at] = p_unselected;
         ++deferred_at;
       }
       if (flags[i] & 2) {
         lists.rollback_index[rollback_at] = at;
         lists.rollback_block[rollback_at] = block;
-        lists.rollback_unselected[rollback_at] = before[i] * c.decay_unselected;  // as speculate_piece
+        lists.rollback_unselected[rollback_at] = p_unselected;
         ++rollback_at;
       }
     }
@@ -333,15 +350,16 @@ std::vector<at::Tensor> speculative_update(
     const at::Tensor& region_size, at::TensorList buffers) {
   TORCH_CHECK(decay_selected == decay_unselected,
               "speculative update: selected and unselected entries must decay alike");
-  TORCH_CHECK(buffers.size() == 7, "expected the 7 list buffers");
+  TORCH_CHECK(buffers.size() == 8, "expected the 8 list buffers");
   const std::vector<Segment> segments = gather_segments(segment_columns);
   const int64_t n_blocks = hint_above.numel();
   std::vector<int64_t> deferred_used(n_blocks, 0), rollback_used(n_blocks, 0);
-  SpeculationLists lists{buffers[0].data_ptr<int64_t>(), buffers[1].data_ptr<int64_t>(),
-                         buffers[2].data_ptr<float>(),   buffers[3].data_ptr<float>(),
-                         buffers[4].data_ptr<int64_t>(), buffers[5].data_ptr<int64_t>(),
-                         buffers[6].data_ptr<float>(),   region_start.data_ptr<int64_t>(),
-                         region_size.data_ptr<int64_t>(), deferred_used.data(), rollback_used.data()};
+  SpeculationLists lists{buffers[0].data_ptr<int64_t>(),  buffers[1].data_ptr<int64_t>(),
+                         buffers[2].data_ptr<float>(),    buffers[3].data_ptr<float>(),
+                         buffers[4].data_ptr<float>(),    buffers[5].data_ptr<int64_t>(),
+                         buffers[6].data_ptr<int64_t>(),  buffers[7].data_ptr<float>(),
+                         region_start.data_ptr<int64_t>(), region_size.data_ptr<int64_t>(),
+                         deferred_used.data(),            rollback_used.data()};
   const HintCounts hints{window_start.data_ptr<int64_t>(), window_width.data_ptr<int64_t>(),
                          hint_above.data_ptr<int64_t>(), hint_shift, hint_bins};
   const float lerp_weight = float(1.0 - beta1);
@@ -416,7 +434,34 @@ void correct_speculation(at::Tensor param, const at::Tensor& exp_avg, const at::
   }
 }
 
+// The window entries' p once the thresholds are exact: the selected ones get the step added to
+// their unselected p (as speculate_piece), the others already hold theirs. Writes p, never reads
+// it (each entry's p is a cache miss: a store does not stall the loop, a load would).
+void resolve_window(at::Tensor param, const at::Tensor& index, const at::Tensor& block,
+                    const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& unselected,
+                    const at::Tensor& thresholds, double step_size, double bias_correction2_sqrt, double eps,
+                    double decay_selected, double decay_unselected) {
+  const UpdateConstants c =
+      update_constants(step_size, bias_correction2_sqrt, eps, decay_selected, decay_unselected);
+  float* p = param.data_ptr<float>();
+  const int64_t* at = index.data_ptr<int64_t>();
+  const int64_t* blocks = block.data_ptr<int64_t>();
+  const float* m = exp_avg.data_ptr<float>();
+  const float* v = exp_avg_sq.data_ptr<float>();
+  const float* p_unselected = unselected.data_ptr<float>();
+  const int64_t* threshold = thresholds.data_ptr<int64_t>();
+  for (int64_t i = 0; i < index.numel(); ++i) {
+    if (abs_bits(m[i]) < uint32_t(threshold[blocks[i]])) continue;
+    const float step = (-c.step_size * m[i]) / (std::sqrt(v[i]) * c.inverse_bias_correction2_sqrt + c.eps);
+    p[at[i]] = p_unselected[i] + step;
+  }
+}
+
 TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
+  ops.def("resolve_window(Tensor(a!) param, Tensor index, Tensor block, Tensor exp_avg, Tensor exp_avg_sq, "
+          "Tensor unselected, Tensor thresholds, float step_size, float bias_correction2_sqrt, float eps, "
+          "float decay_selected, float decay_unselected) -> ()",
+          &resolve_window);
   ops.def("speculative_update(Tensor grad, Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
           "Tensor[] segments, Tensor rowscale, Tensor tile_segment, Tensor tile_start, int tile_size, "
           "Tensor window_start, Tensor window_width, Tensor(d!) hint_above, Tensor(e!) hint_histogram, "
@@ -446,7 +491,7 @@ class ListBuffers:
 
     region_start: torch.Tensor
     region_size: torch.Tensor
-    arrays: tuple[torch.Tensor, ...]  # deferred index, block, m, v; rollback index, block, unselected p
+    arrays: tuple[torch.Tensor, ...]  # window index, block, m, v, unselected p; rollback index, block, p
 
 
 _BUFFERS: dict[tuple[int, int, int], ListBuffers] = {}
@@ -466,7 +511,7 @@ def list_buffers(table: SegmentTable) -> ListBuffers:
         device = table.length.device
         arrays = tuple(
             torch.empty(slots, dtype=dtype, device=device)
-            for dtype in (torch.int64, torch.int64, torch.float32, torch.float32)
+            for dtype in (torch.int64, torch.int64, torch.float32, torch.float32, torch.float32)
             + (torch.int64, torch.int64, torch.float32)
         )
         start = torch.cumsum(size, 0) - size
@@ -523,8 +568,8 @@ def speculative_update(
         list(buffers.arrays),
     )
     deferred, rollbacks = counts.tolist()
-    lists = [array[:deferred] for array in buffers.arrays[:4]] + [
-        array[:rollbacks] for array in buffers.arrays[4:]
+    lists = [array[:deferred] for array in buffers.arrays[:5]] + [
+        array[:rollbacks] for array in buffers.arrays[5:]
     ]
     return SpeculationLeftovers(DeferredEntries(*lists[:4]), *lists[4:], untouched)
 
@@ -560,5 +605,22 @@ def correct_speculation(
         left.rollback_index,
         left.rollback_block,
         left.rollback_unselected,
+        *scalars.kernel_arguments(),
+    )
+
+
+def resolve_window(
+    param: torch.Tensor, left: SpeculationLeftovers, thresholds: torch.Tensor, scalars: AdamWScalars
+) -> None:
+    """Finish the window entries the update listed, now that `thresholds` are exact; CPU only."""
+    deferred = left.deferred
+    cpu_ops().resolve_window(
+        param,
+        deferred.index,
+        deferred.block,
+        deferred.exp_avg,
+        deferred.exp_avg_sq,
+        left.deferred_unselected,
+        thresholds,
         *scalars.kernel_arguments(),
     )

@@ -31,7 +31,7 @@ from .masked_update import DEFER_SHIFT, AdamWScalars, apply_deferred, masked_ada
 from .moments import HINT_WINDOW, HintedCounts, update_moments
 from .radix import RESOLVED, RadixState, advance_within, level_bins, refine
 from .segments import SegmentTable
-from .speculative import correct_speculation, speculative_update
+from .speculative import correct_speculation, resolve_window, speculative_update
 
 # Most entries one block may defer: a bin beyond it takes a pass over m instead, so the list never
 # outgrows 16 level-2 histograms' worth of entries per block (O(blocks x bins), never O(shard)).
@@ -219,7 +219,7 @@ def _speculative_step(
             abs_histogram(exp_avg, table, over_m, 2, histogram, backend=backend)
         refine(radix, sum_over_ranks([histogram])[0], 2, backend=backend)
 
-    apply_deferred(param, left.deferred, radix.threshold, update, backend=backend)
+    resolve_window(param, left, radix.threshold, update)
     if untouched is not None:
         masked_adamw(param, exp_avg, exp_avg_sq, untouched, radix.threshold, update, backend=backend)
     if missed:
