@@ -79,6 +79,11 @@ class ForgetAdamW(torch.optim.Optimizer):
     With every rule dense and no row scales it is ``torch.optim.AdamW`` (same hyperparameters).
     Frozen parameters are dropped from the groups: they get no state and DeepSpeed never sees
     them (``dsforget.initialize`` also sets their ``requires_grad=False``).
+
+    one_pass: on the "cpu" backend, step top-k shards in one pass over memory (the update applied
+    in the moments pass, kernels/speculative.py), which keeps list buffers of ~0.75 B per element
+    between steps; False takes the two-pass step, whose extra memory is O(blocks x bins). The
+    result is the same bit for bit.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class ForgetAdamW(torch.optim.Optimizer):
         topk: str = "exact",
         decay_scope: str = "all",
         backend: str = "auto",
+        one_pass: bool = True,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -106,6 +112,7 @@ class ForgetAdamW(torch.optim.Optimizer):
         self.topk = _choose("topk", topk, TOPK_MODES)
         self.decay_scope = _choose("decay_scope", decay_scope, DECAY_SCOPES)
         self.backend = _choose("backend", backend, BACKENDS)
+        self.one_pass = bool(one_pass)
         groups, self._names = _named_groups(params)
         for group in groups:
             for tensor in group["params"]:
@@ -338,6 +345,7 @@ class ForgetAdamW(torch.optim.Optimizer):
             hint=self._hints.get(id(param)),
             sum_over_ranks=self._sum_over_data_parallel,
             backend=self._backend(param),
+            speculate=self.one_pass,
         )
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -388,12 +396,15 @@ class MoFOAdamW(ForgetAdamW):
         topk: str = "exact",
         decay_scope: str = "all",
         backend: str = "auto",
+        one_pass: bool = True,
     ) -> None:
         groups, names = _named_groups(params)
         named_groups = [{**g, "params": [(names[id(t)], t) for t in g["params"]]} for g in groups]
         self.fraction = fraction
         plan = mofo_plan_from_names(names.values(), fraction)
-        super().__init__(named_groups, plan, lr, betas, eps, weight_decay, topk, decay_scope, backend)
+        super().__init__(
+            named_groups, plan, lr, betas, eps, weight_decay, topk, decay_scope, backend, one_pass
+        )
 
     def _plan_for_names(self, plan: MaskPlan) -> MaskPlan:
         return mofo_plan_from_names(self._names.values(), self.fraction)

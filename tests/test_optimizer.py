@@ -189,6 +189,34 @@ def test_identical_runs_are_bit_identical() -> None:
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no C++ compiler: the one-pass step is the cpu backend's")
+def test_one_pass_switch_changes_the_work_not_the_result(monkeypatch) -> None:
+    """Catches `one_pass` not reaching the kernels (either way) and a result that depends on it."""
+    from dsforget.kernels import step as step_op
+
+    calls: list[int] = []
+    speculate = step_op.speculative_update
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return speculate(*args, **kwargs)
+
+    monkeypatch.setattr(step_op, "speculative_update", counted)
+    results = []
+    for one_pass in (True, False):
+        calls.clear()
+        model = make_model()
+        plan = dsforget.plan_for(model, "mofo", fraction=0.3)
+        optimizer = ForgetAdamW(
+            model.named_parameters(), plan=plan, lr=1e-2, backend="cpu", one_pass=one_pass
+        )
+        run(model, optimizer, steps=10)
+        assert bool(calls) == one_pass, f"one_pass={one_pass}: {len(calls)} one-pass steps"
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
 def test_state_dict_round_trip_continues_identically() -> None:
     """save -> load into a fresh optimizer -> 3 more steps equals an uninterrupted run."""
     straight = make_model()
