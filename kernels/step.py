@@ -82,9 +82,7 @@ def topk_adamw_step(
         return ThresholdHint.after(table.block_k, None, backend)
 
     if speculate and hint is not None and backend == "cpu" and update.decay == update.decay_unselected:
-        return _speculative_step(
-            param, grad, exp_avg, exp_avg_sq, table, update, moments, hint, sum_over_ranks
-        )
+        return _speculative_step(param, grad, exp_avg, exp_avg_sq, table, update, betas, hint, sum_over_ranks)
 
     radix = RadixState.start(table.block_k)
     if hint is None:
@@ -174,14 +172,14 @@ def _speculative_step(
     exp_avg_sq: torch.Tensor,
     table: SegmentTable,
     update: AdamWScalars,
-    moments: dict,
+    betas: tuple[float, float],
     hint: ThresholdHint,
     sum_over_ranks: SumOverRanks,
 ) -> ThresholdHint:
     """The step with the update applied in the moments pass (see speculative.py): the window
     counts fix levels 0 and 1 of a block that hit, the window entries listed by the pass its
     level 2; a block that missed is counted over m and corrected."""
-    backend = moments["backend"]
+    backend = "cpu"  # (the only backend with the one-pass op)
     window = exp_avg.new_zeros(table.num_blocks, HINT_WINDOW, dtype=torch.int64)
     hinted = HintedCounts(hint.start, hint.width, torch.zeros_like(hint.start), window)
     left = speculative_update(
@@ -192,8 +190,8 @@ def _speculative_step(
         table,
         hinted,
         update,
-        beta1=moments["beta1"],
-        beta2=moments["beta2"],
+        beta1=betas[0],
+        beta2=betas[1],
     )
     untouched, speculated = (None, table)
     if left.untouched.numel() > 0:  # (this rank's own: no branch below that leads to a collective)
