@@ -499,14 +499,15 @@ _BUFFERS: dict[tuple[int, int, int], ListBuffers] = {}
 
 def list_buffers(table: SegmentTable) -> ListBuffers:
     """The (cached) list buffers of `table`: a block's region holds 1 / LISTED_SHARE of its
-    entries in the table, at least LISTED_MIN (none for a block with no entries here)."""
+    entries in the table, at least LISTED_MIN, at most all of them."""
     key = (id(table), LISTED_SHARE, LISTED_MIN)
     buffers = _BUFFERS.get(key)
     if buffers is None:
         local = torch.zeros(table.num_blocks, dtype=torch.int64)
         topk = table.block >= 0
         local.index_add_(0, table.block[topk].cpu(), table.length[topk].cpu())
-        size = torch.where(local > 0, torch.clamp(local // LISTED_SHARE, min=LISTED_MIN), 0)
+        # (never more slots than entries: a block cannot list more)
+        size = torch.minimum(torch.clamp(local // LISTED_SHARE, min=LISTED_MIN), local)
         slots = int(size.sum())
         device = table.length.device
         arrays = tuple(
