@@ -317,10 +317,19 @@ inline UpdateConstants update_constants(double step_size, double bias_correction
 }
 
 // One entry's new p (branch-free: selects become blends when GCC vectorises a loop of it).
+inline float adamw_denominator(float v, const UpdateConstants& c) {
+  return std::sqrt(v) * c.inverse_bias_correction2_sqrt + c.eps;
+}
+
+// What a selected entry adds to its decayed p (ATen's addcdiv rounding). The one-pass step
+// subtracts and re-adds exactly this, so every op computes it here.
+inline float adamw_step(float m, float v, const UpdateConstants& c) {
+  return (-c.step_size * m) / adamw_denominator(v, c);
+}
+
 inline float adamw_entry(float p, float m, float v, bool selected, const UpdateConstants& c) {
-  const float denom = std::sqrt(v) * c.inverse_bias_correction2_sqrt + c.eps;
   const float decayed = p * (selected ? c.decay_selected : c.decay_unselected);
-  return decayed + (-c.step_size * (selected ? m : 0.0f)) / denom;  // ATen's addcdiv rounding
+  return decayed + adamw_step(selected ? m : 0.0f, v, c);
 }
 
 // n elements of one tile. Entries with bits(|m|) >> defer_shift == defer_prefix keep their p

@@ -142,8 +142,7 @@ inline bool speculate_piece(const Grad* __restrict grad, float* __restrict p, fl
     const bool in_window = (bits >= window.low) & (bits < window.high);
     const bool selected = bits >= window.high;
     const float old = p[i];
-    const float denom = std::sqrt(v_i) * c.inverse_bias_correction2_sqrt + c.eps;
-    const float step = (-c.step_size * m_i) / denom;  // ATen's addcdiv rounding, as adamw_entry
+    const float step = adamw_step(m_i, v_i, c);
     const float unselected = old * c.decay_selected;  // == decay_unselected (checked by the caller)
     const float updated = unselected + step;
     const bool lossy = selected & (float_bits(updated - step) != float_bits(unselected));
@@ -153,7 +152,7 @@ inline bool speculate_piece(const Grad* __restrict grad, float* __restrict p, fl
     inside += in_window;
     irreversible += lossy;
     above += selected;
-    odd += !(denom > 0.0f);
+    odd += !(adamw_denominator(v_i, c) > 0.0f);
   }
   counts = {inside, irreversible, above};
   return odd == 0;
@@ -421,7 +420,7 @@ void correct_speculation(at::Tensor param, const at::Tensor& exp_avg, const at::
       const uint32_t bits = abs_bits(m[i]);
       const bool outside = (bits < window.low) | (bits >= window.high);
       const bool wrong = outside & ((bits >= t) != (bits >= window.high));
-      const float step = (-c.step_size * m[i]) / (std::sqrt(v[i]) * c.inverse_bias_correction2_sqrt + c.eps);
+      const float step = adamw_step(m[i], v[i], c);
       const float corrected = bits >= t ? p[i] + step : p[i] - step;
       p[i] = wrong ? corrected : p[i];
     }
@@ -452,8 +451,7 @@ void resolve_window(at::Tensor param, const at::Tensor& index, const at::Tensor&
   const int64_t* threshold = thresholds.data_ptr<int64_t>();
   for (int64_t i = 0; i < index.numel(); ++i) {
     if (abs_bits(m[i]) < uint32_t(threshold[blocks[i]])) continue;
-    const float step = (-c.step_size * m[i]) / (std::sqrt(v[i]) * c.inverse_bias_correction2_sqrt + c.eps);
-    p[at[i]] = p_unselected[i] + step;
+    p[at[i]] = p_unselected[i] + adamw_step(m[i], v[i], c);
   }
 }
 
