@@ -10,8 +10,8 @@ The base run settings are a --config file and/or launch/finetune.py flags after 
 runs them with method cofitune, its candidate's layers/modules, --trial_steps steps and its own
 output_dir <search_dir>/trials/<modules>_<layers>/ (log.txt, run.yaml, report.json), under
 DeepSpeed's launcher on 2 CPU ranks without a GPU, or all GPUs (--num_gpus to choose). The tree
-search, the score and the state file are described in dsforget/search.py. Running the same
-command again resumes: recorded trials are not rerun (failed ones only with --retry_failed).
+search, the score and the state file are described in dsforget/experiments/cofitune_search.py.
+Running the same command again resumes: recorded trials are not rerun (failed ones only with --retry_failed).
 Outputs: ranking.json, the printed ranking table, and chosen.yaml, the base settings with the
 best candidate, ready for launch/finetune.py --config.
 """
@@ -31,9 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dsforget.atomic import write_atomic
-from dsforget.methods.cofitune import MODULE_SETS
-from dsforget.run_config import RunConfig
-from dsforget.search import (
+from dsforget.experiments.cofitune_search import (
     Candidate,
     SearchConfig,
     SearchResult,
@@ -45,7 +43,9 @@ from dsforget.search import (
     trial_run_values,
     write_run_config,
 )
-from dsforget.subruns import finetune_command, local_accelerator, subrun_env
+from dsforget.experiments.subruns import finetune_command, local_accelerator, subrun_env
+from dsforget.methods.cofitune.plan import MODULE_SETS
+from dsforget.train.run_config import RunConfig
 
 
 class TrialFailed(RuntimeError):

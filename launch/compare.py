@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dsforget.subruns import finetune_command, split_passthrough, subrun_env
+from dsforget.experiments.subruns import finetune_command, split_passthrough, subrun_env
 
 COLUMNS = (  # (title, report path, format)
     ("task gain", ("summary", "task_gain"), "{:+.3f}"),

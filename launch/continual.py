@@ -8,7 +8,7 @@ Each stage is one launch/finetune.py run (DeepSpeed's launcher; all GPUs, or 2 C
 <output_dir>/stage<i>-<name>/, starting from the previous stage's exported checkpoint; flags
 after `--` go to every stage. A rerun skips finished stages and resumes an interrupted one.
 The score matrix, general metrics after each stage and backward transfer are printed and
-written to <output_dir>/continual.json. The stages file format: dsforget/continual.py.
+written to <output_dir>/continual.json. The stages file format: dsforget/experiments/continual.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dsforget.continual import (
+from dsforget.data import load_conversations
+from dsforget.experiments.continual import (
     StagesFile,
     format_table,
     read_stages,
@@ -32,10 +33,9 @@ from dsforget.continual import (
     transfer_matrix,
     write_result,
 )
-from dsforget.data import load_conversations
+from dsforget.experiments.subruns import finetune_command, split_passthrough, subrun_env
 from dsforget.lab import LabArtifacts, LabConfig, build_lab, task_exact_match
 from dsforget.lab.tasks import write_lab_task
-from dsforget.subruns import finetune_command, split_passthrough, subrun_env
 
 DRIVER_KEYS = (
     "--output_dir",
@@ -83,7 +83,9 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--stages", required=True, help="YAML/JSON stages file (see dsforget/continual.py)")
+    parser.add_argument(
+        "--stages", required=True, help="YAML/JSON stages file (see dsforget/experiments/continual.py)"
+    )
     parser.add_argument("--output_dir", default="runs/continual", help="one sub-directory per stage")
     parser.add_argument(
         "--num_gpus", type=int, default=None, help="ranks per stage (default: all GPUs, or 2 CPU)"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install a local SLURM (slurm-wlm) and munge for tests/test_slurm.py, when they are missing.
+# Install a local SLURM (slurm-wlm) and munge for tests/integration/test_slurm.py, when they are missing.
 #
 #     bash tests/install_slurm.sh      # from `make test`; safe to run again (does nothing then)
 #

@@ -12,8 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from ..plan import MaskPlan, PlanError
-from .cofitune import cofitune_plan
+from ..optim.plan import MaskPlan, PlanError
+from .cofitune.plan import cofitune_plan
 from .compose import compose
 from .full import full_plan
 from .hft import hft_plan

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-from ..params import full_shape, is_norm_module, named_parameters_with_modules
-from ..plan import PlanError
+from ..optim.params import full_shape, is_norm_module, named_parameters_with_modules
+from ..optim.plan import PlanError
 
 # "model.layers.3.self_attn.q_proj.weight" / "transformer.h.3.attn.c_attn.bias"
 _LAYER_PARAM = re.compile(r"^(?:.*\.)?(?:layers|h)\.(?P<layer>\d+)\.(?P<module>.+)\.(?P<leaf>[^.]+)$")
@@ -179,7 +178,3 @@ def layer_range(name: str, n_layers: int) -> range:
     if stop <= start:
         raise PlanError(f"layer range {name!r} is empty for a model with {n_layers} layers")
     return range(start, stop)
-
-
-def parameter_names(matrices: Sequence[Matrix]) -> list[str]:
-    return [name for matrix in matrices for name in matrix.params]

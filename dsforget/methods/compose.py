@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..plan import FROZEN, MaskPlan, ParamRule, PlanError
+from ..optim.plan import FROZEN, MaskPlan, ParamRule, PlanError
 
 
 def _merge(name: str, rules: Sequence[tuple[str, ParamRule]]) -> ParamRule:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..params import named_parameters_with_modules
-from ..plan import DENSE, MaskPlan
+from ..optim.params import named_parameters_with_modules
+from ..optim.plan import DENSE, MaskPlan
 
 
 def full_plan(model: nn.Module) -> MaskPlan:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..plan import DENSE, FROZEN, MaskPlan, PlanError
+from ..optim.plan import DENSE, FROZEN, MaskPlan, PlanError
 from .architecture import Anatomy, Matrix, anatomy
 
 SWITCHES = ("train", "freeze")

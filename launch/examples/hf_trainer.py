@@ -19,7 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 import dsforget
-from dsforget.hf import ForgetTrainer
+from dsforget.integration.hf import ForgetTrainer
 
 
 class CountingSequences(torch.utils.data.Dataset):

@@ -1,6 +1,6 @@
 """One rank of CoFiTune unit importance on a ZeRO-3 partitioned TinyLM; rank 0 saves the results.
 
-Usage: python importance_worker.py SPEC.json   (SPEC: see tests/test_importance.py)
+Usage: python importance_worker.py SPEC.json   (SPEC: see tests/methods/test_importance.py)
 
 The model is built under deepspeed.zero.Init (before any deepspeed.initialize, as in the real
 job), loaded with the dense reference's weights, and handed to compute_importance with this
@@ -16,11 +16,11 @@ import sys
 
 import deepspeed
 import torch
-import torch._dynamo  # noqa: F401  (imported before zero.Init: see DESIGN.md)
+import torch._dynamo  # noqa: F401  (before zero.Init: see dsforget.train.job.load_model)
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from tiny import SEQ, TinyLM
 
-from dsforget.importance import compute_importance, mask_gradients
+from dsforget.methods.cofitune.importance import compute_importance, mask_gradients
 
 CONFIG = {
     "train_micro_batch_size_per_gpu": 1,

@@ -1,6 +1,6 @@
 """One rank of a DeepSpeed run of TinyLM; rank 0 saves the final full parameters.
 
-Usage: python train_tiny.py SPEC.json   (SPEC: see tests/test_distributed.py)
+Usage: python train_tiny.py SPEC.json   (SPEC: see tests/integration/test_distributed.py)
 """
 
 from __future__ import annotations

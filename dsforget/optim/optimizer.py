@@ -1,0 +1,368 @@
+"""ForgetAdamW: one AdamW for every method, applying a MaskPlan to whatever shard it is given.
+
+Per flat shard and step (see dsforget.kernels for the fused ops):
+1. row-scale the gradient, update m and v on every entry, histogram |m| of top-k blocks;
+2. exact mode: sum the histograms over the data-parallel group and refine the threshold
+   digit by digit, so the selection is the top `fraction` of the *whole* parameter on any
+   number of ranks; shard mode: each shard selects its own top `fraction`, no communication
+   (what the MoFO reference code effectively computes under ZeRO);
+3. the masked, bias-corrected AdamW update.
+
+Weight decay is decoupled (AdamW). Its scope for top-k parameters is ``decay_scope``:
+``"all"`` (default, the MoFO reference code) decays every entry each step, selected or not;
+``"selected"`` decays only the entries that are updated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from ..kernels import DENSE, NO_ROWSCALE, SegmentTable, ThresholdHint, default_backend, topk_adamw_step
+from .comm import release_shared_memory_names, sum_counts, verify_plan_agreement
+from .layout import ShardLayout
+from .params import full_shape
+from .partitions import discover_layouts
+from .plan import MaskPlan, PlanError
+
+logger = logging.getLogger("dsforget")
+
+TOPK_MODES = ("exact", "shard")
+DECAY_SCOPES = ("all", "selected")
+BACKENDS = ("auto", "torch", "cpu", "triton")
+
+ParamsArg = Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Iterable[Mapping[str, Any]]
+
+
+def _choose(key: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not supported; allowed: {', '.join(allowed)}")
+    return value
+
+
+def named_groups(params: ParamsArg) -> tuple[list[dict[str, Any]], dict[int, str]]:
+    """Param groups holding plain tensors, and the name of every tensor.
+
+    Accepts tensors, (name, tensor) pairs such as ``model.named_parameters()``, or group dicts
+    whose "params" hold either. Unnamed tensors are called ``group{g}.param{i}``.
+    """
+    items = list(params)
+    if not items:
+        raise ValueError("the optimizer got an empty parameter list")
+    is_group = [isinstance(item, Mapping) for item in items]
+    if any(is_group) and not all(is_group):
+        raise TypeError("pass either parameter groups (dicts) or parameters, not a mix")
+    groups = [dict(item) for item in items] if all(is_group) else [{"params": items}]
+    names: dict[int, str] = {}
+    for g, group in enumerate(groups):
+        entries = group["params"]
+        entries = [entries] if isinstance(entries, torch.Tensor) else list(entries)
+        tensors = []
+        for i, entry in enumerate(entries):
+            if isinstance(entry, tuple):
+                name, tensor = entry
+            else:
+                name, tensor = f"group{g}.param{i}", entry
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"parameter {name!r} is a {type(tensor).__name__}, not a tensor")
+            names[id(tensor)] = name
+            tensors.append(tensor)
+        group["params"] = tensors
+    return groups, names
+
+
+class ForgetAdamW(torch.optim.Optimizer):
+    """AdamW applying a MaskPlan (frozen / dense / top-k / row-scaled) inside any ZeRO stage.
+
+    With every rule dense and no row scales it is ``torch.optim.AdamW`` (same hyperparameters).
+    Frozen parameters are dropped from the groups: they get no state and DeepSpeed never sees
+    them (``dsforget.initialize`` also sets their ``requires_grad=False``).
+
+    one_pass: on the "cpu" backend, step top-k shards in one pass over memory (the update applied
+    in the moments pass, kernels/speculative.py), which keeps list buffers of ~0.75 B per element
+    between steps; False takes the two-pass step, whose extra memory is O(blocks x bins). The
+    result is the same bit for bit.
+    """
+
+    def __init__(
+        self,
+        params: ParamsArg,
+        plan: MaskPlan,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        topk: str = "exact",
+        decay_scope: str = "all",
+        backend: str = "auto",
+        one_pass: bool = True,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not eps > 0.0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        self.plan = plan
+        self.membership_plan = plan  # which parameters the optimizer holds; fixed for its lifetime
+        self.topk = _choose("topk", topk, TOPK_MODES)
+        self.decay_scope = _choose("decay_scope", decay_scope, DECAY_SCOPES)
+        self.backend = _choose("backend", backend, BACKENDS)
+        self.one_pass = bool(one_pass)
+        groups, self._names = named_groups(params)
+        for group in groups:
+            for tensor in group["params"]:
+                self._check_rule(self._names[id(tensor)], tensor)
+                if not plan[self._names[id(tensor)]].trains and tensor.requires_grad:
+                    tensor.requires_grad_(False)  # no gradient, master copy or state under DeepSpeed
+            group["params"] = [t for t in group["params"] if plan[self._names[id(t)]].trains]
+        groups = [group for group in groups if group["params"]]
+        if not groups:
+            raise PlanError(f"the plan ({plan.method}) freezes every parameter given to the optimizer")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(groups, defaults)
+        # Names of each group's parameters in order: under ZeRO-1/2 a group becomes one flat
+        # partition and these are its blocks.
+        self.group_param_names: list[list[str]] = [[self._names[id(p)] for p in g["params"]] for g in groups]
+        # The parameters themselves, kept because DeepSpeed swaps the groups' tensors for flat
+        # partitions; their partition mappings are how the optimizer finds its layouts.
+        self.trained_parameters: dict[str, torch.Tensor] = {
+            self._names[id(p)]: p for g in groups for p in g["params"]
+        }
+        self._discovered = False
+        self._layouts: dict[int, ShardLayout] = {}
+        self._tables: dict[int, SegmentTable] = {}
+        self._hints: dict[int, ThresholdHint] = {}  # per shard: topk_adamw_step's threshold hints
+        self._dp_group: Any = None
+        self._logged_backends: set[str] = set()
+
+    def adopt_names(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Call the optimizer's tensors by the model's names (matched by identity).
+
+        Lets ``MoFOAdamW(model.parameters())`` work under dsforget.initialize: the model knows
+        the names the plan needs even when the optimizer was given bare tensors.
+        """
+        by_identity = {id(tensor): name for name, tensor in named_parameters}
+        renamed = {key: by_identity.get(key, name) for key, name in self._names.items()}
+        if renamed == self._names:
+            return
+        self._names = renamed
+        self.group_param_names = [[renamed[id(p)] for p in g["params"]] for g in self.param_groups]
+        self.trained_parameters = {renamed[id(p)]: p for p in self.trained_parameters.values()}
+        self.plan = self.membership_plan = self._plan_for_names(self.plan)
+        self._layouts.clear()
+        self._forget_tables()
+
+    def _plan_for_names(self, plan: MaskPlan) -> MaskPlan:
+        """The plan after parameters were renamed; an explicit plan stays as given."""
+        return plan
+
+    def set_active_plan(self, plan: MaskPlan) -> None:
+        """Switch, between steps, which of the optimizer's parameters train (HFT resampling).
+
+        A parameter the new plan freezes is *held*: no moment update and no parameter update, its
+        moments kept for when it trains again. DeepSpeed still computes and reduces its gradient,
+        so a run that resamples costs what full fine-tuning costs; only parameters given to the
+        optimizer at construction (the membership plan) can train. Call it on every rank with the
+        same plan (dsforget.build_plan); the checkpointed state stays tied to the membership plan.
+        """
+        outside = [
+            name for name, rule in plan.rules.items() if rule.trains and name not in self.trained_parameters
+        ]
+        if outside:
+            raise PlanError(
+                f"the plan ({plan.method}) trains {len(outside)} parameter(s) this optimizer was built "
+                f"without, e.g. {outside[:3]}: build it with a membership plan that trains them all"
+            )
+        for name, tensor in self.trained_parameters.items():
+            rule = plan[name]
+            if rule.trains:
+                self._check_rule(name, tensor, plan)
+        self.plan = plan
+        self._forget_tables()
+
+    def _check_rule(self, name: str, tensor: torch.Tensor, plan: MaskPlan | None = None) -> None:
+        rule = (plan or self.plan)[name]
+        rows = full_shape(tensor)[0] if full_shape(tensor) else 1
+        if rule.row_scale is not None and len(rule.row_scale) != rows:
+            raise PlanError(
+                f"params[{name!r}].row_scale has {len(rule.row_scale)} values, the parameter {rows} rows"
+            )
+
+    # -- binding to DeepSpeed's partitions -------------------------------------------------
+
+    def bind(
+        self,
+        layouts: Mapping[torch.Tensor, ShardLayout] | Iterable[tuple[torch.Tensor, ShardLayout]],
+        data_parallel_group: Any = None,
+    ) -> None:
+        """Tell the optimizer what each flat tensor DeepSpeed will hand it holds."""
+        pairs = layouts.items() if isinstance(layouts, Mapping) else layouts
+        for tensor, layout in pairs:
+            if tensor.numel() != layout.numel:
+                raise ValueError(f"layout of {layout.numel} elements bound to a tensor of {tensor.numel()}")
+            for seg in layout.segments:
+                self.plan[seg.name]  # noqa: B018 - fails with a clear error for unknown names
+            self._layouts[id(tensor)] = layout
+        self._forget_tables()
+        self._dp_group = data_parallel_group
+
+    def _layout(self, tensor: torch.Tensor) -> ShardLayout:
+        layout = self._layouts.get(id(tensor))
+        if layout is not None:
+            return layout
+        name = self._names.get(id(tensor))
+        if name is None and not self._discovered:
+            # An engine built by plain deepspeed.initialize (HF Trainer, accelerate): find the
+            # layouts from the parameters' partition mappings, once, on every rank alike (and
+            # unlink DeepSpeed's CPU all-reduce buffers, as dsforget.initialize does).
+            self._discovered = True
+            release_shared_memory_names()
+            verify_plan_agreement(self.plan)
+            layouts, group = discover_layouts(
+                self.param_groups, self.group_param_names, self.trained_parameters
+            )
+            self.bind(layouts, data_parallel_group=group)
+            return self._layout(tensor)
+        if name is None:
+            raise RuntimeError(
+                "ForgetAdamW was handed a tensor it cannot map to parameters (a DeepSpeed flat "
+                "partition?): build the engine with dsforget.initialize"
+            )
+        layout = ShardLayout.whole(name, full_shape(tensor))
+        self._layouts[id(tensor)] = layout
+        return layout
+
+    def _forget_tables(self) -> None:
+        self._tables.clear()
+        self._hints.clear()
+
+    def _table(self, tensor: torch.Tensor) -> SegmentTable:
+        table = self._tables.get(id(tensor))
+        if table is None:
+            table = self._build_table(self._layout(tensor), tensor.device)
+            self._tables[id(tensor)] = table
+        return table
+
+    def _build_table(self, layout: ShardLayout, device: torch.device) -> SegmentTable:
+        block_k: list[int] = []
+        block_of: dict[str, int] = {}
+        if self.topk == "exact":
+            for name, numel in layout.group_params:
+                rule = self.plan[name]
+                if rule.mode == "topk":
+                    block_of[name] = len(block_k)
+                    block_k.append(rule.top_k(numel))
+        rows, scales, scale_start = [], [], {}
+        scale_total = 0
+        for seg in layout.segments:
+            rule = self.plan[seg.name]
+            if not rule.trains:
+                continue
+            block = DENSE
+            if rule.mode == "topk":
+                if self.topk == "exact":
+                    block = block_of[seg.name]
+                else:
+                    block = len(block_k)
+                    block_k.append(rule.top_k(seg.length))
+            rowscale_start = NO_ROWSCALE
+            if rule.row_scale is not None:
+                if seg.name not in scale_start:
+                    scale_start[seg.name] = scale_total
+                    scales.append(torch.tensor(rule.row_scale, dtype=torch.float32))
+                    scale_total += len(rule.row_scale)
+                rowscale_start = scale_start[seg.name]
+            rows.append((seg.shard_offset, seg.length, seg.param_offset, seg.row_len, block, rowscale_start))
+        rowscale = torch.cat(scales) if scales else None
+        return SegmentTable.build(rows, rowscale, block_k, device=device)
+
+    # -- the step --------------------------------------------------------------------------
+
+    def _backend(self, tensor: torch.Tensor) -> str:
+        backend = default_backend(tensor.device) if self.backend == "auto" else self.backend
+        if backend not in self._logged_backends:
+            self._logged_backends.add(backend)
+            logger.info(
+                "dsforget: optimizer step uses the %r kernels on %s tensors", backend, tensor.device.type
+            )
+        return backend
+
+    def _sum_over_data_parallel(self, counts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sum integer counts over the data-parallel group in one all-reduce (exact mode)."""
+        if self.topk != "exact" or self._dp_group is None:
+            return counts
+        return sum_counts(counts, self._dp_group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._step_shard(param, group)
+        return loss
+
+    def _step_shard(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        table = self._table(param)
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["step"] += 1
+        # Threshold hints change only the work a step does, never its result, so they are kept
+        # out of the state dict (and checkpoints); they are equal on all ranks like the thresholds.
+        self._hints[id(param)] = topk_adamw_step(
+            param.view(-1),
+            param.grad.view(-1),
+            state["exp_avg"].view(-1),
+            state["exp_avg_sq"].view(-1),
+            table,
+            step=int(state["step"].item()),
+            lr=group["lr"],
+            betas=group["betas"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decay_selected_only=self.decay_scope == "selected",
+            hint=self._hints.get(id(param)),
+            sum_over_ranks=self._sum_over_data_parallel,
+            backend=self._backend(param),
+            speculate=self.one_pass,
+        )
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["dsforget"] = {
+            "plan_digest": self.membership_plan.digest,
+            "topk": self.topk,
+            "decay_scope": self.decay_scope,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("dsforget")
+        if saved is None:
+            raise PlanError("this optimizer state was not saved by ForgetAdamW (no 'dsforget' entry)")
+        if saved["plan_digest"] != self.membership_plan.digest:
+            raise PlanError(
+                f"the optimizer state was saved under plan {saved['plan_digest'][:12]}, this run's plan is "
+                f"{self.membership_plan.digest[:12]}: resume with the plan.json of the run that wrote "
+                "the checkpoint"
+            )
+        if (saved["topk"], saved["decay_scope"]) != (self.topk, self.decay_scope):
+            raise PlanError(
+                f"the optimizer state was saved with topk={saved['topk']!r}, "
+                f"decay_scope={saved['decay_scope']!r}; this run uses {self.topk!r}, {self.decay_scope!r}"
+            )
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "dsforget"})

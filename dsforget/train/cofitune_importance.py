@@ -1,0 +1,99 @@
+"""The fine level of a CoFiTune run: compute unit importance once, keep it as an artifact.
+
+Importance is measured on general data by default (what the model should not forget): the
+lab's pretraining corpus, or the run's ``general_text`` file for a real checkpoint; with
+``importance_data: train`` on the training data instead. Each rank scores its own share of
+the batches and the results are averaged (dsforget.methods.cofitune.importance). The artifact lands in
+``<output_dir>/importance.safetensors`` before training starts; a rerun of the same output_dir
+reuses it, so a resumed run keeps the row scales it started with.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .run_config import RunConfig
+
+logger = logging.getLogger("dsforget")
+
+ARTIFACT = "importance.safetensors"
+
+
+def needs_importance(config: RunConfig) -> bool:
+    """CoFiTune without an importance file given: the fine level is computed in this job."""
+    return "cofitune" in config.method.split("+") and "importance" not in config.method_options
+
+
+def _general_texts(config: RunConfig) -> tuple[list[str], str]:
+    if config.general_text:
+        from .inputs import read_general_texts
+
+        return read_general_texts(config.general_text), config.general_text
+    if config.uses_lab:
+        from ..lab import LabConfig, build_lab
+        from ..lab.corpus import read_texts
+
+        lab = build_lab(LabConfig.preset(config.lab_preset))
+        return read_texts(lab.general_train), "lab pretraining corpus"
+    raise ValueError(
+        "importance_data: 'general' needs --general_text for a checkpoint directory "
+        "(or set importance_data: train, or give method_options.importance)"
+    )
+
+
+def _text_batches(texts: Sequence[str], tokenizer: Any, config: RunConfig, count: int) -> Iterator[dict]:
+    size = config.micro_batch_size
+    for start in range(0, min(len(texts), count * size), size):
+        encoded = tokenizer(
+            list(texts[start : start + size]),
+            truncation=True,
+            max_length=config.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        yield {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def ensure_importance(
+    config: RunConfig,
+    model: nn.Module,
+    tokenizer: Any,
+    train_examples: Sequence[dict],
+    collator: Callable[[Sequence[dict]], dict],
+    output: Path,
+    rank: int,
+    world: int,
+) -> Path:
+    """The path of this run's importance artifact, computed now if it does not exist. Collective."""
+    from deepspeed import comm
+
+    from ..methods.cofitune.importance import compute_importance
+
+    path = output / ARTIFACT
+    if path.exists():
+        logger.info("CoFiTune importance: reusing %s", path)
+        return path
+    count = config.importance_batches * world
+    if config.importance_data == "train":
+        examples = list(train_examples)
+        size = config.micro_batch_size
+        batches = [collator(examples[i : i + size]) for i in range(0, min(len(examples), count * size), size)]
+        source = f"training data {config.data or 'lab task'}"
+    else:
+        texts, source = _general_texts(config)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        batches = list(_text_batches(texts, tokenizer, config, count))
+    batches = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches]
+    logger.info("CoFiTune importance: %d batches of %s over %d ranks", len(batches), source, world)
+    importance = compute_importance(model, batches[rank::world], seed=config.seed, source=source)
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        importance.save(path)
+    comm.barrier()
+    return path

@@ -1,0 +1,233 @@
+"""The fine-tuning job behind launch/finetune.py: build, train, report.
+
+`FinetuneJob` holds what a run builds (inputs, data, model, plan, optimizer, engine) so the entry
+point reads as parse -> build -> train -> report. Resume: --resume auto continues from the newest
+complete checkpoint in output_dir, after checking that it was written by the same kind of run
+(checkpoint.check_resume), and reads the plan back from it instead of building a new one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..data import DataConfig, PaddingCollator, prepare_data
+from ..eval.forgetting import drift, evaluate
+from ..eval.report import print_summary, run_report, write_report
+from ..integration.distributed import init_distributed
+from ..integration.export import gather_state_dict, save_hf_checkpoint
+from ..integration.initialize import initialize
+from ..methods.coordinator import build_plan
+from ..methods.resampling import Resampler
+from ..optim.optimizer import ForgetAdamW
+from ..optim.plan import MaskPlan
+from . import checkpoint, faults
+from .cofitune_importance import ensure_importance, needs_importance
+from .inputs import resolve_inputs
+from .job import deepspeed_config, environment, load_model, lr_factor, run_identity, setup_logging
+from .run_config import RunConfig
+from .trainer import LoopConfig, Trainer, TrainStats, steps_per_epoch
+
+
+def plain_model(model_dir: Path, state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """An unsharded fp32 copy on this process's device, for evaluation on rank 0."""
+    from deepspeed.accelerator import get_accelerator
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if state is not None:
+        model.load_state_dict({name: tensor.float() for name, tensor in state.items()}, strict=False)
+    return model.to(get_accelerator().current_device_name())
+
+
+def resume_source(config: RunConfig, output: Path) -> Path | None:
+    """The checkpoint this run continues from: --resume auto, never, or a path."""
+    if config.resume == "auto":
+        return checkpoint.latest_checkpoint(output / "checkpoints")
+    return None if config.resume == "never" else Path(config.resume)
+
+
+class FinetuneJob:
+    """One fine-tuning run on every rank: `build`, then `train`, then `report`."""
+
+    def __init__(self, config: RunConfig) -> None:
+        import deepspeed
+
+        self.config = config
+        init_distributed()  # also under mpirun: dsforget/integration/distributed.py
+        self.rank, self.world = deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
+        setup_logging(self.rank)
+        torch.manual_seed(config.seed)
+        self.output = Path(config.output_dir)
+        if self.rank == 0:
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    # -- build --------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Inputs, data, model, plan, optimizer and engine; then the base model's scores."""
+        config = self.config
+        self.inputs = resolve_inputs(config)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.inputs.model_dir)
+        self.data = prepare_data(
+            DataConfig(
+                path=str(self.inputs.train_file),
+                format=config.data_format,
+                max_length=config.max_length,
+                packing=config.packing,
+                validation_fraction=config.validation_fraction,
+                seed=config.seed,
+            ),
+            self.tokenizer,
+        )
+        self.collator = PaddingCollator.for_tokenizer(self.tokenizer)
+        per_epoch = steps_per_epoch(
+            len(self.data.train), config.micro_batch_size, self.world, config.gradient_accumulation
+        )
+        self.total_steps = config.max_steps or config.epochs * per_epoch
+        ds_config = deepspeed_config(config)
+        self.model = load_model(self.inputs.model_dir, ds_config)
+        self.run = run_identity(config, self.model)  # what a resume must match (checkpoint.check_resume)
+        self.resume_from = resume_source(config, self.output)
+        every = per_epoch if config.resample_each_epoch else config.resample_every
+        self.resampler = (
+            Resampler(self.model, config.method, config.method_defaults(), config.method_options, every)
+            if every
+            else None
+        )
+        self.plan = self._choose_plan()
+        if self.rank == 0:
+            self.plan.save(self.output / "plan.json")
+        self.optimizer = ForgetAdamW(
+            self.model.named_parameters(),
+            plan=self.plan,
+            lr=config.lr,
+            betas=config.betas,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            topk=config.topk,
+            decay_scope=config.decay_scope,
+            backend=config.kernel_backend,
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config, self.total_steps))
+        self.engine, *_ = initialize(
+            model=self.model, optimizer=self.optimizer, config=ds_config, lr_scheduler=schedule
+        )
+        self._score_base()
+
+    def _choose_plan(self) -> MaskPlan:
+        """The checkpoint's plan on resume; every matrix HFT could draw when it resamples (draws
+        switch what trains); else the method's plan, built on rank 0 and broadcast."""
+        config = self.config
+        if self.resume_from is not None:
+            checkpoint.check_resume(self.resume_from, self.run, self.world)
+            return checkpoint.read_plan(self.resume_from)
+        if self.resampler is not None:
+            return self.resampler.membership_plan()
+        options = dict(config.method_options)
+        if needs_importance(config):  # CoFiTune's fine level, measured on this model before training
+            options["importance"] = str(
+                ensure_importance(
+                    config,
+                    self.model,
+                    self.tokenizer,
+                    self.data.train,
+                    self.collator,
+                    self.output,
+                    self.rank,
+                    self.world,
+                )
+            )
+        return build_plan(self.model, config.method, config.method_defaults(), **options)
+
+    def _score_base(self) -> None:
+        """The base model's scores, once per output_dir (kept across resumes)."""
+        import deepspeed
+
+        self.before_file = self.output / "before.json"
+        if self.rank == 0 and not self.before_file.exists():
+            scores = evaluate(plain_model(self.inputs.model_dir), self.tokenizer, self.inputs.eval_sources)
+            self.before_file.write_text(json.dumps(scores))
+        deepspeed.comm.barrier()
+
+    # -- train --------------------------------------------------------------------------------
+
+    def train(self) -> TrainStats:
+        """Train to the end (or to a stop signal: then save and exit with status 75)."""
+        config = self.config
+
+        def save(position: checkpoint.TrainerState) -> None:
+            checkpoint.save(
+                self.engine,
+                self.output / "checkpoints",
+                position,
+                self.plan,
+                keep=config.keep_checkpoints,
+                run=self.run,
+            )
+
+        position = (
+            checkpoint.load(self.engine, self.resume_from)
+            if self.resume_from
+            else checkpoint.TrainerState(0, 0, 0)
+        )
+        before_step = None
+        if self.resampler is not None:
+            resampler, optimizer = self.resampler, self.optimizer
+
+            def before_step(step: int) -> None:
+                resampler.before_step(step, optimizer)
+
+        trainer = Trainer(
+            self.engine,
+            self.data.train,
+            self.data.validation,
+            self.collator,
+            LoopConfig.from_run(config, self.total_steps),
+            save=save,
+            before_step=before_step,
+        )
+        stats = trainer.fit(position)
+        if stats.preempted:  # a checkpoint is saved; the same command resumes from it
+            faults.exit_preempted()  # status faults.PREEMPTED_EXIT_CODE (75)
+        return stats
+
+    # -- report -------------------------------------------------------------------------------
+
+    def report(self, stats: TrainStats) -> dict[str, Any] | None:
+        """Export, score the tuned model and write report.json / report.png (rank 0's report)."""
+        import deepspeed
+
+        tuned_state = gather_state_dict(self.engine)
+        if self.config.export:
+            save_hf_checkpoint(self.engine, self.tokenizer, self.output / "hf_model")
+        report = None
+        if self.rank == 0:
+            base = plain_model(self.inputs.model_dir)
+            base_state = {name: t.detach().cpu().clone() for name, t in base.state_dict().items()}
+            tuned = plain_model(self.inputs.model_dir, tuned_state)
+            report = run_report(
+                config=self.config,
+                plan=self.plan,
+                optimizer=self.optimizer,
+                parameters=dict(base.named_parameters()),
+                before=json.loads(self.before_file.read_text()),
+                after=evaluate(tuned, self.tokenizer, self.inputs.eval_sources),
+                drift=drift(base_state, tuned_state),
+                stats=stats,
+                world=self.world,
+                environment=environment(),
+            )
+            write_report(report, self.output)
+            print_summary(report, self.output)
+        deepspeed.comm.barrier()
+        return report
+
+    def close(self) -> None:
+        import deepspeed
+
+        deepspeed.comm.destroy_process_group()  # an undestroyed gloo group can abort the exit

@@ -1,0 +1,90 @@
+"""What a run reads from disk: the model checkpoint, the training file and the evaluation
+sources, resolved from the run config (the embedded lab's files, or the user's), checked with
+errors that name the file and line."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data import load_conversations
+from ..eval.forgetting import EvalSources
+from .run_config import RunConfig
+
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.safetensors")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything the run reads from disk, resolved from the config (the lab or user files)."""
+
+    model_dir: Path
+    train_file: Path
+    eval_sources: EvalSources
+
+
+def _read_jsonl(path: str | Path, what: str) -> list[dict]:
+    records = []
+    try:
+        with open(path, encoding="utf-8") as file:
+            for number, line in enumerate(file, start=1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(
+                            f"{path}:{number}: {what} line is not valid JSON ({err.msg})"
+                        ) from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} file {path} does not exist") from None
+    return records
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """A local Hugging Face checkpoint directory with a config and weights, or a clear error."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model directory {path} does not exist (dsforget never downloads checkpoints)"
+        )
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"model directory {path} has no config.json: is it a Hugging Face checkpoint?"
+        )
+    if not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
+        raise FileNotFoundError(
+            f"model directory {path} has no weights (*.safetensors or pytorch_model*.bin)"
+        )
+    return path
+
+
+def resolve_inputs(config: RunConfig) -> Inputs:
+    limit = config.eval_max_examples
+    if config.uses_lab:
+        from ..lab import LabConfig, build_lab
+
+        lab = build_lab(LabConfig.preset(config.lab_preset))
+        task = _task_records(config.eval_data) if config.eval_data else lab.load_task_eval()
+        general = read_general_texts(config.general_text) if config.general_text else lab.load_heldout_texts()
+        sources = EvalSources(task[:limit], lab.load_facts()[:limit], general[:limit])
+        model_dir = check_model_dir(config.init_from) if config.init_from else lab.model_dir
+        return Inputs(model_dir, Path(config.data or lab.task_train), sources)
+    sources = EvalSources(
+        task_records=_task_records(config.eval_data)[:limit] if config.eval_data else [],
+        general_texts=read_general_texts(config.general_text)[:limit] if config.general_text else [],
+    )
+    return Inputs(check_model_dir(config.model), Path(config.data), sources)
+
+
+def _task_records(path: str) -> list[dict]:
+    """Task records checked by the training-data loader (same formats, file:line errors)."""
+    return [{"messages": conversation} for conversation in load_conversations(path)]
+
+
+def read_general_texts(path: str) -> list[str]:
+    records = _read_jsonl(path, "general_text")
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}: record {number} has no string 'text' field")
+    return [record["text"] for record in records]

@@ -1,0 +1,134 @@
+"""Building blocks of the main job (launch/finetune.py): logging, DeepSpeed config, model, schedule,
+what a resume must match, and the environment for the report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import sys
+import warnings
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..integration.ds_config import job_config, resolve_precision
+from ..optim.params import full_shape
+from .run_config import RunConfig
+
+
+def setup_logging(rank: int) -> None:
+    """INFO on rank 0, warnings only elsewhere: one readable log per job."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[rank{rank}] %(asctime)s %(levelname)s %(message)s", force=True)
+    logging.getLogger("dsforget").setLevel(level)
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    # DeepSpeed 0.19 calls torch collectives that torch 2.13 deprecates, once per step and rank.
+    warnings.filterwarnings(
+        "ignore",
+        message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
+        category=FutureWarning,
+    )
+
+
+def deepspeed_config(config: RunConfig) -> dict[str, Any]:
+    """The run's DeepSpeed config: its --deepspeed file completed from the run (ds_config.job_config)."""
+    return job_config(
+        config.deepspeed,
+        micro_batch_size=config.micro_batch_size,
+        gradient_accumulation=config.gradient_accumulation,
+        gradient_clipping=config.gradient_clipping,
+        precision=resolve_precision(config.precision),
+    )
+
+
+def lr_factor(config: RunConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at each step: linear warm-up, then cosine to 10% or constant.
+
+    (DeepSpeed's own schedulers require at least one warm-up step, so a torch LambdaLR is used.)
+    """
+    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def load_model(model_dir: Path, ds_config: dict[str, Any]) -> torch.nn.Module:
+    """The checkpoint as a causal LM; under ZeRO-3 built already partitioned (HfDeepSpeedConfig)."""
+    # torch._dynamo first imported inside deepspeed.zero.Init fails (its tensor polyfill's signature
+    # clashes with zero.Init's patched constructors; torch 2.13, deepspeed 0.19): import it before.
+    import torch._dynamo  # noqa: F401
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  transformers reads it while loading
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+
+
+# Settings a resumed run must share with the run that wrote the checkpoint: they choose the model,
+# the plan (resume reads it back from the checkpoint instead of building it) and what the saved
+# data position means. The lr, its schedule, max_steps and the outputs may change between attempts.
+RESUME_KEYS = (
+    "model",
+    "lab_preset",
+    "init_from",
+    "method",
+    "method_options",
+    "seed",
+    "data",
+    "max_length",
+    "packing",
+    "validation_fraction",
+    "micro_batch_size",
+    "gradient_accumulation",
+    "topk",
+    "decay_scope",
+)
+RESUME_KEYS_OF_METHOD = {"mofo": ("fraction",), "cofitune": ("importance_data", "importance_batches")}
+
+
+def run_identity(config: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
+    """What ``checkpoint.check_resume`` compares: RESUME_KEYS (and the method's own keys) and the
+    model's parameter names and full shapes, as JSON values."""
+    keys = [
+        *RESUME_KEYS,
+        *(k for part in config.method.split("+") for k in RESUME_KEYS_OF_METHOD.get(part, ())),
+    ]
+    values = {key: getattr(config, key) for key in keys if hasattr(config, key)}
+    if not config.uses_lab:
+        values.pop("lab_preset")
+    values["parameters"] = {name: list(full_shape(param)) for name, param in model.named_parameters()}
+    return json.loads(json.dumps(values))
+
+
+def environment() -> dict[str, str]:
+    """Hardware and versions for the report."""
+    import deepspeed
+    import transformers
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    device = accelerator.device_name()
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    return {
+        "device": f"{device}: {name}",
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "date": date.today().isoformat(),
+    }

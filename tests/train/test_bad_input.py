@@ -1,0 +1,242 @@
+"""Bad input gets a clear error that names the file, line, key or setting to fix.
+
+One table, in-process (each case calls the function the job calls on that input), plus one real
+launch for the resume check, whose wiring lives in launch/finetune.py.
+
+"A world size that does not divide the batch" cannot arise here: batch sizes are per rank
+(micro_batch_size x gradient_accumulation), so any number of ranks is valid; a DeepSpeed config
+that sets the global train_batch_size is refused (it would have to match every world size), and
+data too small for one step of micro_batch_size x ranks x gradient_accumulation is an error that
+says how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from launcher import REPO, RankFailure, run_ranks
+
+from dsforget.data import DataConfig, DataError, load_conversations
+from dsforget.optim.plan import DENSE, MaskPlan, PlanError
+from dsforget.train import checkpoint
+from dsforget.train.inputs import check_model_dir
+from dsforget.train.job import deepspeed_config
+from dsforget.train.run_config import RunConfig, parse_run_config
+from dsforget.train.trainer import steps_per_epoch
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def config_file(tmp_path: Path, text: str) -> RunConfig:
+    return parse_run_config(["--config", str(write(tmp_path / "run.yaml", text))])
+
+
+def ds_file(tmp_path: Path, values: dict) -> str:
+    return str(write(tmp_path / "ds.json", json.dumps({"zero_optimization": {"stage": 3}, **values})))
+
+
+def fake_checkpoint(tmp_path: Path, *, complete: bool = True, world_size: int = 2, **run) -> Path:
+    """A checkpoint directory as checkpoint.save leaves it, less DeepSpeed's partitions."""
+    directory = tmp_path / "checkpoints" / "step4"
+    saved = {"step": 4, "epoch": 0, "micro_batch": 4, "world_size": world_size, "run": run}
+    write(directory / "trainer.json", json.dumps(saved))
+    if complete:
+        write(directory / checkpoint.COMPLETE, "")
+    return directory
+
+
+THIS_RUN = {"method": "mofo", "seed": 0, "parameters": {"lm_head.weight": [211, 56], "norm.weight": [56]}}
+
+
+def resume(tmp_path: Path, **saved) -> None:
+    checkpoint.check_resume(fake_checkpoint(tmp_path, **saved), THIS_RUN, world_size=2)
+
+
+CASES = [
+    pytest.param(
+        lambda tmp: load_conversations(
+            write(
+                tmp / "broken.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n'
+            )
+        ),
+        DataError,
+        r"broken\.jsonl:2: invalid JSON \(Expecting value at column 32\)",
+        id="malformed-jsonl-line",
+    ),
+    pytest.param(
+        lambda tmp: load_conversations(write(tmp / "partial.jsonl", '{"instruction": "a"}\n')),
+        DataError,
+        r"partial\.jsonl:1: missing key\(s\) \['output'\]; a record needs 'instruction' and 'output'",
+        id="record-without-output",
+    ),
+    pytest.param(
+        lambda tmp: load_conversations(write(tmp / "empty.jsonl", "\n\n")),
+        DataError,
+        r"empty\.jsonl: no records \(the file is empty\)",
+        id="empty-data-file",
+    ),
+    pytest.param(
+        lambda tmp: load_conversations(tmp / "absent.jsonl"),
+        FileNotFoundError,
+        r"data file .*absent\.jsonl does not exist",
+        id="missing-data-file",
+    ),
+    pytest.param(
+        lambda tmp: DataConfig(path=tmp / "data.txt"),
+        ValueError,
+        r"cannot infer the format of .*data\.txt from its suffix",
+        id="data-suffix-unknown",
+    ),
+    pytest.param(
+        lambda tmp: config_file(tmp, "frction: 0.1\n"),
+        ValueError,
+        r"run\.yaml: unknown key 'frction'; did you mean 'fraction'\?",
+        id="unknown-config-key",
+    ),
+    pytest.param(
+        lambda tmp: parse_run_config(["--max_step", "5"]),
+        ValueError,
+        r"command line: unknown key 'max_step'; did you mean 'max_steps'\?",
+        id="unknown-flag",
+    ),
+    pytest.param(
+        lambda tmp: parse_run_config(["--fraction", "1.5"]),
+        ValueError,
+        r"fraction=1\.5 must be in \(0, 1\]",
+        id="fraction-above-1",
+    ),
+    pytest.param(
+        lambda tmp: parse_run_config(["--lr", "0"]), ValueError, r"lr=0\.0 must be > 0", id="lr-zero"
+    ),
+    pytest.param(
+        lambda tmp: config_file(tmp, "warmup_steps: -1\n"),
+        ValueError,
+        r"warmup_steps=-1 must be >= 0",
+        id="negative-warmup",
+    ),
+    pytest.param(
+        lambda tmp: parse_run_config(["--comm_timeout_s", "0"]),
+        ValueError,
+        r"comm_timeout_s=0\.0 must be > 0",
+        id="comm-timeout-zero",
+    ),
+    pytest.param(
+        lambda tmp: parse_run_config(["--max_nonfinite_steps", "0"]),
+        ValueError,
+        r"max_nonfinite_steps=0 must be >= 1",
+        id="max-nonfinite-steps-zero",
+    ),
+    pytest.param(
+        lambda tmp: check_model_dir(tmp / "nowhere"),
+        FileNotFoundError,
+        r"model directory .*nowhere does not exist \(dsforget never downloads checkpoints\)",
+        id="model-dir-missing",
+    ),
+    pytest.param(
+        lambda tmp: check_model_dir(write(tmp / "model" / "config.json", "{}").parent),
+        FileNotFoundError,
+        r"model directory .*model has no weights \(\*\.safetensors or pytorch_model\*\.bin\)",
+        id="model-dir-without-weights",
+    ),
+    pytest.param(
+        lambda tmp: MaskPlan(
+            {"lm_head.weight": DENSE, "other.weight": DENSE}, method="full"
+        ).check_parameters([("lm_head.weight", (211, 56))]),
+        PlanError,
+        r"names 1 parameter\(s\) the model lacks, e\.g\. \['other\.weight'\]; "
+        r"was it built for another model\?",
+        id="plan-of-another-model",
+    ),
+    pytest.param(
+        lambda tmp: resume(tmp, complete=False, **THIS_RUN),
+        FileNotFoundError,
+        r"checkpoint .*step4 is incomplete \(no COMPLETE marker: a save was cut short\)",
+        id="resume-incomplete-checkpoint",
+    ),
+    pytest.param(
+        lambda tmp: resume(tmp, **{**THIS_RUN, "method": "full"}),
+        ValueError,
+        r"checkpoint .*step4 was written by a run with method='full' there, 'mofo' here; continuing "
+        r"would mix two different runs: rerun with the checkpoint's settings, or start afresh",
+        id="resume-another-method",
+    ),
+    pytest.param(
+        lambda tmp: resume(
+            tmp, **{**THIS_RUN, "parameters": {"lm_head.weight": [512, 64], "norm.weight": [56]}}
+        ),
+        ValueError,
+        r"checkpoint .*step4 was written for another model: 1 of 2 parameters differ "
+        r"\(lm_head\.weight: \(512, 64\) there, \(211, 56\) here\)",
+        id="resume-another-model",
+    ),
+    pytest.param(
+        lambda tmp: resume(tmp, world_size=4, **THIS_RUN),
+        ValueError,
+        r"checkpoint .*step4 was written by 4 ranks, this run has 2: "
+        r"resume with the original number of ranks",
+        id="resume-another-world-size",
+    ),
+    pytest.param(
+        lambda tmp: deepspeed_config(
+            RunConfig(deepspeed=ds_file(tmp, {"train_micro_batch_size_per_gpu": 4}), micro_batch_size=8)
+        ),
+        ValueError,
+        r"ds\.json sets train_micro_batch_size_per_gpu=4 but the run has micro_batch_size=8: "
+        r"set it in one place",
+        id="deepspeed-config-contradicts-the-run",
+    ),
+    pytest.param(
+        lambda tmp: deepspeed_config(RunConfig(deepspeed=ds_file(tmp, {"train_batch_size": 24}))),
+        ValueError,
+        r"ds\.json: remove train_batch_size; it follows from micro_batch_size, gradient_accumulation and the "
+        r"number of ranks",
+        id="deepspeed-global-batch-size",
+    ),
+    pytest.param(
+        lambda tmp: deepspeed_config(RunConfig(deepspeed=str(tmp / "absent.json"))),
+        FileNotFoundError,
+        r"DeepSpeed config .*absent\.json does not exist",
+        id="deepspeed-config-missing",
+    ),
+    pytest.param(
+        lambda tmp: steps_per_epoch(10, 4, 3, 1),
+        ValueError,
+        r"the training data has 10 examples, fewer than one optimizer step takes \(micro_batch_size 4 x 3 "
+        r"ranks x gradient_accumulation 1 = 12\): use fewer ranks, a smaller micro_batch_size",
+        id="too-few-examples-for-the-world-size",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make_error", "error_type", "message"), CASES)
+def test_bad_input_is_named(
+    tmp_path: Path, make_error: Callable[[Path], object], error_type: type, message: str
+) -> None:
+    """Catches an input that passes silently, fails late with a framework traceback, or fails
+    with a message that does not say which file, line, key or setting is wrong."""
+    with pytest.raises(error_type) as raised:
+        make_error(tmp_path)
+    assert re.search(message, str(raised.value)), str(raised.value)
+
+
+@pytest.mark.distributed
+def test_resume_with_another_method_is_refused_by_the_job(tmp_path: Path, lab_cache: Path) -> None:
+    """The job reads the plan back from its checkpoint, so a rerun with another --method would
+    silently go on with the old one. Catches the resume check not being called (or too late)."""
+    common = [str(REPO / "launch" / "finetune.py"), "--lab_preset", "tiny", "--micro_batch_size", "8"]
+    common += ["--eval_max_examples", "5", "--no-export", "--max_steps", "2", "--output_dir", str(tmp_path)]
+    env = {"DSFORGET_CACHE": str(lab_cache)}
+    run_ranks([*common, "--method", "full"], world_size=1, timeout=600, env=env)
+    with pytest.raises(RankFailure) as failure:
+        run_ranks([*common, "--method", "mofo", "--max_steps", "4"], world_size=1, timeout=600, env=env)
+    assert re.search(
+        r"step2 was written by a run with method='full' there, 'mofo' here", failure.value.outputs[0]
+    ), failure.value.outputs[0][-3000:]

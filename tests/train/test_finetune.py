@@ -1,0 +1,230 @@
+"""The main job end to end: 2 CPU ranks, ZeRO-3, the tiny lab."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from launcher import REPO, RankFailure, run_ranks
+from transformers import AutoModelForCausalLM
+
+pytestmark = pytest.mark.distributed
+
+FINETUNE = str(REPO / "launch" / "finetune.py")
+TINY_RUN = [
+    "--lab_preset",
+    "tiny",
+    "--micro_batch_size",
+    "8",
+    "--log_every",
+    "5",
+    "--eval_max_examples",
+    "50",
+]
+
+
+def finetune(output: Path, lab_cache: Path, *args: str, timeout: float = 600) -> list[str]:
+    return run_ranks(
+        [FINETUNE, *TINY_RUN, "--output_dir", str(output), *args],
+        world_size=2,
+        timeout=timeout,
+        env={"DSFORGET_CACHE": str(lab_cache)},
+    )
+
+
+def metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, lab_cache: Path) -> Path:
+    output = tmp_path_factory.mktemp("run")
+    # tiny's task needs a few hundred MoFO steps at this rate (0.44 exact match after 300 steps)
+    finetune(
+        output,
+        lab_cache,
+        "--max_steps",
+        "240",
+        "--lr",
+        "2e-3",
+        "--fraction",
+        "0.5",
+        "--lr_schedule",
+        "constant",
+        "--log_every",
+        "20",
+    )
+    return output
+
+
+def test_loss_falls_task_rises_and_report_holds_numbers(trained: Path) -> None:
+    """Catches a job that trains nothing (loss flat), evaluates the wrong model (no task gain),
+    or writes a report with placeholders instead of measured numbers."""
+    losses = [m["loss"] for m in metrics(trained) if "loss" in m]
+    assert losses[-1] < 0.7 * losses[0], losses
+    report = json.loads((trained / "report.json").read_text())
+    assert report["after"]["task_exact_match"] > report["before"]["task_exact_match"]
+    assert report["summary"]["task_gain"] > 0
+    for value in [
+        *report["before"].values(),
+        *report["after"].values(),
+        report["drift"]["all"]["relative_l2"],
+    ]:
+        assert isinstance(value, float) and math.isfinite(value)
+    assert 0 < report["drift"]["all"]["changed_fraction"] < 1
+    assert report["train"]["steps"] == 240 and report["train"]["world_size"] == 2
+    for name in (
+        "config.json",
+        "plan.json",
+        "report.png",
+        "hf_model/config.json",
+        "hf_model/model.safetensors",
+    ):
+        assert (trained / name).exists(), name
+    assert list((trained / "tensorboard").iterdir())
+
+
+def test_exported_checkpoint_reproduces_the_trained_weights(trained: Path) -> None:
+    """The safetensors export must hold the ZeRO-3 partitions gathered in the right order: its
+    logits equal those of DeepSpeed's own fp32 consolidation of the final checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    exported = AutoModelForCausalLM.from_pretrained(trained / "hf_model", dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(trained / "hf_model", dtype=torch.float32).eval()
+    final = sorted((trained / "checkpoints").glob("step*"))[-1]
+    reference.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(final.parent), tag=final.name))
+    tokens = torch.randint(0, exported.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens).logits, reference(tokens).logits, rtol=0, atol=0)
+
+
+def test_resume_continues_exactly(tmp_path: Path, lab_cache: Path) -> None:
+    """Stopping after step 6 and rerunning with the same output_dir must give the losses and
+    final weights of one uninterrupted 12-step run (data position, RNG, moments, step count)."""
+    common = ["--lr_schedule", "constant", "--warmup_steps", "0", "--log_every", "1", "--no-export"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    finetune(straight, lab_cache, "--max_steps", "12", *common)
+    finetune(split, lab_cache, "--max_steps", "6", *common)
+    finetune(split, lab_cache, "--max_steps", "12", *common)
+    straight_losses = [m["loss"] for m in metrics(straight) if "loss" in m]
+    split_losses = [m["loss"] for m in metrics(split) if "loss" in m]
+    assert split_losses == straight_losses
+    a = json.loads((straight / "report.json").read_text())
+    b = json.loads((split / "report.json").read_text())
+    assert a["after"] == b["after"] and a["drift"] == b["drift"]
+
+
+def test_bad_data_line_is_named(tmp_path: Path, lab_cache: Path) -> None:
+    data = tmp_path / "broken.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
+    with pytest.raises(RankFailure) as failure:
+        finetune(tmp_path / "out", lab_cache, "--data", str(data), timeout=300)
+    assert f"{data}:2" in failure.value.outputs[0]
+
+
+def test_compare_runs_each_method_and_tabulates(tmp_path: Path, lab_cache: Path) -> None:
+    """The comparison command must run every method on the same data and tabulate measured values."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "DSFORGET_CACHE": str(lab_cache)}
+    command = [
+        sys.executable,
+        str(REPO / "launch" / "compare.py"),
+        "--methods",
+        "full,mofo,hft",
+        "--output_dir",
+        str(tmp_path),
+        "--",
+        *TINY_RUN,
+        "--max_steps",
+        "6",
+        "--no-export",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in done.stdout.splitlines()
+        if line.startswith(("full ", "mofo ", "hft "))
+    }
+    assert set(rows) == {"full", "mofo", "hft"} and all(len(cells) == 7 for cells in rows.values())
+    reports = json.loads((tmp_path / "compare.json").read_text())
+    assert reports["full"]["plan_digest"] != reports["mofo"]["plan_digest"]
+    assert (
+        reports["mofo"]["drift"]["all"]["changed_fraction"]
+        < reports["full"]["drift"]["all"]["changed_fraction"]
+    )
+    # HFT's frozen half has no master copy and no Adam state: optimizer memory falls with it
+    memory = {m: reports[m]["train"]["optimizer_state_mib_per_rank"] for m in reports}
+    assert memory["hft"] < 0.75 * memory["full"], memory
+    assert reports["hft"]["trainable_share"] < 0.75
+    assert (tmp_path / "compare.png").exists()
+
+
+def test_cofitune_measures_importance_in_the_job_and_scales_rows(tmp_path: Path, lab_cache: Path) -> None:
+    """CoFiTune's fine level end to end under ZeRO-3: the job must compute importance on general
+    data before the engine exists, keep it as an artifact, turn it into row scales of exactly the
+    coarse level's matrices, and leave every other parameter bit-identical to the base."""
+    from dsforget.lab import LabConfig, build_lab
+    from dsforget.methods.cofitune.importance import UnitImportance
+
+    options = json.dumps({"layers": "top-plus", "modules": "ffn"})
+    finetune(
+        tmp_path, lab_cache, "--method", "cofitune", "--method_options", options,
+        "--max_steps", "4", "--importance_batches", "1",
+    )  # fmt: skip
+    importance = UnitImportance.load(tmp_path / "importance.safetensors")
+    assert importance.meta["source"] == "lab pretraining corpus" and importance.meta["world_size"] == 2
+    plan = json.loads((tmp_path / "plan.json").read_text())["params"]
+    trained = {name for name, rule in plan.items() if rule["mode"] != "frozen"}
+    assert trained == {"model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+    up = torch.tensor(plan["model.layers.1.mlp.up_proj.weight"]["row_scale"])
+    torch.testing.assert_close(up, 1 - importance.intermediate[1])
+    lab = build_lab(LabConfig.preset("tiny"), lab_cache / "lab")  # already built: read from the cache
+    base = AutoModelForCausalLM.from_pretrained(lab.model_dir).state_dict()
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model").state_dict()
+    for name, tensor in base.items():
+        assert torch.equal(tensor, tuned[name]) == (name not in trained), name
+
+
+def test_hft_resampling_trains_each_draws_half_in_turn(tmp_path: Path, lab_cache: Path) -> None:
+    """HFT with resample_every: every member matrix stays in the optimizer and each draw trains
+    its own half. Catches draws that differ between ranks (the run would fail its plan check),
+    draws that never switch (only the first half would move) and held matrices that still move."""
+    from dsforget.lab import LabConfig, build_lab
+    from dsforget.methods.resampling import Resampler
+
+    finetune(
+        tmp_path, lab_cache, "--method", "hft", "--resample_every", "3", "--max_steps", "6", "--seed", "4"
+    )
+    lab = build_lab(LabConfig.preset("tiny"), lab_cache / "lab")
+    base_model = AutoModelForCausalLM.from_pretrained(lab.model_dir)
+    resampler = Resampler(base_model, "hft", {"seed": 4}, {}, every_steps=3)
+    membership = json.loads((tmp_path / "plan.json").read_text())["params"]
+    assert all(rule["mode"] == "dense" for rule in membership.values())
+    drawn = [resampler.plan_of_draw(draw) for draw in (0, 1)]
+    assert drawn[0].digest != drawn[1].digest
+    union = {name for plan in drawn for name, rule in plan.rules.items() if rule.trains}
+    base = base_model.state_dict()
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model").state_dict()
+    moved = {name for name, tensor in base.items() if not torch.equal(tensor, tuned[name])}
+    assert moved == union & set(base), sorted(moved ^ union)
+
+
+def test_torchrun_runs_the_job(tmp_path: Path, lab_cache: Path) -> None:
+    """The job under torchrun (RANK/WORLD_SIZE from torch's elastic launcher, no DeepSpeed
+    launcher): catches rank discovery that only understands the deepspeed launcher or MPI."""
+    from launcher import free_port
+
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "DSFORGET_CACHE": str(lab_cache)}
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), FINETUNE, *TINY_RUN]
+    command += ["--max_steps", "3", "--no-export", "--output_dir", str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["train"]["world_size"] == 2 and report["train"]["steps"] == 3
