@@ -1,0 +1,134 @@
+"""Backends: the choice per device, errors for unknown or unusable backends and wrong buffers,
+imports without Triton or a GPU, the top-level `kernels` name, and the CPU extension's build
+(`resolve_backend`: missing compiler, failing build, stale build lock).
+
+Shared helpers: tests/kernels/helpers.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dsforget.kernels import (
+    abs_histogram,
+    available_backends,
+    default_backend,
+    level_bins,
+    masked_adamw,
+    update_moments,
+)
+from dsforget.kernels._triton import INTERPRET, triton, triton_usable
+from dsforget.kernels.masked_update import AdamWScalars
+from helpers import BETA1, BETA2, UPDATE, build_shard, random_state, run_python
+
+
+def test_backend_choice_per_device():
+    """Catches the slow interpreter or the references being picked by default, and a CPU
+    default that depends on Triton being installed."""
+    cpu = available_backends("cpu")
+    assert cpu[:2] == ["torch", "cpu"]
+    assert default_backend("cpu") == "cpu"
+    assert ("triton" in cpu) == (INTERPRET and triton is not None)
+    expected_cuda = "triton" if triton_usable(torch.device("cuda")) else "torch"
+    assert default_backend("cuda") == expected_cuda
+
+
+@pytest.mark.parametrize("op", ["update_moments", "abs_histogram", "masked_adamw"])
+def test_unknown_or_unusable_backend_is_a_clear_error(op):
+    """Catches a typo silently running the slow reference, or Triton launched on CPU tensors
+    without the interpreter; the message must name the op and the usable backends."""
+    shard = build_shard([(100, 0, 10, 0, False)], "cpu")
+    state = random_state(shard, seed=15)
+    calls = {
+        "update_moments": lambda backend: update_moments(
+            state["grad"],
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            shard.table,
+            beta1=BETA1,
+            beta2=BETA2,
+            backend=backend,
+        ),
+        "abs_histogram": lambda backend: abs_histogram(
+            state["exp_avg"],
+            shard.table,
+            torch.zeros(1, dtype=torch.int64),
+            0,
+            torch.zeros(1, level_bins(0), dtype=torch.int64),
+            backend=backend,
+        ),
+        "masked_adamw": lambda backend: masked_adamw(
+            state["param"],
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            shard.table,
+            torch.zeros(1, dtype=torch.int64),
+            AdamWScalars(**UPDATE, weight_decay=0.0, decay_selected_only=False),
+            backend=backend,
+        ),
+    }
+    with pytest.raises(ValueError, match=rf"{op}: backend 'cuda' is not available .*\['torch', 'cpu'"):
+        calls[op]("cuda")
+    if not INTERPRET:
+        with pytest.raises(ValueError, match=rf"{op}: backend 'triton' is not available for cpu tensors"):
+            calls[op]("triton")
+
+
+def test_wrong_buffers_are_refused():
+    """Catches float64 state, non-contiguous views and wrong histogram shapes reaching the C++
+    kernels, which read raw memory as fp32/int64."""
+    shard = build_shard([(100, 0, 10, 0, False)], "cpu")
+    state = random_state(shard, seed=16)
+    common = dict(beta1=BETA1, beta2=BETA2, backend="cpu")
+    with pytest.raises(ValueError, match="exp_avg has dtype torch.float64"):
+        update_moments(state["grad"], state["exp_avg"].double(), state["exp_avg_sq"], shard.table, **common)
+    with pytest.raises(ValueError, match="exp_avg_sq has shape"):
+        strided = torch.rand(2 * shard.numel)[::2]
+        update_moments(state["grad"], state["exp_avg"], strided, shard.table, **common)
+    with pytest.raises(ValueError, match=r"histogram must be a contiguous int64 tensor of shape \(1, 2048\)"):
+        histogram = torch.zeros(1, 1024, dtype=torch.int64)
+        update_moments(
+            state["grad"], state["exp_avg"], state["exp_avg_sq"], shard.table, histogram=histogram, **common
+        )
+
+
+def test_import_needs_neither_triton_nor_a_gpu():
+    """Catches a module that imports triton unguarded: dsforget must import, pick the CPU
+    backend and run it where Triton is absent."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, dsforget.kernels as k\n"
+        "assert k.available_backends('cpu') == ['torch', 'cpu'], k.available_backends('cpu')\n"
+        "assert k.default_backend('cuda') == 'torch'\n"
+        "t = k.SegmentTable.build([(1, 5, 0, 1, k.DENSE, k.NO_ROWSCALE)], None, [])\n"
+        "m, v = torch.zeros(7), torch.zeros(7)\n"
+        "k.update_moments(torch.ones(7), m, v, t, beta1=0.9, beta2=0.999, backend='cpu')\n"
+        "assert m[1:6].eq(0.1).all() and m[0] == 0 and m[6] == 0, m\n"
+    )
+    run_python(["-c", code], env={"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""})
+
+
+def test_top_level_kernels_name_is_left_to_its_package():
+    """Catches the checkout's kernels/ folder shadowing Hugging Face's `kernels` package when
+    the checkout's root is on sys.path (python -m from it): transformers >= 5.25 imports that
+    package while loading any model, and every model load from the root failed."""
+    code = (
+        "import importlib.metadata as metadata, pathlib, sys\n"
+        "try:\n"
+        "    metadata.version('kernels')\n"
+        "except metadata.PackageNotFoundError:\n"
+        "    try:\n"
+        "        import kernels\n"
+        "    except ModuleNotFoundError as error:\n"
+        "        assert 'dsforget.kernels' in str(error), error\n"
+        "    else:\n"
+        "        raise AssertionError(f'imported {kernels.__file__}')\n"
+        "else:\n"
+        "    import kernels\n"
+        "    assert pathlib.Path(sys.path[0] or '.').resolve() == pathlib.Path.cwd(), sys.path[0]\n"
+        "    folder = pathlib.Path(kernels.__file__).resolve().parent\n"
+        "    assert folder != pathlib.Path.cwd() / 'kernels', folder\n"
+        "    import transformers.modeling_utils\n"
+        "import dsforget.kernels as ours\n"
+        "assert ours.topk_adamw_step.__module__ == 'dsforget.kernels.step', ours.topk_adamw_step.__module__\n"
+    )
+    run_python(["-c", code])
