@@ -58,6 +58,13 @@ def _compiler_on_path(command: str) -> bool:
     return shutil.which(command) is not None
 
 
+def no_compiler_message() -> str:
+    return (
+        f"no C++ compiler: {compiler()!r} ($CXX, default c++) is not on PATH. Install one (g++) "
+        'or set CXX, or pass backend="torch" to use the plain PyTorch references'
+    )
+
+
 def compiler_available() -> bool:
     """Whether the compiler torch.utils.cpp_extension will call ($CXX, default c++) is on PATH.
 
@@ -146,10 +153,11 @@ def wait_for_build_lock(directory: Path, timeout_s: float) -> None:
 
 
 def compiler_error_summary(message: str, lines: int = 6) -> str:
-    """The first lines of a failed build's output that say what went wrong (the compiler's
-    `error:` lines and what follows them), else its last lines."""
+    """The lines of a failed build's output that say what went wrong: from the compiler's first
+    diagnostic (`file:line:column: error: ...`, or `fatal error:`) on, else the output's last lines
+    (the command lines before it are long and say nothing)."""
     text = [line.rstrip() for line in message.splitlines() if line.strip()]
-    first = next((i for i, line in enumerate(text) if "error" in line.lower() and "ninja" not in line), None)
+    first = next((i for i, line in enumerate(text) if "error:" in line), None)
     chosen = text[-lines:] if first is None else text[first : first + lines]
     return "\n".join(chosen)
 
@@ -178,10 +186,7 @@ def _build_and_load() -> Any:
     from torch.utils.cpp_extension import load
 
     if not compiler_available():
-        raise CpuBuildError(
-            f"no C++ compiler: {compiler()!r} ($CXX, default c++) is not on PATH. Install one "
-            '(g++) or set CXX, or pass backend="torch" to use the plain PyTorch references'
-        )
+        raise CpuBuildError(no_compiler_message())
     isa, flags = _isa_flags()
     name = f"dsforget_cpu_{isa}"
     wait_for_build_lock(build_directory(name), lock_timeout_s())
@@ -197,7 +202,7 @@ def _build_and_load() -> Any:
     except (RuntimeError, OSError) as error:
         raise CpuBuildError(
             f"building the dsforget CPU kernels failed:\n{compiler_error_summary(str(error))}\n"
-            'Fix the compiler setup (g++ >= 9), or pass backend="torch" to use the plain PyTorch '
-            "references"
+            'Fix the error above (or the compiler setup: g++ >= 9), or pass backend="torch" to use '
+            "the plain PyTorch references"
         ) from error
     return torch.ops.dsforget_cpu

@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from ._cpu import CpuBuildError, compiler, compiler_available, cpu_ops
+from ._cpu import CpuBuildError, compiler_available, cpu_ops, no_compiler_message
 from ._triton import triton, triton_usable
 
 BACKENDS = ("torch", "cpu", "triton")
@@ -67,7 +67,7 @@ def default_backend(device: torch.device | str) -> str:
     if preferred in available:
         return preferred
     if device.type == "cpu":
-        _falling_back(device, "cpu", f"no C++ compiler: {compiler()!r} ($CXX, default c++) is not on PATH")
+        _falling_back(device, "cpu", no_compiler_message())
     elif device.type == "cuda":
         _falling_back(device, "triton", _triton_missing_reason(device))
     return "torch"

@@ -14,6 +14,7 @@ from dsforget.kernels import (
     default_backend,
     level_bins,
     masked_adamw,
+    resolve_backend,
     update_moments,
 )
 from dsforget.kernels._triton import INTERPRET, triton, triton_usable
@@ -132,3 +133,103 @@ def test_top_level_kernels_name_is_left_to_its_package():
         "assert ours.topk_adamw_step.__module__ == 'dsforget.kernels.step', ours.topk_adamw_step.__module__\n"
     )
     run_python(["-c", code])
+
+
+# -------------------------------------------------------------- building the CPU extension
+# Each runs in a subprocess: the loader remembers a build (or its failure) for the process, and
+# TORCH_EXTENSIONS_DIR points at a temporary folder so the real build cache is never touched.
+
+CAPTURE_WARNINGS = (
+    "import logging\n"
+    "import dsforget.kernels as k\n"
+    "from dsforget.kernels import _cpu\n"
+    "warnings = []\n"
+    "class Capture(logging.Handler):\n"
+    "    def emit(self, record):\n"
+    "        if record.levelno == logging.WARNING:\n"
+    "            warnings.append(record.getMessage())\n"
+    "logging.getLogger('dsforget').addHandler(Capture())\n"
+)
+
+
+def test_missing_compiler_is_a_warning_for_auto_and_an_error_for_cpu(tmp_path):
+    """Catches a CPU run without a compiler silently taking the slow references (it was INFO at
+    best, nothing at all in default_backend), a warning repeated every step, and backend="cpu"
+    failing late, inside the first step, or without saying which compiler is missing."""
+    code = CAPTURE_WARNINGS + (
+        "assert k.resolve_backend('auto', 'cpu') == 'torch'\n"
+        "assert k.resolve_backend('auto', 'cpu') == 'torch'\n"
+        "assert k.default_backend('cpu') == 'torch'\n"
+        "assert len(warnings) == 1, warnings\n"
+        "assert 'no C++ compiler' in warnings[0] and 'no-such-c++' in warnings[0], warnings\n"
+        "assert 'plain-PyTorch references' in warnings[0], warnings\n"
+        "try:\n"
+        "    k.resolve_backend('cpu', 'cpu')\n"
+        "except RuntimeError as error:\n"
+        "    assert 'no C++ compiler' in str(error) and 'backend=\"torch\"' in str(error), error\n"
+        "else:\n"
+        "    raise AssertionError('backend cpu without a compiler must raise')\n"
+        "assert k.resolve_backend('torch', 'cpu') == 'torch'\n"
+    )
+    run_python(["-c", code], env={"CXX": "/nonexistent/no-such-c++", "TORCH_EXTENSIONS_DIR": str(tmp_path)})
+
+
+def test_failing_build_warns_with_the_compiler_error(tmp_path):
+    """Catches a failed build of the CPU kernels being swallowed (auto quietly running the slow
+    references) or reported without the compiler's message, which must name the real source
+    file and line (the sources were once Python strings compiled as one main.cpp)."""
+    code = CAPTURE_WARNINGS + (
+        "import pathlib, shutil, sys\n"
+        "csrc = pathlib.Path(sys.argv[1]) / 'csrc'\n"
+        "shutil.copytree(_cpu.CSRC, csrc)\n"
+        "with open(csrc / 'radix.cpp', 'a') as source:\n"
+        "    source.write('int broken_on_purpose = name_that_is_not_declared;\\n')\n"
+        "_cpu.CSRC, _cpu.SOURCES = csrc, ('radix.cpp',)\n"
+        "assert k.resolve_backend('auto', 'cpu') == 'torch'\n"
+        "assert len(warnings) == 1, warnings\n"
+        "assert 'name_that_is_not_declared' in warnings[0] and 'radix.cpp:' in warnings[0], warnings\n"
+        "try:\n"
+        "    k.resolve_backend('cpu', 'cpu')\n"
+        "except RuntimeError as error:\n"
+        "    assert 'name_that_is_not_declared' in str(error), error\n"
+        "else:\n"
+        "    raise AssertionError('backend cpu with a failing build must raise')\n"
+    )
+    run_python(["-c", code, str(tmp_path)], env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")})
+
+
+def test_stale_build_lock_is_an_error_naming_the_lock(tmp_path):
+    """Catches the first step hanging forever: torch's build waits without limit on the lock a
+    killed build left behind. With a 1 s limit the loader must raise within seconds, naming the
+    lock file to remove."""
+    code = CAPTURE_WARNINGS + (
+        "import pathlib, sys, time\n"
+        "lock = pathlib.Path(sys.argv[1]) / f'dsforget_cpu_{_cpu._isa_flags()[0]}' / 'lock'\n"
+        "lock.parent.mkdir(parents=True)\n"
+        "lock.touch()\n"
+        "started = time.monotonic()\n"
+        "try:\n"
+        "    k.resolve_backend('cpu', 'cpu')\n"
+        "except RuntimeError as error:\n"
+        "    assert str(lock) in str(error) and 'rm ' in str(error), error\n"
+        "else:\n"
+        "    raise AssertionError('a stale lock must raise')\n"
+        "assert time.monotonic() - started < 10, time.monotonic() - started\n"
+        "assert k.resolve_backend('auto', 'cpu') == 'torch'\n"
+        "assert len(warnings) == 1 and str(lock) in warnings[0], warnings\n"
+    )
+    extensions = tmp_path / "extensions"
+    env = {"TORCH_EXTENSIONS_DIR": str(extensions), "DSFORGET_BUILD_LOCK_TIMEOUT_S": "1"}
+    run_python(["-c", code, str(extensions)], env=env, timeout=60)
+
+
+def test_resolve_backend_on_a_working_machine():
+    """Catches "auto" not choosing the fused CPU backend where it builds, and "torch"/"triton"
+    not following the ops' own backend check."""
+    if "cpu" not in available_backends("cpu"):
+        pytest.skip("no C++ compiler: the cpu backend is unavailable here")
+    assert resolve_backend("auto", "cpu") == "cpu"
+    assert resolve_backend("cpu", "cpu") == "cpu"
+    assert resolve_backend("torch", "cpu") == "torch"
+    with pytest.raises(ValueError, match="resolve_backend: backend 'cuda' is not available"):
+        resolve_backend("cuda", "cpu")
