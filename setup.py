@@ -15,8 +15,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[*find_packages(include=["dsforget", "dsforget.*"]), "dsforget.kernels"],
+    packages=[*find_packages(include=["dsforget", "dsforget.*"]), "dsforget.kernels", "dsforget.kernels.bench"],
     package_dir={"dsforget": "dsforget", "dsforget.kernels": "kernels"},
+    # the CPU backend's C++ sources, compiled on the user's machine at first use
+    package_data={"dsforget.kernels": ["csrc/*.cpp", "csrc/*.h"]},
     install_requires=[
         "torch==2.13.0",
         "deepspeed==0.19.8",

@@ -10,7 +10,7 @@ if __name__ == "kernels":  # imported by its folder's name, not as dsforget.kern
 
     hand_over_top_level_name()
 else:
-    from .backends import available_backends, default_backend
+    from .backends import available_backends, default_backend, resolve_backend
     from .hints import ThresholdHint
     from .histogram import abs_histogram
     from .masked_update import masked_adamw
@@ -32,6 +32,7 @@ __all__ = [
     "level_bins",
     "masked_adamw",
     "refine",
+    "resolve_backend",
     "topk_adamw_step",
     "update_moments",
 ]

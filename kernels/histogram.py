@@ -96,53 +96,6 @@ def _abs_histogram_triton(
     )
 
 
-CPU_SOURCE = r"""
-namespace dsforget_cpu {
-
-void abs_histogram(const at::Tensor& exp_avg, at::TensorList segment_columns, const at::Tensor& tile_segment,
-                   const at::Tensor& tile_start, int64_t tile_size, const at::Tensor& prefix,
-                   at::Tensor histogram, int64_t shift, int64_t bits) {
-  const std::vector<Segment> segments = gather_segments(segment_columns);
-  const float* m = exp_avg.data_ptr<float>();
-  const int64_t* prefix_ptr = prefix.data_ptr<int64_t>();
-  const int64_t bins = int64_t(1) << bits;
-  for_each_tile(segments, tile_segment, tile_start, tile_size, {histogram.data_ptr<int64_t>(), bins}, {},
-                [&](const Segment& s, int64_t first, int64_t last, RangeContext& context) {
-    if (s.block < 0 || prefix_ptr[s.block] < 0) return;  // DENSE, or block already resolved
-    context.histograms[0].count_matching(s.block, m + first, last - first, shift, shift + bits,
-                                         prefix_ptr[s.block]);
-  });
-}
-
-// deferred_histogram for CPU tensors: entries given by their m and block.
-void deferred_histogram(const at::Tensor& exp_avg, const at::Tensor& block, const at::Tensor& prefix,
-                        at::Tensor histogram, int64_t shift, int64_t bits) {
-  const float* m = exp_avg.data_ptr<float>();
-  const int64_t* blocks = block.data_ptr<int64_t>();
-  const int64_t* prefix_ptr = prefix.data_ptr<int64_t>();
-  int64_t* counts = histogram.data_ptr<int64_t>();
-  const int64_t bins = int64_t(1) << bits;
-  for (int64_t i = 0; i < exp_avg.numel(); ++i) {
-    const uint32_t magnitude = abs_bits(m[i]);
-    // prefix -1 (resolved) never equals the non-negative high bits
-    if (int64_t(magnitude >> (shift + bits)) != prefix_ptr[blocks[i]]) continue;
-    ++counts[blocks[i] * bins + ((magnitude >> shift) & (bins - 1))];
-  }
-}
-
-TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
-  ops.def("deferred_histogram(Tensor exp_avg, Tensor block, Tensor prefix, Tensor(a!) histogram, int shift, "
-          "int bits) -> ()",
-          &deferred_histogram);
-  ops.def("abs_histogram(Tensor exp_avg, Tensor[] segments, Tensor tile_segment, Tensor tile_start, "
-          "int tile_size, Tensor prefix, Tensor(a!) histogram, int shift, int bits) -> ()",
-          &abs_histogram);
-}
-
-}  // namespace dsforget_cpu
-"""
-
-
 def _abs_histogram_cpu(
     exp_avg: torch.Tensor,
     table: SegmentTable,
@@ -153,15 +106,15 @@ def _abs_histogram_cpu(
 ) -> None:
     shift, bits = LEVELS[level]
     cpu_ops().abs_histogram(
-        exp_avg,
-        segment_columns(table),
-        tiles.tile_segment,
-        tiles.tile_start,
-        tiles.tile_size,
-        addressable(prefix, tiles.tile_start),
-        addressable(histogram, tiles.tile_start),
-        shift,
-        bits,
+        exp_avg=exp_avg,
+        segments=segment_columns(table),
+        tile_segment=tiles.tile_segment,
+        tile_start=tiles.tile_start,
+        tile_size=tiles.tile_size,
+        prefix=addressable(prefix, tiles.tile_start),
+        histogram=addressable(histogram, tiles.tile_start),
+        shift=shift,
+        bits=bits,
     )
 
 
@@ -206,7 +159,14 @@ def deferred_histogram(
         return
     if backend == "cpu":
         shift, width = LEVELS[level]
-        cpu_ops().deferred_histogram(deferred.exp_avg, deferred.block, prefix, histogram, shift, width)
+        cpu_ops().deferred_histogram(
+            exp_avg=deferred.exp_avg,
+            block=deferred.block,
+            prefix=prefix,
+            histogram=histogram,
+            shift=shift,
+            bits=width,
+        )
         return
     digit, high = digit_and_prefix(abs_bits(deferred.exp_avg), level)
     # high >= 0 never equals RESOLVED (-1): resolved blocks count nothing

@@ -219,146 +219,6 @@ def _update_moments_triton(
     )
 
 
-CPU_SOURCE = r"""
-namespace dsforget_cpu {
-
-struct MomentsConstants {
-  float coeff;  // torch's lerp in the form of its vectorised CPU kernel:
-  bool from_start;  //   m = fma(coeff, g - m, from_start ? m : g)
-  float beta2, one_minus_beta2;
-  int64_t digit_shift;  // level-0 digit of |m|: bits(|m|) >> digit_shift, < 2^11 (no sign bit)
-};
-
-// n elements of one row piece (one scale); with kDigits also the level-0 digit of each new |m|,
-// computed here in vector registers so that the scalar counting loop only loads and increments
-// (moments + histogram of 16M elements on one core: 17.9 -> 16.0 ms). Loop-invariant branches
-// only, so GCC vectorises it.
-template <typename Grad, bool kScaled, bool kDigits>
-void moments_run(const Grad* __restrict grad, float* __restrict m, float* __restrict v,
-                 uint16_t* __restrict digits, int64_t n, float scale, const MomentsConstants& c) {
-  for (int64_t i = 0; i < n; ++i) {
-    float g = load_float(grad[i]);
-    if (kScaled) g *= scale;
-    const float m_new = fused_multiply_add(c.coeff, g - m[i], c.from_start ? m[i] : g);
-    m[i] = m_new;
-    v[i] = fused_multiply_add(c.one_minus_beta2 * g, g, v[i] * c.beta2);  // ATen's addcmul rounding
-    if (kDigits) digits[i] = uint16_t(abs_bits(m_new) >> c.digit_shift);
-  }
-}
-
-// shard elements [first, last) of segment s; digits[0, last - first) when kDigits
-template <typename Grad, bool kDigits>
-void moments_tile(const Grad* grad, float* m, float* v, uint16_t* digits, const float* rowscale,
-                  const Segment& s, int64_t first, int64_t last, const MomentsConstants& c) {
-  if (s.rowscale_start < 0) {
-    moments_run<Grad, false, kDigits>(grad + first, m + first, v + first, digits, last - first, 1.0f, c);
-    return;
-  }
-  // walk the tile row by row: one scale per row piece, no per-element division
-  const int64_t element = s.param_offset + (first - s.shard_offset);
-  int64_t row = element / s.row_len;
-  int64_t column = element % s.row_len;
-  for (int64_t j = first; j < last; ++row, column = 0) {
-    const int64_t n = std::min(last - j, s.row_len - column);
-    uint16_t* piece_digits = kDigits ? digits + (j - first) : nullptr;
-    const float scale = rowscale[s.rowscale_start + row];
-    moments_run<Grad, true, kDigits>(grad + j, m + j, v + j, piece_digits, n, scale, c);
-    j += n;
-  }
-}
-
-// A block with a window counts, instead of its level-0 histogram, the entries whose prefix
-// bits >> shift lies in [start, start + width), by prefix, and those above it (see moments.py).
-struct HintCounts {
-  const int64_t* start = nullptr;  // [n_blocks] the window's first prefix, or -1 for none
-  const int64_t* width = nullptr;  // [n_blocks] at most the histogram's bins
-  int64_t* above = nullptr;  // [n_blocks] entries above the window
-  int64_t shift = 0;
-  int64_t max_width = 0;  // the histogram's bins; wider windows are clamped to it
-};
-
-constexpr int64_t kHintPiece = 1024;
-
-template <typename Grad>
-void update_moments_impl(const Grad* grad, float* m, float* v, const std::vector<Segment>& segments,
-                         const float* rowscale, const at::Tensor& tile_segment, const at::Tensor& tile_start,
-                         int64_t tile_size, HistogramTarget histogram, HistogramTarget hint_histogram,
-                         const HintCounts& hints, const MomentsConstants& c) {
-  for_each_tile(segments, tile_segment, tile_start, tile_size, histogram, hint_histogram,
-                [&](const Segment& s, int64_t first, int64_t last, RangeContext& context) {
-    const int64_t window_start = hints.start == nullptr || s.block < 0 ? -1 : hints.start[s.block];
-    if (window_start >= 0) {
-      const uint32_t width = uint32_t(std::clamp<int64_t>(hints.width[s.block], 0, hints.max_width));
-      // counted in L1-sized pieces right after their moments, so the counting overlaps the
-      // stream of the next piece (a whole 64 KiB tile at a time: +30% on the pass)
-      int64_t above = 0;
-      for (int64_t start = first; start < last; start += kHintPiece) {
-        const int64_t stop = std::min(start + kHintPiece, last);
-        moments_tile<Grad, false>(grad, m, v, nullptr, rowscale, s, start, stop, c);
-        above += context.histograms[1].count_in_window(s.block, m + start, stop - start, hints.shift,
-                                                       uint32_t(window_start), width);
-      }
-      __atomic_fetch_add(hints.above + s.block, above, __ATOMIC_RELAXED);
-      return;
-    }
-    if (histogram.shared == nullptr || s.block < 0) {
-      moments_tile<Grad, false>(grad, m, v, nullptr, rowscale, s, first, last, c);
-      return;
-    }
-    uint16_t* digits = context.histograms[0].scratch(last - first);
-    moments_tile<Grad, true>(grad, m, v, digits, rowscale, s, first, last, c);
-    context.histograms[0].count_digits(s.block, digits, last - first);
-  });
-}
-
-void update_moments(const at::Tensor& grad, at::Tensor exp_avg, at::Tensor exp_avg_sq,
-                    at::TensorList segment_columns, const at::Tensor& rowscale,
-                    const at::Tensor& tile_segment, const at::Tensor& tile_start, int64_t tile_size,
-                    const c10::optional<at::Tensor>& histogram, int64_t bins, int64_t shift,
-                    const c10::optional<at::Tensor>& window_start,
-                    const c10::optional<at::Tensor>& window_width,
-                    const c10::optional<at::Tensor>& hint_above,
-                    const c10::optional<at::Tensor>& hint_histogram, int64_t hint_bins, int64_t hint_shift,
-                    double beta1, double beta2) {
-  const std::vector<Segment> segments = gather_segments(segment_columns);
-  const HistogramTarget counts{histogram.has_value() ? histogram->data_ptr<int64_t>() : nullptr, bins};
-  const bool hinted = window_start.has_value() && window_width.has_value() && hint_above.has_value() &&
-                      hint_histogram.has_value();
-  const HistogramTarget hint_counts{hinted ? hint_histogram->data_ptr<int64_t>() : nullptr, hint_bins};
-  const HintCounts hints{hinted ? window_start->data_ptr<int64_t>() : nullptr,
-                         hinted ? window_width->data_ptr<int64_t>() : nullptr,
-                         hinted ? hint_above->data_ptr<int64_t>() : nullptr, hint_shift, hint_bins};
-  float* m = exp_avg.data_ptr<float>();
-  float* v = exp_avg_sq.data_ptr<float>();
-  // 1 - beta in double, then rounded, like the Python scalars the reference passes to ATen
-  const float lerp_weight = float(1.0 - beta1);
-  const bool from_start = lerp_weight < 0.5f;
-  const MomentsConstants c{from_start ? lerp_weight : lerp_weight - 1.0f, from_start, float(beta2),
-                           float(1.0 - beta2), shift};
-  const float* scales = rowscale.data_ptr<float>();
-  if (grad.scalar_type() == at::kBFloat16) {
-    const auto* grad_bits = reinterpret_cast<const uint16_t*>(grad.data_ptr());
-    update_moments_impl(grad_bits, m, v, segments, scales, tile_segment, tile_start, tile_size, counts,
-                        hint_counts, hints, c);
-  } else {
-    update_moments_impl(grad.data_ptr<float>(), m, v, segments, scales, tile_segment, tile_start, tile_size,
-                        counts, hint_counts, hints, c);
-  }
-}
-
-TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
-  ops.def("update_moments(Tensor grad, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor[] segments, "
-          "Tensor rowscale, Tensor tile_segment, Tensor tile_start, int tile_size, Tensor(c!)? histogram, "
-          "int bins, int shift, Tensor? window_start, Tensor? window_width, Tensor(d!)? hint_above, "
-          "Tensor(e!)? hint_histogram, "
-          "int hint_bins, int hint_shift, float beta1, float beta2) -> ()",
-          &update_moments);
-}
-
-}  // namespace dsforget_cpu
-"""
-
-
 def _update_moments_cpu(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
@@ -371,25 +231,25 @@ def _update_moments_cpu(
     hinted: HintedCounts | None,
 ) -> None:
     cpu_ops().update_moments(
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        segment_columns(table),
-        table.rowscale,
-        tiles.tile_segment,
-        tiles.tile_start,
-        tiles.tile_size,
-        histogram,
-        level_bins(0),
-        LEVELS[0][0],
-        None if hinted is None else hinted.start,
-        None if hinted is None else hinted.width,
-        None if hinted is None else hinted.above,
-        None if hinted is None else hinted.histogram,
-        HINT_WINDOW,
-        HINT_SHIFT,
-        beta1,
-        beta2,
+        grad=grad,
+        exp_avg=exp_avg,
+        exp_avg_sq=exp_avg_sq,
+        segments=segment_columns(table),
+        rowscale=table.rowscale,
+        tile_segment=tiles.tile_segment,
+        tile_start=tiles.tile_start,
+        tile_size=tiles.tile_size,
+        histogram=histogram,
+        bins=level_bins(0),
+        shift=LEVELS[0][0],
+        window_start=None if hinted is None else hinted.start,
+        window_width=None if hinted is None else hinted.width,
+        hint_above=None if hinted is None else hinted.above,
+        hint_histogram=None if hinted is None else hinted.histogram,
+        hint_bins=HINT_WINDOW,
+        hint_shift=HINT_SHIFT,
+        beta1=beta1,
+        beta2=beta2,
     )
 
 

@@ -60,9 +60,9 @@ from datetime import datetime, timezone
 
 import torch
 
-from .backends import default_backend
-from .segments import DENSE, NO_ROWSCALE, SegmentTable
-from .step import topk_adamw_step
+from ..backends import default_backend
+from ..segments import DENSE, NO_ROWSCALE, SegmentTable
+from ..step import topk_adamw_step
 
 LR, BETA1, BETA2, EPS, WEIGHT_DECAY, FRACTION = 1e-3, 0.9, 0.999, 1e-8, 0.01, 0.15
 FIRST_STEP = 10  # the state has taken 9 steps: bias corrections away from their step-1 extremes
@@ -524,8 +524,12 @@ def csv_rows(numel: int, results: list[Result], copy_rate: float, device: str) -
     return rows
 
 
+# the command line that runs this module (what --help prints in its usage line)
+PROG = "python -m dsforget.kernels.bench"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", help="comma-separated element counts, K/M/G suffixes allowed (e.g. 1M,4M)")
     parser.add_argument("--tiny", action="store_true", help="one small size, 1 step a round: a smoke run")
     parser.add_argument(

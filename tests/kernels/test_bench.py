@@ -1,0 +1,51 @@
+"""The benchmarks at a tiny size, so they cannot rot.
+
+Shared helpers: tests/kernels/helpers.py."""
+
+from __future__ import annotations
+
+import csv
+
+import torch
+from dsforget.kernels import default_backend
+from helpers import run_python
+
+
+def test_benchmark_tiny_run(tmp_path):
+    """Keeps `python -m dsforget.kernels.bench` from rotting: every implementation runs (or is
+    reported unavailable with a reason), the fused step matches the reference, the CSV is written.
+    On a machine where DeepSpeed's cpu_adam op was never built, building it adds ~95 s (2 cores)."""
+    output = tmp_path / "bench.csv"
+    result = run_python(["-m", "dsforget.kernels.bench", "--tiny", "--csv", str(output)])
+    assert "| dsforget-cpu |" in result.stdout, result.stdout
+    with open(output, encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    names = [row["implementation"] for row in rows]
+    assert names[:3] == ["mofo-reference", "dsforget-torch", "dsforget-cpu"]
+    for row in rows:
+        assert row["status"] == "ok" or row["status"].startswith("unavailable: "), row
+        assert row["device"] and row["torch"] and row["deepspeed"]
+    fused = next(row for row in rows if row["implementation"] == "dsforget-cpu")
+    assert fused["status"] == "ok" and float(fused["max_abs_error"]) < 1e-6, fused
+
+
+def test_model_benchmark_tiny_run():
+    """Keeps `python -m dsforget.kernels.bench_model` from rotting: MoFO and torch's fused AdamW
+    step a whole (tiny) Llama's parameters and get a time; baselines that cannot run say why."""
+    result = run_python(["-m", "dsforget.kernels.bench_model", "--tiny"])
+    rows = {
+        cells[0]: cells[1:]
+        for line in result.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith(("| implementation", "| ---"))
+        for cells in [[cell.strip() for cell in line.strip("|").split("|")]]
+    }
+    backend = default_backend(torch.device("cpu"))
+    for name in (f"mofo-{backend}", "torch-adamw-fused"):
+        assert float(rows[name][0]) > 0, result.stdout
+    assert len(rows) == 4 and all(
+        cells[0].replace(".", "", 1).isdigit() or cells[0].startswith("unavailable: ")
+        for cells in rows.values()
+    ), result.stdout
+
+
+# ------------------------------------------------------------------- the one-pass (speculative) step
