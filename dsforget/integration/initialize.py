@@ -84,6 +84,7 @@ def initialize(model: nn.Module, optimizer: ForgetAdamW, config: str | Path | Ma
         model=model, optimizer=optimizer, config=config, **kwargs
     )
     bind_to_engine(engine, optimizer)
+    optimizer.prepare_kernels()  # stage 0 binds no layout; the kernels are built here all the same
     return engine, ds_optimizer, dataloader, scheduler
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..kernels import DENSE, NO_ROWSCALE, SegmentTable, ThresholdHint, default_backend, topk_adamw_step
+from ..kernels import DENSE, NO_ROWSCALE, SegmentTable, ThresholdHint, resolve_backend, topk_adamw_step
 from .comm import release_shared_memory_names, sum_counts, verify_plan_agreement
 from .layout import ShardLayout
 from .params import full_shape
@@ -85,6 +85,11 @@ class ForgetAdamW(torch.optim.Optimizer):
     in the moments pass, kernels/speculative.py), which keeps list buffers of ~0.75 B per element
     between steps; False takes the two-pass step, whose extra memory is O(blocks x bins). The
     result is the same bit for bit.
+
+    backend: "auto" (the device's fused kernels: C++ on CPU tensors, Triton on CUDA; where they
+    cannot run, a WARNING names why and the plain-PyTorch references run), or "torch", "cpu",
+    "triton" (an error where unusable). Resolved, and the C++ extension built, when the optimizer
+    is bound to an engine (dsforget.initialize), else on its first step.
     """
 
     def __init__(
@@ -139,7 +144,7 @@ class ForgetAdamW(torch.optim.Optimizer):
         self._tables: dict[int, SegmentTable] = {}
         self._hints: dict[int, ThresholdHint] = {}  # per shard: topk_adamw_step's threshold hints
         self._dp_group: Any = None
-        self._logged_backends: set[str] = set()
+        self._backends: dict[str, str] = {}  # device type -> the backend resolved for it
 
     def adopt_names(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Call the optimizer's tensors by the model's names (matched by identity).
@@ -201,7 +206,8 @@ class ForgetAdamW(torch.optim.Optimizer):
         layouts: Mapping[torch.Tensor, ShardLayout] | Iterable[tuple[torch.Tensor, ShardLayout]],
         data_parallel_group: Any = None,
     ) -> None:
-        """Tell the optimizer what each flat tensor DeepSpeed will hand it holds."""
+        """Tell the optimizer what each flat tensor DeepSpeed will hand it holds, and resolve (build)
+        the kernels for their devices now, before the first step."""
         pairs = layouts.items() if isinstance(layouts, Mapping) else layouts
         for tensor, layout in pairs:
             if tensor.numel() != layout.numel:
@@ -209,6 +215,7 @@ class ForgetAdamW(torch.optim.Optimizer):
             for seg in layout.segments:
                 self.plan[seg.name]  # noqa: B018 - fails with a clear error for unknown names
             self._layouts[id(tensor)] = layout
+            self._backend(tensor)
         self._forget_tables()
         self._dp_group = data_parallel_group
 
@@ -285,13 +292,24 @@ class ForgetAdamW(torch.optim.Optimizer):
     # -- the step --------------------------------------------------------------------------
 
     def _backend(self, tensor: torch.Tensor) -> str:
-        backend = default_backend(tensor.device) if self.backend == "auto" else self.backend
-        if backend not in self._logged_backends:
-            self._logged_backends.add(backend)
+        """The backend for tensors of `tensor`'s device, resolved on first use: for the C++ CPU
+        backend that builds and loads the extension, so a failed build is seen when the optimizer
+        is bound, not mid-training ("auto": a WARNING and the torch references; "cpu": an error)."""
+        backend = self._backends.get(tensor.device.type)
+        if backend is None:
+            backend = resolve_backend(self.backend, tensor.device)
+            self._backends[tensor.device.type] = backend
             logger.info(
                 "dsforget: optimizer step uses the %r kernels on %s tensors", backend, tensor.device.type
             )
         return backend
+
+    def prepare_kernels(self) -> None:
+        """Resolve (and build) the kernels for every device the optimizer's tensors live on; called
+        when the optimizer is bound to an engine, before the first step."""
+        for group in self.param_groups:
+            for tensor in group["params"]:
+                self._backend(tensor)
 
     def _sum_over_data_parallel(self, counts: list[torch.Tensor]) -> list[torch.Tensor]:
         """Sum integer counts over the data-parallel group in one all-reduce (exact mode)."""

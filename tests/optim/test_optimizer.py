@@ -342,3 +342,44 @@ def test_tensor_without_layout_is_refused() -> None:
         RuntimeError, match="use dsforget.initialize|build the engine with dsforget.initialize"
     ):
         opt.step()
+
+
+def test_kernels_are_resolved_when_bound_not_mid_training(monkeypatch) -> None:
+    """Catches a C++ build (and its failure) deferred to the middle of training: binding the
+    optimizer to its shards resolves the backend for their device before any step, once per
+    device type, and the steps then use what was resolved."""
+    from dsforget.optim import optimizer as optimizer_module
+    from dsforget.optim.layout import ShardLayout
+
+    calls = []
+
+    def spy(requested, device):
+        calls.append((requested, torch.device(device).type))
+        return "torch"
+
+    monkeypatch.setattr(optimizer_module, "resolve_backend", spy)
+    weights = {name: nn.Parameter(torch.randn(5, 3)) for name in ("a", "b")}
+    optimizer = MoFOAdamW(weights.items(), backend="auto")
+    assert calls == []
+    optimizer.bind([(w, ShardLayout.whole(name, (5, 3))) for name, w in weights.items()])
+    assert calls == [("auto", "cpu")]
+    for w in weights.values():
+        w.grad = torch.randn(5, 3)
+    optimizer.step()
+    assert calls == [("auto", "cpu")]
+
+
+def test_backend_cpu_without_a_compiler_fails_before_the_first_step(monkeypatch) -> None:
+    """backend="cpu" where the extension cannot be built is an error when the optimizer is
+    bound (naming the missing compiler), not a silent fall back to the slow references."""
+    from dsforget.kernels import _cpu
+
+    from dsforget.optim.layout import ShardLayout
+
+    monkeypatch.setenv("CXX", "no-such-compiler-dsforget")
+    monkeypatch.setattr(_cpu, "_OPS", None)
+    monkeypatch.setattr(_cpu, "_FAILURE", None)
+    weight = nn.Parameter(torch.randn(4, 4))
+    optimizer = MoFOAdamW([("w", weight)], backend="cpu")
+    with pytest.raises(RuntimeError, match="no-such-compiler-dsforget"):
+        optimizer.bind([(weight, ShardLayout.whole("w", (4, 4)))])
