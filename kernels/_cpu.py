@@ -17,6 +17,7 @@ binary it cannot run.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import shutil
@@ -121,6 +122,15 @@ def _isa_flags() -> tuple[str, list[str]]:
     return "baseline", []
 
 
+def extension_name(isa: str) -> str:
+    """The extension's name, and so its build directory: by ISA level and by checkout. torch
+    rebuilds an extension whose sources or include paths differ from its last build, so two
+    checkouts (or installs) sharing one cache under a single name would rebuild it, ~1 min each,
+    every time a process of the other one loads it."""
+    checkout = hashlib.sha1(str(CSRC).encode()).hexdigest()[:8]
+    return f"dsforget_cpu_{isa}_{checkout}"
+
+
 def build_directory(name: str) -> Path:
     """Where torch.utils.cpp_extension builds the extension `name` (created if missing)."""
     from torch.utils.cpp_extension import _get_build_directory
@@ -188,7 +198,7 @@ def _build_and_load() -> Any:
     if not compiler_available():
         raise CpuBuildError(no_compiler_message())
     isa, flags = _isa_flags()
-    name = f"dsforget_cpu_{isa}"
+    name = extension_name(isa)
     wait_for_build_lock(build_directory(name), lock_timeout_s())
     try:
         load(

@@ -204,7 +204,7 @@ def test_stale_build_lock_is_an_error_naming_the_lock(tmp_path):
     lock file to remove."""
     code = CAPTURE_WARNINGS + (
         "import pathlib, sys, time\n"
-        "lock = pathlib.Path(sys.argv[1]) / f'dsforget_cpu_{_cpu._isa_flags()[0]}' / 'lock'\n"
+        "lock = pathlib.Path(sys.argv[1]) / _cpu.extension_name(_cpu._isa_flags()[0]) / 'lock'\n"
         "lock.parent.mkdir(parents=True)\n"
         "lock.touch()\n"
         "started = time.monotonic()\n"
