@@ -213,6 +213,20 @@ def test_compare_runs_each_method_and_tabulates(tmp_path: Path, lab_cache: Path)
     assert reports["hft"]["trainable_share"] < 0.75
     assert (tmp_path / "compare.png").exists()
 
+    # Again: every run is finished with these settings, so each is reused and said to be.
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for method in ("full", "mofo", "hft"):
+        assert f"== {method}: reusing the finished run in {tmp_path / method} (same settings)" in again.stdout
+    assert json.loads((tmp_path / "compare.json").read_text()) == reports
+    # Other settings: refused before anything runs, naming the key (before issue 15 the runs
+    # resumed at their last step and the table showed the old numbers as the new ones).
+    other = subprocess.run([*command, "--lr", "5e-4"], env=env, capture_output=True, text=True, timeout=600)
+    assert other.returncode != 0
+    assert f"{tmp_path / 'full'} holds a run made with other settings (lr=0.001 there, 0.0005 here)" in (
+        other.stderr
+    )
+
 
 def test_cofitune_measures_importance_in_the_job_and_scales_rows(tmp_path: Path, lab_cache: Path) -> None:
     """CoFiTune's fine level end to end under ZeRO-3: the job must compute importance on general
