@@ -5,7 +5,9 @@
 
 Each method runs launch/finetune.py under DeepSpeed's launcher into <output_dir>/<method>/ with
 the flags after `--`; the side-by-side table is printed and written to compare.json and
-compare.png (task gain against forgetting, one point per method).
+compare.png (task gain against forgetting, one point per method). A method whose folder already
+holds a finished run with exactly these settings (its config.json) is reused and says so; one
+made with other settings is refused, naming the keys that differ, before anything runs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dsforget.experiments.subruns import finetune_command, split_passthrough, subrun_env
+from dsforget.experiments.subruns import finetune_command, previous_run, split_passthrough, subrun_env
+from dsforget.strict_json import dumps
 
 COLUMNS = (  # (title, report path, format)
     ("task gain", ("summary", "task_gain"), "{:+.3f}"),
@@ -82,17 +85,26 @@ def main(argv: list[str]) -> None:
     if "--output_dir" in finetune_flags or "--method" in finetune_flags:
         parser.error("--output_dir and --method are set per run by compare.py; pass them before `--`")
     output = Path(args.output_dir)
-    reports = {}
+    runs = {}
     for method in args.methods.split(","):
+        flags = ["--method", method, "--output_dir", str(output / method), *finetune_flags]
+        try:
+            runs[method] = (flags, previous_run(output / method, flags))
+        except ValueError as error:
+            parser.error(str(error))
+    reports = {}
+    for method, (flags, previous) in runs.items():
         run_dir = output / method
-        command = finetune_command(
-            args.num_gpus, "--method", method, "--output_dir", str(run_dir), *finetune_flags
-        )
-        print(f"== {method}: {' '.join(command)}", flush=True)
-        subprocess.run(command, check=True, env=subrun_env())
+        if previous == "finished":
+            print(f"== {method}: reusing the finished run in {run_dir} (same settings)", flush=True)
+        else:
+            command = finetune_command(args.num_gpus, *flags)
+            resuming = f" (resuming the run in {run_dir})" if previous == "started" else ""
+            print(f"== {method}{resuming}: {' '.join(command)}", flush=True)
+            subprocess.run(command, check=True, env=subrun_env())
         reports[method] = json.loads((run_dir / "report.json").read_text())
     table = comparison_table(reports)
-    (output / "compare.json").write_text(json.dumps(reports, indent=2) + "\n")
+    (output / "compare.json").write_text(dumps(reports, indent=2) + "\n")
     plot(reports, output / "compare.png")
     print(f"\n{table}\n\n{output / 'compare.json'}, {output / 'compare.png'}", flush=True)
 

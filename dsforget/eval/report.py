@@ -3,13 +3,14 @@ report.png, and the table printed at the end of a run."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import write_atomic
+from ..strict_json import dumps
 from .forgetting import HIGHER_IS_BETTER, forgetting_summary
 
 
@@ -58,7 +59,7 @@ def plot_report(report: Mapping[str, Any], path: str | Path) -> None:
 
 def write_report(report: Mapping[str, Any], directory: str | Path) -> None:
     directory = Path(directory)
-    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(directory / "report.json", dumps(report, indent=2) + "\n")  # NaN/inf as null
     plot_report(report, directory / "report.png")
 
 
@@ -96,7 +97,7 @@ def run_report(
         "train": {
             "steps": stats.steps,
             "seconds": round(stats.seconds, 2),
-            "median_step_ms": round(stats.median_step_ms, 2),
+            "median_step_ms": None if stats.median_step_ms is None else round(stats.median_step_ms, 2),
             "final_loss": stats.last_loss,
             "validation_loss": stats.validation_loss,
             "world_size": world,
@@ -112,9 +113,10 @@ def print_summary(report: Mapping[str, Any], directory: str | Path) -> None:
     """The run's closing lines: method, steps, ranks, step time, the table, where the report is."""
     train = report["train"]
     directory = Path(directory)
+    step_time = "no step trained" if train["median_step_ms"] is None else f"{train['median_step_ms']} ms/step"
     print(
         f"\n{report['method']} on {report['model']}: {train['steps']} steps on {train['world_size']} ranks, "
-        f"{train['median_step_ms']} ms/step\n{format_table(report)}\n"
+        f"{step_time}\n{format_table(report)}\n"
         f"report: {directory / 'report.json'}, {directory / 'report.png'}",
         flush=True,
     )

@@ -6,6 +6,7 @@ an engine, and a fresh process per run also frees every rank's memory between ru
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -47,3 +48,24 @@ def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
         return argv, []
     cut = argv.index("--")
     return argv[:cut], argv[cut + 1 :]
+
+
+def previous_run(run_dir: Path, flags: list[str]) -> str | None:
+    """What `run_dir` holds for a finetune run with `flags`: None (no run), "started" (same
+    settings, not finished: the run resumes) or "finished" (same settings, report.json written).
+    Raises ValueError naming the settings that differ when it holds a run made with others."""
+    from ..train.run_config import parse_run_config
+
+    saved_file = run_dir / "config.json"
+    if not saved_file.exists():
+        return None
+    saved = json.loads(saved_file.read_text())
+    wanted = json.loads(json.dumps(parse_run_config(flags).to_dict()))
+    differing = sorted(key for key in set(saved) | set(wanted) if saved.get(key) != wanted.get(key))
+    if differing:
+        details = ", ".join(f"{key}={saved.get(key)!r} there, {wanted.get(key)!r} here" for key in differing)
+        raise ValueError(
+            f"{run_dir} holds a run made with other settings ({details}): pass another --output_dir, "
+            f"or delete {run_dir} to run it again"
+        )
+    return "finished" if (run_dir / "report.json").exists() else "started"

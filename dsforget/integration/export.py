@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..atomic import replace_directory
+
 
 def gather_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
     """Every parameter and buffer in full, on the CPU of rank 0 (None elsewhere). Collective."""
@@ -36,8 +38,12 @@ def gather_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
 
 
 def save_hf_checkpoint(engine: Any, tokenizer: Any, directory: str | Path) -> Path | None:
-    """A ``from_pretrained``-loadable safetensors checkpoint (with tokenizer), written atomically
-    by rank 0 into `directory`; returns the path on rank 0. Collective."""
+    """A ``from_pretrained``-loadable safetensors checkpoint (with tokenizer), written by rank 0
+    into `directory`; returns the path on rank 0. Collective.
+
+    Written beside `directory` and swapped in whole (``atomic.replace_directory``): once a model
+    was exported, `directory` holds a complete one at every instant, the old until the new is
+    durable."""
     from deepspeed import comm
 
     state = gather_state_dict(engine)
@@ -47,8 +53,6 @@ def save_hf_checkpoint(engine: Any, tokenizer: Any, directory: str | Path) -> Pa
         shutil.rmtree(staging, ignore_errors=True)
         engine.module.save_pretrained(staging, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
+        replace_directory(staging, directory)
     comm.barrier()
     return directory if comm.get_rank() == 0 else None

@@ -2,13 +2,20 @@
 
 `FinetuneJob` holds what a run builds (inputs, data, model, plan, optimizer, engine) so the entry
 point reads as parse -> build -> train -> report. Resume: --resume auto continues from the newest
-complete checkpoint in output_dir, after checking that it was written by the same kind of run
-(checkpoint.check_resume), and reads the plan back from it instead of building a new one.
+complete checkpoint in output_dir (or --resume names one: a rewind), after checking that it was
+written by the same kind of run (checkpoint.check_resume), and reads the plan back from it
+instead of building a new one; the run's lr, betas, eps and weight decay replace the saved ones
+(job.apply_hyperparameters, logged). --resume never sets a previous run's outputs aside
+(``superseded-<time>/``) before starting. A run whose checkpoint already reached the last step
+and whose report.json describes it trains nothing, keeps its outputs and exits 0.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +32,35 @@ from ..methods.coordinator import build_plan
 from ..methods.resampling import Resampler
 from ..optim.optimizer import ForgetAdamW
 from ..optim.plan import MaskPlan
+from ..strict_json import dumps
 from . import checkpoint, faults
 from .cofitune_importance import ensure_importance, needs_importance
 from .inputs import resolve_inputs
-from .job import deepspeed_config, environment, load_model, lr_factor, run_identity, setup_logging
+from .job import (
+    apply_hyperparameters,
+    deepspeed_config,
+    environment,
+    load_model,
+    lr_factor,
+    run_identity,
+    setup_logging,
+)
 from .run_config import RunConfig
 from .trainer import LoopConfig, Trainer, TrainStats, steps_per_epoch
+
+logger = logging.getLogger("dsforget")
+
+# What a run leaves in output_dir that describes that run alone; --resume never moves them aside
+# (config.json and plan.json are rewritten by every run; importance.safetensors is a cache).
+RUN_OUTPUTS = (
+    "checkpoints",
+    "metrics.jsonl",
+    "tensorboard",
+    "before.json",
+    "report.json",
+    "report.png",
+    "hf_model",
+)
 
 
 def plain_model(model_dir: Path, state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
@@ -50,6 +80,41 @@ def resume_source(config: RunConfig, output: Path) -> Path | None:
     return None if config.resume == "never" else Path(config.resume)
 
 
+def set_aside_previous_run(output: Path) -> Path | None:
+    """Move a previous run's outputs (RUN_OUTPUTS) into ``output/superseded-<time>/`` so that a
+    fresh start neither mixes its metrics with theirs nor loses to their checkpoints; returns
+    that folder, or None when there was nothing to move."""
+    present = [name for name in RUN_OUTPUTS if (output / name).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = output / f"superseded-{stamp}"
+    suffix = 1
+    while aside.exists():
+        suffix += 1
+        aside = output / f"superseded-{stamp}-{suffix}"
+    aside.mkdir(parents=True)
+    for name in present:
+        shutil.move(str(output / name), str(aside / name))
+    newest = checkpoint.latest_checkpoint(aside / "checkpoints")
+    logger.warning(
+        "--resume never: the previous run in %s (%s) was moved to %s; delete it when no longer needed",
+        output,
+        f"checkpoint {newest.name}" if newest else "no complete checkpoint",
+        aside,
+    )
+    return aside
+
+
+def finished_report(output: Path, step: int) -> dict[str, Any] | None:
+    """report.json in `output` when it describes a run that ended at `step`, else None."""
+    path = output / "report.json"
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    return report if report.get("train", {}).get("steps") == step else None
+
+
 class FinetuneJob:
     """One fine-tuning run on every rank: `build`, then `train`, then `report`."""
 
@@ -62,9 +127,12 @@ class FinetuneJob:
         setup_logging(self.rank)
         torch.manual_seed(config.seed)
         self.output = Path(config.output_dir)
+        self.finished: dict[str, Any] | None = None  # the report of a run that has nothing to train
         if self.rank == 0:
             self.output.mkdir(parents=True, exist_ok=True)
-            (self.output / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            if config.resume == "never":
+                set_aside_previous_run(self.output)
+        deepspeed.comm.barrier()  # no rank looks into output_dir before it is set up
 
     # -- build --------------------------------------------------------------------------------
 
@@ -93,6 +161,12 @@ class FinetuneJob:
         self.model = load_model(self.inputs.model_dir, ds_config)
         self.run = run_identity(config, self.model)  # what a resume must match (checkpoint.check_resume)
         self.resume_from = resume_source(config, self.output)
+        if self.resume_from is not None:
+            checkpoint.check_resume(self.resume_from, self.run, self.world)
+            if self._nothing_to_train(checkpoint.saved_step(self.resume_from)):
+                return  # config.json included: the outputs describe the finished run
+        if self.rank == 0:
+            (self.output / "config.json").write_text(dumps(config.to_dict(), indent=2) + "\n")
         every = per_epoch if config.resample_each_epoch else config.resample_every
         self.resampler = (
             Resampler(self.model, config.method, config.method_defaults(), config.method_options, every)
@@ -113,9 +187,9 @@ class FinetuneJob:
             decay_scope=config.decay_scope,
             backend=config.kernel_backend,
         )
-        schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config, self.total_steps))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config, self.total_steps))
         self.engine, *_ = initialize(
-            model=self.model, optimizer=self.optimizer, config=ds_config, lr_scheduler=schedule
+            model=self.model, optimizer=self.optimizer, config=ds_config, lr_scheduler=self.schedule
         )
         self._score_base()
 
@@ -124,7 +198,6 @@ class FinetuneJob:
         switch what trains); else the method's plan, built on rank 0 and broadcast."""
         config = self.config
         if self.resume_from is not None:
-            checkpoint.check_resume(self.resume_from, self.run, self.world)
             return checkpoint.read_plan(self.resume_from)
         if self.resampler is not None:
             return self.resampler.membership_plan()
@@ -144,6 +217,36 @@ class FinetuneJob:
             )
         return build_plan(self.model, config.method, config.method_defaults(), **options)
 
+    def _nothing_to_train(self, step: int) -> bool:
+        """Whether the checkpoint at `step` ends this run and its report is written: then the run
+        keeps what it has and builds nothing more (says so on rank 0)."""
+        if step < self.total_steps:
+            return False
+        self.finished = finished_report(self.output, step)
+        how = (
+            "start over with --resume never (the old run is set aside) or another --output_dir; "
+            "train longer with a larger --max_steps or --epochs"
+        )
+        if self.finished is not None:
+            logger.warning(
+                "%s: finished at step %d (this run's end: step %d); nothing to train, report.json and "
+                "the other outputs are kept as they are. To %s",
+                self.resume_from,
+                step,
+                self.total_steps,
+                how,
+            )
+            return True
+        logger.warning(
+            "%s: the checkpoint is at step %d, the end of this run (step %d); nothing to train, "
+            "writing the report. To %s",
+            self.resume_from,
+            step,
+            self.total_steps,
+            how,
+        )
+        return False
+
     def _score_base(self) -> None:
         """The base model's scores, once per output_dir (kept across resumes)."""
         import deepspeed
@@ -151,7 +254,7 @@ class FinetuneJob:
         self.before_file = self.output / "before.json"
         if self.rank == 0 and not self.before_file.exists():
             scores = evaluate(plain_model(self.inputs.model_dir), self.tokenizer, self.inputs.eval_sources)
-            self.before_file.write_text(json.dumps(scores))
+            self.before_file.write_text(dumps(scores))
         deepspeed.comm.barrier()
 
     # -- train --------------------------------------------------------------------------------
@@ -159,22 +262,32 @@ class FinetuneJob:
     def train(self) -> TrainStats:
         """Train to the end (or to a stop signal: then save and exit with status 75)."""
         config = self.config
+        if self.finished is not None:
+            return TrainStats(steps=self.finished["train"]["steps"])
+        parent = self.resume_from  # what the next checkpoint continues (checkpoint.save prunes by it)
 
         def save(position: checkpoint.TrainerState) -> None:
-            checkpoint.save(
+            nonlocal parent
+            parent = checkpoint.save(
                 self.engine,
                 self.output / "checkpoints",
                 position,
                 self.plan,
                 keep=config.keep_checkpoints,
                 run=self.run,
+                parent=parent,
             )
 
-        position = (
-            checkpoint.load(self.engine, self.resume_from)
-            if self.resume_from
-            else checkpoint.TrainerState(0, 0, 0)
-        )
+        position = checkpoint.TrainerState(0, 0, 0)
+        if self.resume_from is not None:
+            position = checkpoint.load(self.engine, self.resume_from)
+            changed = apply_hyperparameters(self.optimizer, self.schedule, config)
+            if changed:
+                logger.warning(
+                    "resume from %s: this run's settings replace the checkpoint's: %s",
+                    self.resume_from,
+                    ", ".join(changed),
+                )
         before_step = None
         if self.resampler is not None:
             resampler, optimizer = self.resampler, self.optimizer
@@ -202,6 +315,8 @@ class FinetuneJob:
         """Export, score the tuned model and write report.json / report.png (rank 0's report)."""
         import deepspeed
 
+        if self.finished is not None:  # a finished run's report stays as it is
+            return self.finished if self.rank == 0 else None
         tuned_state = gather_state_dict(self.engine)
         if self.config.export:
             save_hf_checkpoint(self.engine, self.tokenizer, self.output / "hf_model")

@@ -132,3 +132,32 @@ def environment() -> dict[str, str]:
         "transformers": transformers.__version__,
         "date": date.today().isoformat(),
     }
+
+
+def apply_hyperparameters(
+    optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR, config: RunConfig
+) -> list[str]:
+    """Give a resumed optimizer and schedule this run's lr, betas, eps and weight decay.
+
+    DeepSpeed's load_checkpoint restores the param groups' hyperparameters and the schedule's
+    ``base_lrs`` (the peak lr) as they were saved; the run's own values win, and the schedule
+    continues from the new peak at the step it reached. Returns what changed, as
+    ``"lr 0.001 -> 0.0005"`` lines (empty when nothing did).
+    """
+    wanted = {"betas": tuple(config.betas), "eps": config.eps, "weight_decay": config.weight_decay}
+    changes: dict[str, str] = {}
+    for index, group in enumerate(optimizer.param_groups):
+        old_peak = schedule.base_lrs[index]
+        if old_peak != config.lr:
+            changes.setdefault("lr", f"lr {old_peak:g} -> {config.lr:g}")
+        for key, value in wanted.items():
+            old = tuple(group[key]) if key == "betas" else group[key]
+            if old != value:
+                changes.setdefault(key, f"{key} {old} -> {value}")
+            group[key] = value
+        factor = schedule.lr_lambdas[index](schedule.last_epoch)
+        group["initial_lr"] = config.lr
+        group["lr"] = config.lr * factor
+    schedule.base_lrs = [config.lr] * len(optimizer.param_groups)
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return list(changes.values())

@@ -136,7 +136,11 @@ class RunConfig:
     eval_every: int = option(0, "validation loss every N steps (0: only at the end)")
     log_every: int = option(10, "metrics line every N steps")
     resume: str = option(
-        "auto", "auto: continue from output_dir's newest checkpoint; never; or a checkpoint path"
+        "auto",
+        "auto: continue from output_dir's newest checkpoint; never: start from the base model, moving "
+        "a previous run's outputs to output_dir/superseded-<time>/; or a checkpoint path (a rewind: "
+        "the checkpoints after it are deleted once this run saves). Resuming unpickles DeepSpeed's "
+        "files: it trusts the checkpoint's author as much as running their code",
     )
     export: bool = option(True, "write a Hugging Face (safetensors) checkpoint at the end")
 

@@ -13,7 +13,6 @@ a checkpoint (``TrainStats.preempted``); a step with inf/NaN gradients is skippe
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ import torch
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from ..strict_json import dumps
 from . import faults
 from .checkpoint import TrainerState
 
@@ -42,9 +42,10 @@ class TrainStats:
     preempted: str | None = None  # the stop signal that ended training early, if one did
 
     @property
-    def median_step_ms(self) -> float:
+    def median_step_ms(self) -> float | None:
+        """None when this attempt trained no step (a rerun of a finished run)."""
         times = sorted(self.step_seconds[1:] or self.step_seconds)  # the first step includes warm-up
-        return 1000 * times[len(times) // 2] if times else float("nan")
+        return 1000 * times[len(times) // 2] if times else None
 
 
 def steps_per_epoch(examples: int, micro_batch: int, world: int, accumulation: int) -> int:
@@ -195,7 +196,7 @@ class Trainer:
         if self.rank != 0:
             return
         with open(self.metrics_file, "a") as file:
-            file.write(json.dumps(record) + "\n")
+            file.write(dumps(record) + "\n")
         for key, value in record.items():
             if key != "step" and isinstance(value, float | int):
                 self.writer.add_scalar(key, value, record["step"])
@@ -325,7 +326,8 @@ class Trainer:
             stats.validation_loss = self.validation_loss()
             if stats.validation_loss is not None:
                 self._log({"step": stats.steps, "validation_loss": stats.validation_loss})
-        self.save(position)
+        if stats.steps > state.step:  # else the checkpoint it started from already holds this state
+            self.save(position)
         if self.writer is not None:
             self.writer.close()
 

@@ -337,8 +337,10 @@ def test_save_cut_short_leaves_the_previous_checkpoint_the_newest(tmp_path: Path
 
     engine, root = Engine(), tmp_path / "checkpoints"
 
-    def save(step: int, keep: int = 5) -> Path:
-        return checkpoint.save(engine, root, checkpoint.TrainerState(step, 0, 0), plan, keep=keep)
+    def save(step: int, keep: int = 5, parent: Path | None = None) -> Path:
+        parent = parent or checkpoint.latest_checkpoint(root)
+        state = checkpoint.TrainerState(step, 0, 0)
+        return checkpoint.save(engine, root, state, plan, keep=keep, parent=parent)
 
     save(2)
     engine.crash = True
@@ -363,16 +365,17 @@ def test_save_cut_short_leaves_the_previous_checkpoint_the_newest(tmp_path: Path
     save(4)
     engine.crash = True  # a run resumed from step 2 saves step 4 again and is killed doing it
     with pytest.raises(KeyboardInterrupt):
-        save(4)
-    assert checkpoint.latest_checkpoint(root) == root / "step2"
+        save(4, parent=root / "step2")
+    assert checkpoint.latest_checkpoint(root) == root / "step4"  # the old step 4, untouched
 
     engine.crash = False
-    save(4)
+    rewound = save(4, parent=root / "step2")
+    assert checkpoint.complete_checkpoints(root) == [root / "step2", rewound]
     monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda *args, **kwargs: None)  # killed mid-delete
     save(6, keep=1)
     assert checkpoint.complete_checkpoints(root) == [root / "step6"]
     with pytest.raises(FileNotFoundError, match="incomplete"):
-        checkpoint.check_resume(root / "step4", {}, world_size=1)
+        checkpoint.check_resume(rewound, {}, world_size=1)
 
 
 # --- non-finite gradients ---------------------------------------------------------------------

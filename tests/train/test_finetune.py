@@ -120,6 +120,55 @@ def test_resume_continues_exactly(tmp_path: Path, lab_cache: Path) -> None:
     assert a["after"] == b["after"] and a["drift"] == b["drift"]
 
 
+RESUMABLE = [
+    *("--lr_schedule", "constant", "--warmup_steps", "0", "--log_every", "1", "--save_every", "2"),
+    "--no-export",
+]
+
+
+@pytest.fixture(scope="module")
+def resumed_with_new_lr(tmp_path_factory, lab_cache: Path) -> tuple[Path, str]:
+    """A run of 4 steps at lr 1e-3, resumed to 6 steps with lr 5e-4 and weight decay 0.1: the
+    output_dir and the resumed run's rank-0 output."""
+    output = tmp_path_factory.mktemp("new_lr")
+    finetune(output, lab_cache, "--max_steps", "4", "--lr", "1e-3", *RESUMABLE)
+    outputs = finetune(output, lab_cache, *RESUMED_FLAGS, *RESUMABLE)
+    return output, outputs[0]
+
+
+RESUMED_FLAGS = ["--max_steps", "6", "--lr", "5e-4", "--weight_decay", "0.1"]
+
+
+def test_resume_with_a_new_lr_trains_and_logs_the_new_one(resumed_with_new_lr: tuple[Path, str]) -> None:
+    """Catches a changed --lr / --weight_decay ignored on resume: DeepSpeed's load_checkpoint puts
+    back the saved param groups and the schedule's base lr, so before issue 15 steps 5 and 6 still
+    trained (and logged) lr 1e-3, and nothing said so."""
+    output, log = resumed_with_new_lr
+    lrs = {m["step"]: m["lr"] for m in metrics(output) if "lr" in m}
+    assert lrs == {1: 1e-3, 2: 1e-3, 3: 1e-3, 4: 1e-3, 5: 5e-4, 6: 5e-4}, lrs  # constant schedule: factor 1
+    assert "this run's settings replace the checkpoint's: lr 0.001 -> 0.0005, weight_decay 0.0 -> 0.1" in log
+
+
+def test_rerun_of_a_finished_run_says_so_and_keeps_its_report(
+    resumed_with_new_lr: tuple[Path, str], lab_cache: Path
+) -> None:
+    """The same command again into the finished run's output_dir. Catches a rerun that resumes
+    at the last step, trains nothing and rewrites report.json with ``nan`` step times (before
+    issue 15: bare NaN in report.json, 'nan ms/step'), and any NaN/Infinity in report.json."""
+    output, _ = resumed_with_new_lr
+    report, lines = (output / "report.json").read_bytes(), (output / "metrics.jsonl").read_bytes()
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"report.json holds {constant}")
+
+    assert json.loads(report, parse_constant=refuse)["train"]["steps"] == 6
+    log = finetune(output, lab_cache, *RESUMED_FLAGS, *RESUMABLE)[0]
+    assert "finished at step 6 (this run's end: step 6); nothing to train" in log and "--resume never" in log
+    assert "nan ms/step" not in log
+    assert (output / "report.json").read_bytes() == report
+    assert (output / "metrics.jsonl").read_bytes() == lines
+
+
 def test_bad_data_line_is_named(tmp_path: Path, lab_cache: Path) -> None:
     data = tmp_path / "broken.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
@@ -163,6 +212,20 @@ def test_compare_runs_each_method_and_tabulates(tmp_path: Path, lab_cache: Path)
     assert memory["hft"] < 0.75 * memory["full"], memory
     assert reports["hft"]["trainable_share"] < 0.75
     assert (tmp_path / "compare.png").exists()
+
+    # Again: every run is finished with these settings, so each is reused and said to be.
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for method in ("full", "mofo", "hft"):
+        assert f"== {method}: reusing the finished run in {tmp_path / method} (same settings)" in again.stdout
+    assert json.loads((tmp_path / "compare.json").read_text()) == reports
+    # Other settings: refused before anything runs, naming the key (before issue 15 the runs
+    # resumed at their last step and the table showed the old numbers as the new ones).
+    other = subprocess.run([*command, "--lr", "5e-4"], env=env, capture_output=True, text=True, timeout=600)
+    assert other.returncode != 0
+    assert f"{tmp_path / 'full'} holds a run made with other settings (lr=0.001 there, 0.0005 here)" in (
+        other.stderr
+    )
 
 
 def test_cofitune_measures_importance_in_the_job_and_scales_rows(tmp_path: Path, lab_cache: Path) -> None:
