@@ -43,7 +43,7 @@ the failed rank, srun names the task (and with ``--kill-on-bad-exit=1`` stops th
 skips a step whose global gradient norm is inf or NaN: parameters, optimizer state and the lr
 schedule stay as they are, and every rank agrees because the norm is all-reduced; the engine
 reports it through ``was_step_applied()``. Without ZeRO in fp32 the engine hands the step to
-ForgetAdamW unguarded, so ``NonFiniteGuard`` skips it there.
+ForgetAdamW unguarded, so ``NonFiniteGuard`` skips it there, lr schedule included.
 """
 
 from __future__ import annotations
@@ -265,23 +265,29 @@ class NonFiniteGuard:
 
     A step pre-hook on the optimizer (torch's public hook API, so ForgetAdamW is unchanged):
     the ranks sum a non-finite flag over their gradients, and when any is set every gradient is
-    dropped, so the step changes neither parameters nor optimizer state. DeepSpeed still steps
-    the lr schedule on such a step (its own skip, under ZeRO, does not).
+    dropped, so the step changes neither parameters nor optimizer state. The hook also sets the
+    optimizer's ``overflow`` attribute, the flag DeepSpeed's engine reads after every step from
+    its own ZeRO/bf16 wrappers: on a skipped step the engine then leaves the lr schedule where it
+    is, counts the step in ``skipped_steps`` and reports ``was_step_applied() == False``, exactly
+    as under ZeRO. Without it the engine would advance the schedule over a step not taken.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device | str, world: int) -> None:
         self.device, self.world = device, world
         self.skipped = False
+        self._optimizer = optimizer
         self._handle = optimizer.register_step_pre_hook(self._check)
 
     def _check(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         local = any(not bool(torch.isfinite(grad).all()) for grad in grads)
-        if any_rank(local, self.device, self.world):
+        skip = any_rank(local, self.device, self.world)
+        if skip:
             for group in optimizer.param_groups:
                 for param in group["params"]:
                     param.grad = None
             self.skipped = True
+        optimizer.overflow = skip  # read by DeepSpeed's engine right after this step
 
     def take_skipped(self) -> bool:
         """Whether the last step was skipped; resets the flag."""
@@ -290,3 +296,4 @@ class NonFiniteGuard:
 
     def remove(self) -> None:
         self._handle.remove()
+        self._optimizer.__dict__.pop("overflow", None)

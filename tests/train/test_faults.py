@@ -388,7 +388,9 @@ def test_nonfinite_steps_are_skipped_counted_and_too_many_abort(tmp_path: Path, 
     max_nonfinite_steps 3. Catches a skipped step that still changes parameters or optimizer
     state, ranks that disagree on skipping (their parameters would diverge), skips that are not
     counted in metrics.jsonl, and a run that trains on (or hangs) instead of stopping with a
-    clear error on every rank. Stage 0 exercises the trainer's own guard; ZeRO-2 DeepSpeed's skip."""
+    clear error on every rank, and an lr schedule that advances over a skipped step (it did on
+    stage 0, where the engine stepped the scheduler after the guard's skip). Stage 0 exercises
+    the trainer's own guard; ZeRO-2 DeepSpeed's skip."""
     spec = {"stage": stage, "output": str(tmp_path)}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     run_ranks([__file__, str(tmp_path / "spec.json")], world_size=2, timeout=300)
@@ -407,6 +409,10 @@ def test_nonfinite_steps_are_skipped_counted_and_too_many_abort(tmp_path: Path, 
         assert all(torch.isfinite(p).all() for p in params.values())
         counts = {position["step"]: position["nonfinite_steps"] for position, _, _ in result["snapshots"]}
         assert counts == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 2, 7: 3}
+        for position, _, _ in result["snapshots"]:  # the lr schedule advances on applied steps only
+            applied = position["step"] - position["nonfinite_steps"]
+            assert position["schedule_steps"] == applied, (rank, position)
+            assert position["lr"] == pytest.approx(1e-2 / (1 + applied)), (rank, position)
     assert torch.equal(results[0]["snapshots"][-1][1], results[1]["snapshots"][-1][1])  # ranks agree
     records = metrics(tmp_path)
     skipped = [(r["step"], r["nonfinite_steps"]) for r in records if r.get("nonfinite_gradient")]
@@ -459,7 +465,10 @@ def _nonfinite_worker(spec_path: str) -> None:
         "zero_optimization": {"stage": spec["stage"]},
         "steps_per_print": 10**9,
     }
-    engine, *_ = dsforget.initialize(model=model, optimizer=optimizer, config=ds_config)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+    engine, *_ = dsforget.initialize(
+        model=model, optimizer=optimizer, config=ds_config, lr_scheduler=schedule
+    )
     generator = torch.Generator().manual_seed(1)
     examples = [
         {"input_ids": ids, "labels": ids}
@@ -477,7 +486,8 @@ def _nonfinite_worker(spec_path: str) -> None:
                 if torch.is_tensor(tensor)
             ]
         )
-        snapshots.append((dataclasses.asdict(position), params, state))
+        scheduled = {"schedule_steps": engine.lr_scheduler.last_epoch, "lr": engine.get_lr()[0]}
+        snapshots.append(({**dataclasses.asdict(position), **scheduled}, params, state))
 
     loop = LoopConfig(
         micro_batch=2,
