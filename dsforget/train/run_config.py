@@ -13,10 +13,11 @@ import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
+from ..errors import ConfigError, InputFileError
 from ..optim.mofo_adamw import DEFAULT_FRACTION
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -145,7 +146,7 @@ class RunConfig:
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
-                raise ValueError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
+                raise ConfigError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
         from ..methods import METHODS
 
         parts = self.method.split("+")
@@ -160,7 +161,7 @@ class RunConfig:
                 if getattr(self, key) is None:
                     object.__setattr__(self, key, default)
             elif getattr(self, key) is not None:
-                raise ValueError(
+                raise ConfigError(
                     f"{key} applies to methods with a {part!r} part; method {self.method!r} does not take it"
                 )
         if self.fraction is not None:
@@ -206,13 +207,13 @@ class RunConfig:
         _check(self.comm_timeout_s > 0, "comm_timeout_s", self.comm_timeout_s, "must be > 0")
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 1")
         if (self.resample_every or self.resample_each_epoch) and "hft" not in parts:
-            raise ValueError(
+            raise ConfigError(
                 f"resample_every/resample_each_epoch: only HFT draws what trains, not {self.method!r}"
             )
         if self.init_from is not None and self.model != "lab":
-            raise ValueError("init_from only applies to model 'lab'; pass a checkpoint directory as --model")
+            raise ConfigError("init_from only applies to model 'lab'; pass a checkpoint directory as --model")
         if self.model != "lab" and self.data is None:
-            raise ValueError("data: a training file is required when model is a checkpoint directory")
+            raise ConfigError("data: a training file is required when model is a checkpoint directory")
 
     def method_defaults(self) -> dict[str, Any]:
         """Run-level values the method's plan builders take when they accept them: the MoFO
@@ -232,16 +233,16 @@ class RunConfig:
 
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
-        raise ValueError(f"{key}={value!r} {rule}")
+        raise ConfigError(f"{key}={value!r} {rule}")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
-def _unknown_key_error(key: str, source: str) -> ValueError:
+def _unknown_key_error(key: str, source: str) -> ConfigError:
     close = difflib.get_close_matches(key, FIELDS, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(FIELDS)}"
-    return ValueError(f"{source}: unknown key '{key}'{hint}")
+    return ConfigError(f"{source}: unknown key '{key}'{hint}")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -250,14 +251,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise FileNotFoundError(f"run config {path} does not exist") from None
+        raise InputFileError(f"run config {path} does not exist (--config)") from None
     try:
         values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ValueError(f"run config {path}: cannot parse ({err})") from None
+        raise ConfigError(f"run config {path}: cannot parse ({err})") from None
     values = values or {}
     if not isinstance(values, dict):
-        raise ValueError(f"run config {path}: the top level must be a mapping of keys to values")
+        raise ConfigError(f"run config {path}: the top level must be a mapping of keys to values")
     for key in values:
         if key not in FIELDS:
             raise _unknown_key_error(key, str(path))
@@ -275,9 +276,17 @@ def _flag_type(f: dataclasses.Field) -> Any:
     return kind
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag value raises ConfigError (one line on rank 0, as every user error)
+    instead of printing the usage on every rank and exiting from inside the parser."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"command line: {message} (see --help)")
+
+
 def argument_parser(description: str) -> argparse.ArgumentParser:
     # allow_abbrev=False: "--warmup 5" must be an error, not a silent prefix match of --warmup_steps
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--config", help="YAML or JSON file of run settings (flags override it)")

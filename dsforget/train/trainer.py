@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from ..errors import ConfigError
 from . import faults
 from .checkpoint import TrainerState
 
@@ -52,7 +53,7 @@ def steps_per_epoch(examples: int, micro_batch: int, world: int, accumulation: i
     per_step = micro_batch * world * accumulation
     steps = examples // per_step
     if steps == 0:
-        raise ValueError(
+        raise ConfigError(
             f"the training data has {examples} examples, fewer than one optimizer step takes "
             f"(micro_batch_size {micro_batch} x {world} ranks x gradient_accumulation {accumulation} "
             f"= {per_step}): use fewer ranks, a smaller micro_batch_size or gradient_accumulation, "
