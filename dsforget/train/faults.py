@@ -93,6 +93,10 @@ class NonFiniteGradientError(RuntimeError):
     """Too many optimizer steps in a row had inf or NaN gradients."""
 
 
+class WaitTimeoutError(RuntimeError):
+    """A rank waited longer than its bound for another rank to finish a phase."""
+
+
 # --- preemption ------------------------------------------------------------------------------
 
 
@@ -176,23 +180,29 @@ def _timeout_of(group: Any) -> timedelta | None:
     return None
 
 
-@contextmanager
-def comm_timeout(seconds: float) -> Iterator[None]:
-    """Inside the block every process group's collectives fail after `seconds` (0: unchanged).
-
-    Scoped to training on purpose: outside it, ranks wait in barriers while rank 0 alone
-    evaluates the base and the tuned model, which may take longer than a training collective.
-    """
+def bound_process_groups(seconds: float) -> list[tuple[Any, timedelta]]:
+    """Every existing process group's collectives fail after `seconds` (0: unchanged); returns
+    each changed group with its previous timeout. Groups created later keep torch's default
+    (30 min on gloo, 10 on NCCL): call it again after ``deepspeed.initialize``, which creates
+    the ZeRO groups."""
     changed: list[tuple[Any, timedelta]] = []
     if seconds > 0 and torch.distributed.is_initialized():
         timeout = timedelta(seconds=seconds)
         for group in _process_groups():
             previous = _timeout_of(group)
             if previous is None or not hasattr(group, "set_timeout"):
-                logger.warning("comm_timeout_s cannot be applied to process group %r", group)
+                logger.warning("a timeout of %g s cannot be applied to process group %r", seconds, group)
                 continue
             group.set_timeout(timeout)
             changed.append((group, previous))
+    return changed
+
+
+@contextmanager
+def comm_timeout(seconds: float) -> Iterator[None]:
+    """Inside the block every process group's collectives fail after `seconds` (0: unchanged);
+    on exit each group gets its previous timeout back."""
+    changed = bound_process_groups(seconds)
     try:
         yield
     finally:
@@ -203,9 +213,39 @@ def comm_timeout(seconds: float) -> Iterator[None]:
                 pass
 
 
+@contextmanager
+def waiting_for_rank0(phase: str, timeout_s: float, setting: str = "eval_timeout_s") -> Iterator[None]:
+    """A block where rank 0 works alone (`phase`, e.g. "scoring the base model") and the other
+    ranks wait for it in a collective: every process group's timeout is `timeout_s` inside, and
+    a wait that fails on another rank raises ``WaitTimeoutError`` naming rank 0 and the phase.
+
+    Rank 0's own work may legitimately take longer than a training collective (evaluating a
+    large model), hence a bound of its own (`setting`), generous but never unbounded.
+    """
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    try:
+        with comm_timeout(timeout_s):
+            yield
+    except RuntimeError as error:
+        if rank == 0 or not is_communication_failure(error):
+            raise
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "timed out" in str(error).lower():
+            what = (
+                f"gave up after {timeout_s:g} s ({setting}) waiting for rank 0 to finish {phase}: rank 0 "
+                f"is still at it or hung (see its log); if {phase} legitimately takes longer, raise "
+                f"--{setting}"
+            )
+        else:
+            what = f"lost rank 0 while waiting for it to finish {phase}: rank 0 died (see its log)"
+        message = f"rank {rank}: {what} ({first_line})"
+        logger.error(message)
+        raise WaitTimeoutError(message) from error
+
+
 def is_communication_failure(error: BaseException) -> bool:
     """Whether `error` is a collective that failed because of another rank or the network."""
-    if isinstance(error, LostRankError | NonFiniteGradientError):
+    if isinstance(error, LostRankError | NonFiniteGradientError | WaitTimeoutError):
         return False
     if isinstance(error, torch.distributed.DistError):
         return True

@@ -124,8 +124,13 @@ class RunConfig:
     seed: int = option(0, "seed of data order, sampling and the plan")
     comm_timeout_s: float = option(
         600.0,
-        "seconds a training collective waits for the other ranks before the job fails (a dead or hung "
-        "rank); applies to every process group, DeepSpeed's included, while training runs",
+        "seconds a collective waits for the other ranks before the job fails (a dead or hung rank): the "
+        "rendezvous, building, training, checkpoints; every process group, DeepSpeed's included",
+    )
+    eval_timeout_s: float = option(
+        3600.0,
+        "seconds the other ranks wait for rank 0 to score the base or the tuned model and write hf_model "
+        "before the job fails naming rank 0 and the phase (generous: evaluating a large model is slow)",
     )
     max_nonfinite_steps: int = option(
         10, "optimizer steps in a row with inf/NaN gradients (each skipped) before the run stops"
@@ -205,6 +210,7 @@ class RunConfig:
             _check(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
         _check(self.epochs > 0 or self.max_steps > 0, "epochs", self.epochs, "or max_steps must be > 0")
         _check(self.comm_timeout_s > 0, "comm_timeout_s", self.comm_timeout_s, "must be > 0")
+        _check(self.eval_timeout_s > 0, "eval_timeout_s", self.eval_timeout_s, "must be > 0")
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 1")
         if (self.resample_every or self.resample_each_epoch) and "hft" not in parts:
             raise ConfigError(

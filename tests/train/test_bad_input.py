@@ -246,29 +246,6 @@ def test_resume_with_another_method_is_refused_by_the_job(tmp_path: Path, lab_ca
 # --- how the job reports them: one line, once, status 2 ----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A Hugging Face checkpoint directory with a tokenizer, small enough to load in a second."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from dsforget.lab.tokenizer import train_tokenizer
-
-    directory = tmp_path_factory.mktemp("tiny_model")
-    tokenizer = train_tokenizer(["the cat sat on the mat", "a dog ran far away"] * 10, 300, 64)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 GOOD_LINE = '{"instruction": "a", "output": "b"}\n'
 USER_ERRORS = [
     pytest.param(

@@ -515,3 +515,58 @@ def _nonfinite_worker(spec_path: str) -> None:
 
 if __name__ == "__main__":
     _nonfinite_worker(sys.argv[1])
+
+
+# --- waits for rank 0 ---------------------------------------------------------------------------
+
+STALL_RANK0 = """
+import os, runpy, sys, time
+from pathlib import Path
+import dsforget.train.finetune as finetune
+
+def stalled_evaluate(*args, **kwargs):
+    Path(os.environ["STALL_MARKER"]).write_text("stalling")
+    time.sleep(600)
+
+if os.environ["RANK"] == "0":
+    finetune.evaluate = stalled_evaluate
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_rank0_stalled_in_evaluation_fails_the_others_naming_it(tmp_path: Path, tiny_model: Path) -> None:
+    """Rank 0 hangs while scoring the base model; with --eval_timeout_s 5 rank 1 must fail within
+    seconds, naming rank 0 and the phase. Catches the barrier after rank 0's evaluation waiting
+    unbounded (DeepSpeed's 30 minutes on gloo) or ending with gloo's anonymous "Timed out"."""
+    script = tmp_path / "stall.py"
+    script.write_text(STALL_RANK0)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n' * 40)
+    marker = tmp_path / "stalling"
+    argv = [str(script), FINETUNE, "--model", str(tiny_model), "--data", str(data), "--max_steps", "1"]
+    argv += ["--output_dir", str(tmp_path / "run"), "--eval_timeout_s", "5"]
+    os.environ["STALL_MARKER"] = str(marker)
+    try:
+        ranks = Ranks(argv, tmp_path)
+    finally:
+        del os.environ["STALL_MARKER"]
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and time.monotonic() < deadline and ranks.procs[0].poll() is None:
+            time.sleep(0.1)
+        assert marker.exists(), ranks.output(0)[-3000:]
+        stalled = time.monotonic()
+        code = ranks.procs[1].wait(timeout=120)
+        seconds_to_fail = time.monotonic() - stalled
+        assert ranks.procs[0].poll() is None  # rank 0 is still "evaluating": rank 1 did not wait for it
+    finally:
+        ranks.kill()
+    text = ranks.output(1)
+    assert code != 0, text[-3000:]
+    assert seconds_to_fail < 5 + 30, seconds_to_fail  # the bound, plus teardown on 2 busy cores
+    assert (
+        "rank 1: gave up after 5 s (eval_timeout_s) waiting for rank 0 to finish scoring the base model"
+        in text
+    ), text[-3000:]
+    print(f"rank 1 ended {seconds_to_fail:.1f} s after rank 0 stalled")
