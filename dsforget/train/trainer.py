@@ -293,12 +293,13 @@ class Trainer:
                         record["loss"] = stats.last_loss
                     record.update(
                         lr=self.engine.get_lr()[0],
-                        tokens_per_second=tokens / elapsed,
+                        # trained (answer) tokens only: prompt and padding tokens carry no loss
+                        answer_tokens_per_second=tokens / elapsed,
                         epoch=position.epoch,
                         nonfinite_steps=stats.nonfinite_steps,
                     )
                     self._log(record)
-                    bar.set_postfix(loss=f"{stats.last_loss:.4f}", tok_s=f"{tokens / elapsed:.0f}")
+                    bar.set_postfix(loss=f"{stats.last_loss:.4f}", ans_tok_s=f"{tokens / elapsed:.0f}")
                     window, window_start = LossWindow(), time.perf_counter()
                 bar.update(1)
                 if stats.steps == config.total_steps:
