@@ -30,6 +30,8 @@ from typing import TypeVar
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .errors import ConfigError, InputFileError, UserInputError
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -60,7 +62,7 @@ Example = dict[str, list[int]]
 T = TypeVar("T")
 
 
-class DataError(ValueError):
+class DataError(UserInputError, ValueError):
     """Malformed training data; the message names the file and, where there is one, the line."""
 
 
@@ -82,25 +84,25 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str | Path) or not str(self.path):
-            raise ValueError(f"DataConfig.path must be a file path, got {self.path!r}")
+            raise ConfigError(f"DataConfig.path must be a file path, got {self.path!r}")
         allowed = sorted(set(FILE_FORMATS.values()))
         if self.format is not None and self.format not in allowed:
-            raise ValueError(f"DataConfig.format must be one of {allowed} or left out, got {self.format!r}")
+            raise ConfigError(f"DataConfig.format must be one of {allowed} or left out, got {self.format!r}")
         if self.format is None and Path(self.path).suffix not in FILE_FORMATS:
-            raise ValueError(
+            raise ConfigError(
                 f"DataConfig.format: cannot infer the format of {self.path} from its suffix; "
                 f"use one of {sorted(FILE_FORMATS)} or set format to one of {allowed}"
             )
         if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length < 2:
-            raise ValueError(f"DataConfig.max_length must be an integer >= 2, got {self.max_length!r}")
+            raise ConfigError(f"DataConfig.max_length must be an integer >= 2, got {self.max_length!r}")
         if not isinstance(self.packing, bool):
-            raise ValueError(f"DataConfig.packing must be true or false, got {self.packing!r}")
+            raise ConfigError(f"DataConfig.packing must be true or false, got {self.packing!r}")
         if not isinstance(self.validation_fraction, int | float) or not 0 <= self.validation_fraction < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"DataConfig.validation_fraction must be in [0, 1), got {self.validation_fraction!r}"
             )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"DataConfig.seed must be an integer, got {self.seed!r}")
+            raise ConfigError(f"DataConfig.seed must be an integer, got {self.seed!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, object]) -> DataConfig:
@@ -108,7 +110,7 @@ class DataConfig:
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown DataConfig key(s) {unknown}; allowed: {sorted(known)}")
+            raise ConfigError(f"unknown DataConfig key(s) {unknown}; allowed: {sorted(known)}")
         return cls(**values)
 
     @property
@@ -138,11 +140,15 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Prep
 # --- loading -------------------------------------------------------------------------------------
 
 
-def load_conversations(path: str | Path, file_format: str | None = None) -> list[Conversation]:
-    """Every record of a local file as a checked conversation; never downloads anything."""
+def load_conversations(
+    path: str | Path, file_format: str | None = None, source: str = "DataConfig.path"
+) -> list[Conversation]:
+    """Every record of a local file as a checked conversation; never downloads anything.
+
+    `source` is what the user typed to name the file (a flag, a config key), for the errors."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist (DataConfig.path)")
+        raise InputFileError(f"data file {path} does not exist ({source})")
     file_format = file_format or FILE_FORMATS.get(path.suffix)
     if file_format == "jsonl":
         conversations = _load_jsonl(path)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dsforget.atomic import write_atomic
+from dsforget.errors import run_main
 from dsforget.experiments.cofitune_search import (
     Candidate,
     SearchConfig,
@@ -255,4 +256,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])  # a user error: one line on rank 0, status 2

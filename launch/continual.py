@@ -24,6 +24,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dsforget.data import load_conversations
+from dsforget.errors import run_main
 from dsforget.experiments.continual import (
     StagesFile,
     format_table,
@@ -143,4 +144,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])  # a user error: one line on rank 0, status 2

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 
+from dsforget.errors import run_main
 from dsforget.train.finetune import FinetuneJob
 from dsforget.train.run_config import parse_run_config
 
@@ -36,4 +37,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])  # a user error: one line on rank 0, status 2

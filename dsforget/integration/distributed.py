@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Mapping
+from datetime import timedelta
 
 from ..optim.comm import release_shared_memory_names
 
@@ -76,14 +77,19 @@ def mpi_rendezvous_env() -> dict[str, str]:
     }
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_s: float | None = None) -> None:
     """``deepspeed.init_distributed`` for any launcher; under mpirun with the rendezvous agreed first.
 
     The backend is the accelerator's (nccl on CUDA; gloo on CPU, ccl where oneCCL is installed).
+    `timeout_s` bounds the rendezvous (ranks that never start) and the default group's
+    collectives; None keeps DeepSpeed's 30 minutes.
     """
     import deepspeed
 
     if is_mpi_launch():
         os.environ.update(mpi_rendezvous_env())
-    deepspeed.init_distributed(auto_mpi_discovery=True)
+    if timeout_s is None:
+        deepspeed.init_distributed(auto_mpi_discovery=True)
+    else:
+        deepspeed.init_distributed(auto_mpi_discovery=True, timeout=timedelta(seconds=timeout_s))
     release_shared_memory_names()

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError, InputFileError
 from ..optim.partitions import UnsupportedSetupError
 
 
@@ -22,11 +23,11 @@ def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
     try:
         config = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"DeepSpeed config {path} does not exist") from None
+        raise InputFileError(f"DeepSpeed config {path} does not exist (--deepspeed)") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"DeepSpeed config {path}: not valid JSON ({err})") from None
+        raise ConfigError(f"DeepSpeed config {path}: not valid JSON ({err})") from None
     if not isinstance(config, dict):
-        raise ValueError(f"DeepSpeed config {path}: the top level must be a JSON object")
+        raise ConfigError(f"DeepSpeed config {path}: the top level must be a JSON object")
     return {key: value for key, value in config.items() if not key.startswith("_")}
 
 
@@ -41,12 +42,12 @@ def prepare_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         config = load_deepspeed_config(config)
     config = copy.deepcopy(dict(config))
     if "optimizer" in config:
-        raise ValueError(
+        raise ConfigError(
             "the DeepSpeed config has an 'optimizer' section, but dsforget passes its own "
             "optimizer: remove the section"
         )
     if config.get("zero_allow_untested_optimizer") is False:
-        raise ValueError(
+        raise ConfigError(
             "zero_allow_untested_optimizer is false, but ForgetAdamW is a client optimizer: set it true"
         )
     config["zero_allow_untested_optimizer"] = True
@@ -70,7 +71,7 @@ def prepare_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
                 "zero_optimization.offload_optimizer.ratio < 1 needs DeepSpeedCPUAdam"
             )
         if config.get("zero_force_ds_cpu_optimizer") is True:
-            raise ValueError(
+            raise ConfigError(
                 "zero_force_ds_cpu_optimizer is true, which replaces ForgetAdamW by DeepSpeedCPUAdam under "
                 "offload: set it false"
             )
@@ -108,20 +109,20 @@ def job_config(
     }
     for key, (run_key, value) in decided.items():
         if key in ds and ds[key] != value:
-            raise ValueError(
+            raise ConfigError(
                 f"{path} sets {key}={ds[key]} but the run has {run_key}={value}: set it in one place only"
             )
         ds[key] = value
     if "train_batch_size" in ds:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: remove train_batch_size; it follows from micro_batch_size, "
             "gradient_accumulation and the number of ranks"
         )
     ds["bf16"] = {"enabled": precision == "bf16"}
     if ds.get("fp16", {}).get("enabled"):
-        raise ValueError(f"{path} enables fp16; dsforget trains in bf16 or fp32 (--precision)")
+        raise ConfigError(f"{path} enables fp16; dsforget trains in bf16 or fp32 (--precision)")
     if "scheduler" in ds:
-        raise ValueError(f"{path} has a scheduler section; use --lr_schedule and --warmup_steps")
+        raise ConfigError(f"{path} has a scheduler section; use --lr_schedule and --warmup_steps")
     ds.setdefault("steps_per_print", 10**9)
     return ds
 

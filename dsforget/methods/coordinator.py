@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..optim.comm import is_distributed, verify_plan_agreement
-from ..optim.plan import MaskPlan
+from ..optim.plan import MaskPlan, PlanError
 from . import plan_for
 
 
@@ -26,8 +26,17 @@ def build_plan(
         return plan_for(model, method, defaults, **options)
     from deepspeed import comm
 
-    message = [plan_for(model, method, defaults, **options).to_json() if comm.get_rank() == 0 else None]
+    # Rank 0's error is sent too: every rank raises it, instead of the others waiting in the
+    # broadcast for a plan that never comes.
+    message: list[Any] = [None]
+    if comm.get_rank() == 0:
+        try:
+            message = [plan_for(model, method, defaults, **options).to_json()]
+        except PlanError as error:
+            message = [error]
     comm.broadcast_object_list(message, src=0)
+    if isinstance(message[0], PlanError):
+        raise PlanError(str(message[0]))
     return MaskPlan.from_json(message[0], source="plan broadcast from rank 0")
 
 

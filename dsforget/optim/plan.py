@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserInputError
+
 MODES = ("frozen", "dense", "topk")
 PLAN_FORMAT_VERSION = 1
 
 
-class PlanError(ValueError):
+class PlanError(UserInputError, ValueError):
     """A plan that cannot be applied as written; the message names the parameter and key."""
 
 

@@ -43,7 +43,7 @@ the failed rank, srun names the task (and with ``--kill-on-bad-exit=1`` stops th
 skips a step whose global gradient norm is inf or NaN: parameters, optimizer state and the lr
 schedule stay as they are, and every rank agrees because the norm is all-reduced; the engine
 reports it through ``was_step_applied()``. Without ZeRO in fp32 the engine hands the step to
-ForgetAdamW unguarded, so ``NonFiniteGuard`` skips it there.
+ForgetAdamW unguarded, so ``NonFiniteGuard`` skips it there, lr schedule included.
 """
 
 from __future__ import annotations
@@ -91,6 +91,10 @@ class LostRankError(RuntimeError):
 
 class NonFiniteGradientError(RuntimeError):
     """Too many optimizer steps in a row had inf or NaN gradients."""
+
+
+class WaitTimeoutError(RuntimeError):
+    """A rank waited longer than its bound for another rank to finish a phase."""
 
 
 # --- preemption ------------------------------------------------------------------------------
@@ -176,23 +180,29 @@ def _timeout_of(group: Any) -> timedelta | None:
     return None
 
 
-@contextmanager
-def comm_timeout(seconds: float) -> Iterator[None]:
-    """Inside the block every process group's collectives fail after `seconds` (0: unchanged).
-
-    Scoped to training on purpose: outside it, ranks wait in barriers while rank 0 alone
-    evaluates the base and the tuned model, which may take longer than a training collective.
-    """
+def bound_process_groups(seconds: float) -> list[tuple[Any, timedelta]]:
+    """Every existing process group's collectives fail after `seconds` (0: unchanged); returns
+    each changed group with its previous timeout. Groups created later keep torch's default
+    (30 min on gloo, 10 on NCCL): call it again after ``deepspeed.initialize``, which creates
+    the ZeRO groups."""
     changed: list[tuple[Any, timedelta]] = []
     if seconds > 0 and torch.distributed.is_initialized():
         timeout = timedelta(seconds=seconds)
         for group in _process_groups():
             previous = _timeout_of(group)
             if previous is None or not hasattr(group, "set_timeout"):
-                logger.warning("comm_timeout_s cannot be applied to process group %r", group)
+                logger.warning("a timeout of %g s cannot be applied to process group %r", seconds, group)
                 continue
             group.set_timeout(timeout)
             changed.append((group, previous))
+    return changed
+
+
+@contextmanager
+def comm_timeout(seconds: float) -> Iterator[None]:
+    """Inside the block every process group's collectives fail after `seconds` (0: unchanged);
+    on exit each group gets its previous timeout back."""
+    changed = bound_process_groups(seconds)
     try:
         yield
     finally:
@@ -203,9 +213,39 @@ def comm_timeout(seconds: float) -> Iterator[None]:
                 pass
 
 
+@contextmanager
+def waiting_for_rank0(phase: str, timeout_s: float, setting: str = "eval_timeout_s") -> Iterator[None]:
+    """A block where rank 0 works alone (`phase`, e.g. "scoring the base model") and the other
+    ranks wait for it in a collective: every process group's timeout is `timeout_s` inside, and
+    a wait that fails on another rank raises ``WaitTimeoutError`` naming rank 0 and the phase.
+
+    Rank 0's own work may legitimately take longer than a training collective (evaluating a
+    large model), hence a bound of its own (`setting`), generous but never unbounded.
+    """
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    try:
+        with comm_timeout(timeout_s):
+            yield
+    except RuntimeError as error:
+        if rank == 0 or not is_communication_failure(error):
+            raise
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "timed out" in str(error).lower():
+            what = (
+                f"gave up after {timeout_s:g} s ({setting}) waiting for rank 0 to finish {phase}: rank 0 "
+                f"is still at it or hung (see its log); if {phase} legitimately takes longer, raise "
+                f"--{setting}"
+            )
+        else:
+            what = f"lost rank 0 while waiting for it to finish {phase}: rank 0 died (see its log)"
+        message = f"rank {rank}: {what} ({first_line})"
+        logger.error(message)
+        raise WaitTimeoutError(message) from error
+
+
 def is_communication_failure(error: BaseException) -> bool:
     """Whether `error` is a collective that failed because of another rank or the network."""
-    if isinstance(error, LostRankError | NonFiniteGradientError):
+    if isinstance(error, LostRankError | NonFiniteGradientError | WaitTimeoutError):
         return False
     if isinstance(error, torch.distributed.DistError):
         return True
@@ -265,23 +305,29 @@ class NonFiniteGuard:
 
     A step pre-hook on the optimizer (torch's public hook API, so ForgetAdamW is unchanged):
     the ranks sum a non-finite flag over their gradients, and when any is set every gradient is
-    dropped, so the step changes neither parameters nor optimizer state. DeepSpeed still steps
-    the lr schedule on such a step (its own skip, under ZeRO, does not).
+    dropped, so the step changes neither parameters nor optimizer state. The hook also sets the
+    optimizer's ``overflow`` attribute, the flag DeepSpeed's engine reads after every step from
+    its own ZeRO/bf16 wrappers: on a skipped step the engine then leaves the lr schedule where it
+    is, counts the step in ``skipped_steps`` and reports ``was_step_applied() == False``, exactly
+    as under ZeRO. Without it the engine would advance the schedule over a step not taken.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device | str, world: int) -> None:
         self.device, self.world = device, world
         self.skipped = False
+        self._optimizer = optimizer
         self._handle = optimizer.register_step_pre_hook(self._check)
 
     def _check(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         local = any(not bool(torch.isfinite(grad).all()) for grad in grads)
-        if any_rank(local, self.device, self.world):
+        skip = any_rank(local, self.device, self.world)
+        if skip:
             for group in optimizer.param_groups:
                 for param in group["params"]:
                     param.grad = None
             self.skipped = True
+        optimizer.overflow = skip  # read by DeepSpeed's engine right after this step
 
     def take_skipped(self) -> bool:
         """Whether the last step was skipped; resets the flag."""
@@ -290,3 +336,4 @@ class NonFiniteGuard:
 
     def remove(self) -> None:
         self._handle.remove()
+        self._optimizer.__dict__.pop("overflow", None)

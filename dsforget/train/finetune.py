@@ -122,7 +122,9 @@ class FinetuneJob:
         import deepspeed
 
         self.config = config
-        init_distributed()  # also under mpirun: dsforget/integration/distributed.py
+        # also under mpirun: dsforget/integration/distributed.py; every collective of the job is
+        # bounded: comm_timeout_s, or eval_timeout_s where the others wait for rank 0 alone
+        init_distributed(timeout_s=config.comm_timeout_s)
         self.rank, self.world = deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
         setup_logging(self.rank)
         torch.manual_seed(config.seed)
@@ -191,6 +193,7 @@ class FinetuneJob:
         self.engine, *_ = initialize(
             model=self.model, optimizer=self.optimizer, config=ds_config, lr_scheduler=self.schedule
         )
+        faults.bound_process_groups(config.comm_timeout_s)  # the groups DeepSpeed just created
         self._score_base()
 
     def _choose_plan(self) -> MaskPlan:
@@ -252,10 +255,13 @@ class FinetuneJob:
         import deepspeed
 
         self.before_file = self.output / "before.json"
-        if self.rank == 0 and not self.before_file.exists():
-            scores = evaluate(plain_model(self.inputs.model_dir), self.tokenizer, self.inputs.eval_sources)
-            self.before_file.write_text(dumps(scores))
-        deepspeed.comm.barrier()
+        with faults.waiting_for_rank0("scoring the base model (before.json)", self.config.eval_timeout_s):
+            if self.rank == 0 and not self.before_file.exists():
+                scores = evaluate(
+                    plain_model(self.inputs.model_dir), self.tokenizer, self.inputs.eval_sources
+                )
+                self.before_file.write_text(dumps(scores))
+            deepspeed.comm.barrier()
 
     # -- train --------------------------------------------------------------------------------
 
@@ -317,29 +323,32 @@ class FinetuneJob:
 
         if self.finished is not None:  # a finished run's report stays as it is
             return self.finished if self.rank == 0 else None
-        tuned_state = gather_state_dict(self.engine)
-        if self.config.export:
-            save_hf_checkpoint(self.engine, self.tokenizer, self.output / "hf_model")
-        report = None
-        if self.rank == 0:
-            base = plain_model(self.inputs.model_dir)
-            base_state = {name: t.detach().cpu().clone() for name, t in base.state_dict().items()}
-            tuned = plain_model(self.inputs.model_dir, tuned_state)
-            report = run_report(
-                config=self.config,
-                plan=self.plan,
-                optimizer=self.optimizer,
-                parameters=dict(base.named_parameters()),
-                before=json.loads(self.before_file.read_text()),
-                after=evaluate(tuned, self.tokenizer, self.inputs.eval_sources),
-                drift=drift(base_state, tuned_state),
-                stats=stats,
-                world=self.world,
-                environment=environment(),
-            )
-            write_report(report, self.output)
-            print_summary(report, self.output)
-        deepspeed.comm.barrier()
+        timeout = self.config.eval_timeout_s
+        with faults.waiting_for_rank0("writing hf_model", timeout):
+            tuned_state = gather_state_dict(self.engine)
+            if self.config.export:
+                save_hf_checkpoint(self.engine, self.tokenizer, self.output / "hf_model")
+        with faults.waiting_for_rank0("scoring the tuned model (report.json)", timeout):
+            report = None
+            if self.rank == 0:
+                base = plain_model(self.inputs.model_dir)
+                base_state = {name: t.detach().cpu().clone() for name, t in base.state_dict().items()}
+                tuned = plain_model(self.inputs.model_dir, tuned_state)
+                report = run_report(
+                    config=self.config,
+                    plan=self.plan,
+                    optimizer=self.optimizer,
+                    parameters=dict(base.named_parameters()),
+                    before=json.loads(self.before_file.read_text()),
+                    after=evaluate(tuned, self.tokenizer, self.inputs.eval_sources),
+                    drift=drift(base_state, tuned_state),
+                    stats=stats,
+                    world=self.world,
+                    environment=environment(),
+                )
+                write_report(report, self.output)
+                print_summary(report, self.output)
+            deepspeed.comm.barrier()
         return report
 
     def close(self) -> None:

@@ -8,7 +8,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import load_conversations
+from ..data import DataError, load_conversations
+from ..errors import InputFileError
 from ..eval.forgetting import EvalSources
 from .run_config import RunConfig
 
@@ -25,6 +26,7 @@ class Inputs:
 
 
 def _read_jsonl(path: str | Path, what: str) -> list[dict]:
+    """The records of a JSONL file the user named with the flag --`what`."""
     records = []
     try:
         with open(path, encoding="utf-8") as file:
@@ -33,34 +35,38 @@ def _read_jsonl(path: str | Path, what: str) -> list[dict]:
                     try:
                         records.append(json.loads(line))
                     except json.JSONDecodeError as err:
-                        raise ValueError(
+                        raise DataError(
                             f"{path}:{number}: {what} line is not valid JSON ({err.msg})"
                         ) from None
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} file {path} does not exist") from None
+        raise InputFileError(f"{what} file {path} does not exist (--{what})") from None
     return records
 
 
-def check_model_dir(path: str | Path) -> Path:
-    """A local Hugging Face checkpoint directory with a config and weights, or a clear error."""
+def check_model_dir(path: str | Path, flag: str = "--model") -> Path:
+    """A local Hugging Face checkpoint directory with a config and weights, or a clear error
+    naming the `flag` that gave it."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(
-            f"model directory {path} does not exist (dsforget never downloads checkpoints)"
+        raise InputFileError(
+            f"model directory {path} does not exist ({flag}; dsforget never downloads checkpoints)"
         )
     if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"model directory {path} has no config.json: is it a Hugging Face checkpoint?"
+        raise InputFileError(
+            f"model directory {path} has no config.json ({flag}): is it a Hugging Face checkpoint?"
         )
     if not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
-        raise FileNotFoundError(
-            f"model directory {path} has no weights (*.safetensors or pytorch_model*.bin)"
+        raise InputFileError(
+            f"model directory {path} has no weights (*.safetensors or pytorch_model*.bin) ({flag})"
         )
     return path
 
 
 def resolve_inputs(config: RunConfig) -> Inputs:
+    """The run's files, each checked first, so that a missing one is reported with its flag."""
     limit = config.eval_max_examples
+    if config.data is not None and not Path(config.data).is_file():
+        raise InputFileError(f"data file {config.data} does not exist (--data)")
     if config.uses_lab:
         from ..lab import LabConfig, build_lab
 
@@ -68,7 +74,7 @@ def resolve_inputs(config: RunConfig) -> Inputs:
         task = _task_records(config.eval_data) if config.eval_data else lab.load_task_eval()
         general = read_general_texts(config.general_text) if config.general_text else lab.load_heldout_texts()
         sources = EvalSources(task[:limit], lab.load_facts()[:limit], general[:limit])
-        model_dir = check_model_dir(config.init_from) if config.init_from else lab.model_dir
+        model_dir = check_model_dir(config.init_from, "--init_from") if config.init_from else lab.model_dir
         return Inputs(model_dir, Path(config.data or lab.task_train), sources)
     sources = EvalSources(
         task_records=_task_records(config.eval_data)[:limit] if config.eval_data else [],
@@ -79,12 +85,12 @@ def resolve_inputs(config: RunConfig) -> Inputs:
 
 def _task_records(path: str) -> list[dict]:
     """Task records checked by the training-data loader (same formats, file:line errors)."""
-    return [{"messages": conversation} for conversation in load_conversations(path)]
+    return [{"messages": conversation} for conversation in load_conversations(path, source="--eval_data")]
 
 
 def read_general_texts(path: str) -> list[str]:
     records = _read_jsonl(path, "general_text")
     for number, record in enumerate(records, start=1):
         if not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}: record {number} has no string 'text' field")
+            raise DataError(f"{path}: record {number} has no string 'text' field (--general_text)")
     return [record["text"] for record in records]

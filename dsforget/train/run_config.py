@@ -13,10 +13,11 @@ import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
+from ..errors import ConfigError, InputFileError
 from ..optim.mofo_adamw import DEFAULT_FRACTION
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -123,8 +124,13 @@ class RunConfig:
     seed: int = option(0, "seed of data order, sampling and the plan")
     comm_timeout_s: float = option(
         600.0,
-        "seconds a training collective waits for the other ranks before the job fails (a dead or hung "
-        "rank); applies to every process group, DeepSpeed's included, while training runs",
+        "seconds a collective waits for the other ranks before the job fails (a dead or hung rank): the "
+        "rendezvous, building, training, checkpoints; every process group, DeepSpeed's included",
+    )
+    eval_timeout_s: float = option(
+        3600.0,
+        "seconds the other ranks wait for rank 0 to score the base or the tuned model and write hf_model "
+        "before the job fails naming rank 0 and the phase (generous: evaluating a large model is slow)",
     )
     max_nonfinite_steps: int = option(
         10, "optimizer steps in a row with inf/NaN gradients (each skipped) before the run stops"
@@ -149,7 +155,7 @@ class RunConfig:
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
-                raise ValueError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
+                raise ConfigError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
         from ..methods import METHODS
 
         parts = self.method.split("+")
@@ -164,7 +170,7 @@ class RunConfig:
                 if getattr(self, key) is None:
                     object.__setattr__(self, key, default)
             elif getattr(self, key) is not None:
-                raise ValueError(
+                raise ConfigError(
                     f"{key} applies to methods with a {part!r} part; method {self.method!r} does not take it"
                 )
         if self.fraction is not None:
@@ -208,15 +214,16 @@ class RunConfig:
             _check(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
         _check(self.epochs > 0 or self.max_steps > 0, "epochs", self.epochs, "or max_steps must be > 0")
         _check(self.comm_timeout_s > 0, "comm_timeout_s", self.comm_timeout_s, "must be > 0")
+        _check(self.eval_timeout_s > 0, "eval_timeout_s", self.eval_timeout_s, "must be > 0")
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 1")
         if (self.resample_every or self.resample_each_epoch) and "hft" not in parts:
-            raise ValueError(
+            raise ConfigError(
                 f"resample_every/resample_each_epoch: only HFT draws what trains, not {self.method!r}"
             )
         if self.init_from is not None and self.model != "lab":
-            raise ValueError("init_from only applies to model 'lab'; pass a checkpoint directory as --model")
+            raise ConfigError("init_from only applies to model 'lab'; pass a checkpoint directory as --model")
         if self.model != "lab" and self.data is None:
-            raise ValueError("data: a training file is required when model is a checkpoint directory")
+            raise ConfigError("data: a training file is required when model is a checkpoint directory")
 
     def method_defaults(self) -> dict[str, Any]:
         """Run-level values the method's plan builders take when they accept them: the MoFO
@@ -236,16 +243,16 @@ class RunConfig:
 
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
-        raise ValueError(f"{key}={value!r} {rule}")
+        raise ConfigError(f"{key}={value!r} {rule}")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
-def _unknown_key_error(key: str, source: str) -> ValueError:
+def _unknown_key_error(key: str, source: str) -> ConfigError:
     close = difflib.get_close_matches(key, FIELDS, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(FIELDS)}"
-    return ValueError(f"{source}: unknown key '{key}'{hint}")
+    return ConfigError(f"{source}: unknown key '{key}'{hint}")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -254,14 +261,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise FileNotFoundError(f"run config {path} does not exist") from None
+        raise InputFileError(f"run config {path} does not exist (--config)") from None
     try:
         values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ValueError(f"run config {path}: cannot parse ({err})") from None
+        raise ConfigError(f"run config {path}: cannot parse ({err})") from None
     values = values or {}
     if not isinstance(values, dict):
-        raise ValueError(f"run config {path}: the top level must be a mapping of keys to values")
+        raise ConfigError(f"run config {path}: the top level must be a mapping of keys to values")
     for key in values:
         if key not in FIELDS:
             raise _unknown_key_error(key, str(path))
@@ -279,9 +286,17 @@ def _flag_type(f: dataclasses.Field) -> Any:
     return kind
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag value raises ConfigError (one line on rank 0, as every user error)
+    instead of printing the usage on every rank and exiting from inside the parser."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"command line: {message} (see --help)")
+
+
 def argument_parser(description: str) -> argparse.ArgumentParser:
     # allow_abbrev=False: "--warmup 5" must be an error, not a silent prefix match of --warmup_steps
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--config", help="YAML or JSON file of run settings (flags override it)")

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from ..errors import ConfigError
 from ..strict_json import dumps
 from . import faults
 from .checkpoint import TrainerState
@@ -53,7 +54,7 @@ def steps_per_epoch(examples: int, micro_batch: int, world: int, accumulation: i
     per_step = micro_batch * world * accumulation
     steps = examples // per_step
     if steps == 0:
-        raise ValueError(
+        raise ConfigError(
             f"the training data has {examples} examples, fewer than one optimizer step takes "
             f"(micro_batch_size {micro_batch} x {world} ranks x gradient_accumulation {accumulation} "
             f"= {per_step}): use fewer ranks, a smaller micro_batch_size or gradient_accumulation, "
@@ -293,12 +294,13 @@ class Trainer:
                         record["loss"] = stats.last_loss
                     record.update(
                         lr=self.engine.get_lr()[0],
-                        tokens_per_second=tokens / elapsed,
+                        # trained (answer) tokens only: prompt and padding tokens carry no loss
+                        answer_tokens_per_second=tokens / elapsed,
                         epoch=position.epoch,
                         nonfinite_steps=stats.nonfinite_steps,
                     )
                     self._log(record)
-                    bar.set_postfix(loss=f"{stats.last_loss:.4f}", tok_s=f"{tokens / elapsed:.0f}")
+                    bar.set_postfix(loss=f"{stats.last_loss:.4f}", ans_tok_s=f"{tokens / elapsed:.0f}")
                     window, window_start = LossWindow(), time.perf_counter()
                 bar.update(1)
                 if stats.steps == config.total_steps:

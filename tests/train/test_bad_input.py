@@ -13,12 +13,13 @@ says how to fix it.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from launcher import REPO, RankFailure, run_ranks
+from launcher import REPO, RankFailure, free_port, run_ranks
 
 from dsforget.data import DataConfig, DataError, load_conversations
 from dsforget.optim.plan import DENSE, MaskPlan, PlanError
@@ -137,7 +138,7 @@ CASES = [
     pytest.param(
         lambda tmp: check_model_dir(tmp / "nowhere"),
         FileNotFoundError,
-        r"model directory .*nowhere does not exist \(dsforget never downloads checkpoints\)",
+        r"model directory .*nowhere does not exist \(--model; dsforget never downloads checkpoints\)",
         id="model-dir-missing",
     ),
     pytest.param(
@@ -240,3 +241,101 @@ def test_resume_with_another_method_is_refused_by_the_job(tmp_path: Path, lab_ca
     assert re.search(
         r"step2 was written by a run with method='full' there, 'mofo' here", failure.value.outputs[0]
     ), failure.value.outputs[0][-3000:]
+
+
+# --- how the job reports them: one line, once, status 2 ----------------------------------------
+
+
+GOOD_LINE = '{"instruction": "a", "output": "b"}\n'
+USER_ERRORS = [
+    pytest.param(
+        lambda tmp: ["--data", str(write(tmp / "broken.jsonl", GOOD_LINE + '{"instruction": \n'))],
+        r"error: .*broken\.jsonl:2: invalid JSON",
+        id="bad-data-line",
+    ),
+    pytest.param(
+        lambda tmp: [
+            "--data",
+            str(write(tmp / "ok.jsonl", GOOD_LINE * 40)),
+            "--eval_data",
+            str(tmp / "no.jsonl"),
+        ],
+        r"error: data file .*no\.jsonl does not exist \(--eval_data\)",
+        id="missing-eval-data-names-the-flag",
+    ),
+    pytest.param(
+        lambda tmp: ["--data", str(tmp / "absent.jsonl")],
+        r"error: data file .*absent\.jsonl does not exist \(--data\)",
+        id="missing-data-file",
+    ),
+    pytest.param(
+        lambda tmp: ["--data", str(write(tmp / "ok.jsonl", GOOD_LINE * 40)), "--fraction", "1.5"],
+        r"error: fraction=1\.5 must be in \(0, 1\]",
+        id="bad-value",
+    ),
+    pytest.param(
+        lambda tmp: ["--data", str(write(tmp / "ok.jsonl", GOOD_LINE * 40)), "--lr", "fast"],
+        r"error: command line: argument --lr: invalid float value: 'fast'",
+        id="flag-of-the-wrong-type",
+    ),
+]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("make_args", "message"), USER_ERRORS)
+def test_user_error_is_one_line_once_with_status_2(
+    tmp_path: Path, tiny_model: Path, make_args: Callable[[Path], list[str]], message: str
+) -> None:
+    """Two ranks, a user error on both. Catches a traceback per rank (the ~40 lines users got),
+    the message printed by every rank, a status 0 or 1 a batch script cannot tell from a crash,
+    and a message that names DataConfig.path instead of the flag the user typed."""
+    argv = [str(REPO / "launch" / "finetune.py"), "--model", str(tiny_model), *make_args(tmp_path)]
+    argv += ["--output_dir", str(tmp_path / "run")]
+    with pytest.raises(RankFailure) as failure:
+        run_ranks(argv, world_size=2, timeout=300)
+    outputs = failure.value.outputs
+    assert failure.value.ranks == [0, 1]
+    everything = "\n".join(outputs)
+    assert len(re.findall(message, everything)) == 1, everything[-3000:]
+    assert re.search(message, outputs[0]), outputs[0][-3000:]
+    assert "Traceback" not in everything, everything[-3000:]
+    assert everything.count("error:") == 1, everything[-3000:]
+
+
+@pytest.mark.distributed
+def test_user_error_status_passes_through_the_deepspeed_launcher(tmp_path: Path, tiny_model: Path) -> None:
+    """The deepspeed launcher must pass the ranks' status 2 on, and print no traceback of its own."""
+    import subprocess
+    import sys
+
+    data = write(tmp_path / "broken.jsonl", GOOD_LINE + "{\n")
+    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port"]
+    command += [str(free_port()), str(REPO / "launch" / "finetune.py"), "--model", str(tiny_model)]
+    command += ["--data", str(data), "--output_dir", str(tmp_path / "run")]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    text = done.stdout + done.stderr
+    assert done.returncode == 2, text[-3000:]
+    assert len(re.findall(r"error: .*broken\.jsonl:2: invalid JSON", text)) == 1, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+
+
+@pytest.mark.distributed
+def test_unexpected_error_keeps_its_traceback(tmp_path: Path, tiny_model: Path) -> None:
+    """An error that is not the user's (injected into FinetuneJob.build) must keep its traceback:
+    catches a handler so broad that it hides bugs behind one line."""
+    script = write(
+        tmp_path / "inject.py",
+        "import runpy, sys\n"
+        "from dsforget.train.finetune import FinetuneJob\n"
+        "def build(self):\n    raise RuntimeError('injected bug')\n"
+        "FinetuneJob.build = build\n"
+        f"sys.argv = [{str(REPO / 'launch' / 'finetune.py')!r}, *sys.argv[1:]]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n",
+    )
+    argv = [str(script), "--model", str(tiny_model), "--output_dir", str(tmp_path / "run")]
+    argv += ["--data", str(write(tmp_path / "ok.jsonl", GOOD_LINE * 40))]
+    with pytest.raises(RankFailure) as failure:
+        run_ranks(argv, world_size=2, timeout=300)
+    for output in failure.value.outputs:
+        assert "Traceback" in output and "RuntimeError: injected bug" in output, output[-3000:]

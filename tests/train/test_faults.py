@@ -391,7 +391,9 @@ def test_nonfinite_steps_are_skipped_counted_and_too_many_abort(tmp_path: Path, 
     max_nonfinite_steps 3. Catches a skipped step that still changes parameters or optimizer
     state, ranks that disagree on skipping (their parameters would diverge), skips that are not
     counted in metrics.jsonl, and a run that trains on (or hangs) instead of stopping with a
-    clear error on every rank. Stage 0 exercises the trainer's own guard; ZeRO-2 DeepSpeed's skip."""
+    clear error on every rank, and an lr schedule that advances over a skipped step (it did on
+    stage 0, where the engine stepped the scheduler after the guard's skip). Stage 0 exercises
+    the trainer's own guard; ZeRO-2 DeepSpeed's skip."""
     spec = {"stage": stage, "output": str(tmp_path)}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     run_ranks([__file__, str(tmp_path / "spec.json")], world_size=2, timeout=300)
@@ -410,6 +412,10 @@ def test_nonfinite_steps_are_skipped_counted_and_too_many_abort(tmp_path: Path, 
         assert all(torch.isfinite(p).all() for p in params.values())
         counts = {position["step"]: position["nonfinite_steps"] for position, _, _ in result["snapshots"]}
         assert counts == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 2, 7: 3}
+        for position, _, _ in result["snapshots"]:  # the lr schedule advances on applied steps only
+            applied = position["step"] - position["nonfinite_steps"]
+            assert position["schedule_steps"] == applied, (rank, position)
+            assert position["lr"] == pytest.approx(1e-2 / (1 + applied)), (rank, position)
     assert torch.equal(results[0]["snapshots"][-1][1], results[1]["snapshots"][-1][1])  # ranks agree
     records = metrics(tmp_path)
     skipped = [(r["step"], r["nonfinite_steps"]) for r in records if r.get("nonfinite_gradient")]
@@ -462,7 +468,10 @@ def _nonfinite_worker(spec_path: str) -> None:
         "zero_optimization": {"stage": spec["stage"]},
         "steps_per_print": 10**9,
     }
-    engine, *_ = dsforget.initialize(model=model, optimizer=optimizer, config=ds_config)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+    engine, *_ = dsforget.initialize(
+        model=model, optimizer=optimizer, config=ds_config, lr_scheduler=schedule
+    )
     generator = torch.Generator().manual_seed(1)
     examples = [
         {"input_ids": ids, "labels": ids}
@@ -480,7 +489,8 @@ def _nonfinite_worker(spec_path: str) -> None:
                 if torch.is_tensor(tensor)
             ]
         )
-        snapshots.append((dataclasses.asdict(position), params, state))
+        scheduled = {"schedule_steps": engine.lr_scheduler.last_epoch, "lr": engine.get_lr()[0]}
+        snapshots.append(({**dataclasses.asdict(position), **scheduled}, params, state))
 
     loop = LoopConfig(
         micro_batch=2,
@@ -508,3 +518,58 @@ def _nonfinite_worker(spec_path: str) -> None:
 
 if __name__ == "__main__":
     _nonfinite_worker(sys.argv[1])
+
+
+# --- waits for rank 0 ---------------------------------------------------------------------------
+
+STALL_RANK0 = """
+import os, runpy, sys, time
+from pathlib import Path
+import dsforget.train.finetune as finetune
+
+def stalled_evaluate(*args, **kwargs):
+    Path(os.environ["STALL_MARKER"]).write_text("stalling")
+    time.sleep(600)
+
+if os.environ["RANK"] == "0":
+    finetune.evaluate = stalled_evaluate
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_rank0_stalled_in_evaluation_fails_the_others_naming_it(tmp_path: Path, tiny_model: Path) -> None:
+    """Rank 0 hangs while scoring the base model; with --eval_timeout_s 5 rank 1 must fail within
+    seconds, naming rank 0 and the phase. Catches the barrier after rank 0's evaluation waiting
+    unbounded (DeepSpeed's 30 minutes on gloo) or ending with gloo's anonymous "Timed out"."""
+    script = tmp_path / "stall.py"
+    script.write_text(STALL_RANK0)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n' * 40)
+    marker = tmp_path / "stalling"
+    argv = [str(script), FINETUNE, "--model", str(tiny_model), "--data", str(data), "--max_steps", "1"]
+    argv += ["--output_dir", str(tmp_path / "run"), "--eval_timeout_s", "5"]
+    os.environ["STALL_MARKER"] = str(marker)
+    try:
+        ranks = Ranks(argv, tmp_path)
+    finally:
+        del os.environ["STALL_MARKER"]
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and time.monotonic() < deadline and ranks.procs[0].poll() is None:
+            time.sleep(0.1)
+        assert marker.exists(), ranks.output(0)[-3000:]
+        stalled = time.monotonic()
+        code = ranks.procs[1].wait(timeout=120)
+        seconds_to_fail = time.monotonic() - stalled
+        assert ranks.procs[0].poll() is None  # rank 0 is still "evaluating": rank 1 did not wait for it
+    finally:
+        ranks.kill()
+    text = ranks.output(1)
+    assert code != 0, text[-3000:]
+    assert seconds_to_fail < 5 + 30, seconds_to_fail  # the bound, plus teardown on 2 busy cores
+    assert (
+        "rank 1: gave up after 5 s (eval_timeout_s) waiting for rank 0 to finish scoring the base model"
+        in text
+    ), text[-3000:]
+    print(f"rank 1 ended {seconds_to_fail:.1f} s after rank 0 stalled")

@@ -87,7 +87,7 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth() -> None:
 
 
 def test_model_directory_errors_say_what_is_missing(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="does not exist .dsforget never downloads"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist \(--model; dsforget never downloads"):
         check_model_dir(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         check_model_dir(tmp_path)
