@@ -140,10 +140,14 @@ class AdamWScalars:
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_selected_only=decay_selected_only
         )
         if len(distinct) <= 1:
-            step = distinct.pop() if distinct else (counts[0] if counts else 1)
+            step = distinct.pop() if distinct else 1  # (no segment: scalars no op reads)
             return AdamWScalars.at_step(step, **keywords)
         beta1, beta2 = betas
-        corrections = CounterCorrections(tuple((1 - beta1**t, 1 - beta2**t) for t in counts), block_counters)
+        # a counter at 0 has seen no update: none of the table's segments follows it (they all
+        # update now); (1, 1) keeps its never-read constants finite
+        corrections = CounterCorrections(
+            tuple((1 - beta1**t, 1 - beta2**t) if t > 0 else (1.0, 1.0) for t in counts), block_counters
+        )
         return dataclasses.replace(AdamWScalars.at_step(max(distinct), **keywords), per_counter=corrections)
 
     def for_counter(self, counter: int) -> AdamWScalars:

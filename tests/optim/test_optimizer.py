@@ -323,8 +323,9 @@ def test_active_plan_holds_parameters_and_keeps_their_moments(backend: str) -> N
 
 
 # (phase steps, the parameters held in it): "a" is held for 40 steps between trained phases, "b"
-# for 3, so their moment-update counts differ both ways while they share a shard.
-RESAMPLING_PHASES = [(3, ()), (40, ("a",)), (5, ()), (3, ("b",)), (4, ())]
+# for 3, so their moment-update counts differ both ways while they share a shard; "c" is held
+# (never updated: count 0) until the fourth phase.
+RESAMPLING_PHASES = [(3, ("c",)), (40, ("a", "c")), (5, ("c",)), (3, ("b",)), (4, ())]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -342,21 +343,21 @@ def test_held_parameter_resumes_with_its_own_adam_step(rule: ParamRule, sharing:
     from dsforget.optim.layout import Segment, ShardLayout
 
     generator = torch.Generator().manual_seed(7)
-    shapes = {"a": (7, 5), "b": (6, 5)}
+    shapes = {"a": (7, 5), "b": (6, 5), "c": (4,)}
     start = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
     params = {name: nn.Parameter(value.clone()) for name, value in start.items()}
     hyper = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     membership = MaskPlan({name: rule for name in shapes})
     opt = ForgetAdamW(params.items(), plan=membership, backend=backend, **hyper)
-    offsets = {"a": 0, "b": 38}  # 3 padding elements between them, 2 at the end, as ZeRO aligns
+    offsets = {"a": 0, "b": 38, "c": 69}  # padding between them and at the end, as ZeRO aligns
     flat = None
     if sharing == "one-flat-shard":
-        flat = nn.Parameter(torch.zeros(70))
+        flat = nn.Parameter(torch.zeros(75))
         for name, value in start.items():
             flat.data[offsets[name] : offsets[name] + value.numel()] = value.flatten()
         layout = ShardLayout(
-            numel=70,
-            segments=tuple(Segment(n, 0, offsets[n], start[n].numel(), shapes[n][1]) for n in shapes),
+            numel=75,
+            segments=tuple(Segment(n, 0, offsets[n], start[n].numel(), shapes[n][-1]) for n in shapes),
             group_params=tuple((n, start[n].numel()) for n in shapes),
         )
         opt.param_groups[0]["params"] = [flat]  # as DeepSpeed hands the optimizer its partition
@@ -372,7 +373,7 @@ def test_held_parameter_resumes_with_its_own_adam_step(rule: ParamRule, sharing:
                 for name, grad in grads.items():
                     params[name].grad = grad.clone()  # a held parameter still has a gradient
             else:
-                flat.grad = torch.zeros(70)
+                flat.grad = torch.zeros(75)
                 for name, grad in grads.items():
                     flat.grad[offsets[name] : offsets[name] + grad.numel()] = grad.flatten()
             opt.step()
@@ -389,7 +390,7 @@ def test_held_parameter_resumes_with_its_own_adam_step(rule: ParamRule, sharing:
             ours, references[name].detach(), rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}"
         )
     counts = opt.state[flat if flat is not None else params["a"]]["param_steps"]
-    assert counts == ([15, 52] if flat is not None else [15])
+    assert counts == ([15, 52, 7] if flat is not None else [15])
 
 
 def test_active_plan_cannot_train_what_the_optimizer_dropped() -> None:
