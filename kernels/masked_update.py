@@ -21,7 +21,9 @@ takes its slots with one atomic add, so the caller states how many there can be
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +32,7 @@ from ._cpu import cpu_ops
 from ._triton import LAUNCH_OPTIONS, addressable, jit, tl
 from .backends import check_backend
 from .radix import LEVELS, RESOLVED, abs_bits
-from .segments import DENSE, SegmentTable
+from .segments import DENSE, SegmentTable, host_counters
 from .tiles import TileTable, check_block_tensor, check_buffers, segment_columns, tile_table
 
 # 1024 elements per Triton program: 4 warps x 8 contiguous fp32 per thread.
@@ -56,9 +58,42 @@ class DeferredEntries:
 
 
 @dataclass(frozen=True)
+class CounterCorrections:
+    """Bias corrections that differ between the segments of one shard: one per step counter (a
+    parameter's own count of moment updates; SegmentTable.counter names each segment's).
+
+    bias_corrections[c]: (1 - beta1^t_c, 1 - beta2^t_c) of counter c's 1-based count t_c, in
+    double precision; block_counter[b]: the counter of block b (SegmentTable.block_counter), for
+    the ops that update entries listed by block.
+    """
+
+    bias_corrections: tuple[tuple[float, float], ...]
+    block_counter: tuple[int, ...]
+
+    def kernel_tensor(
+        self, lr: float, device: torch.device, counters: list[int] | None = None
+    ) -> torch.Tensor:
+        """fp32 [C, 2]: (step_size, bias_correction2_sqrt) per counter (or per entry of `counters`),
+        rounded from double as a kernel rounds its scalar arguments: a counter of the uniform
+        step's count gets its constants bit for bit."""
+        chosen = range(len(self.bias_corrections)) if counters is None else counters
+        values = [(lr / self.bias_corrections[c][0], math.sqrt(self.bias_corrections[c][1])) for c in chosen]
+        return torch.tensor(values, dtype=torch.float32).reshape(-1, 2).to(device)
+
+    def block_tensor(self, lr: float, device: torch.device) -> torch.Tensor:
+        """fp32 [n_blocks, 2]: the constants of each block's counter."""
+        return self.kernel_tensor(lr, device, list(self.block_counter))
+
+
+@dataclass(frozen=True)
 class AdamWScalars:
     """The scalars of one step's masked AdamW update, as torch.optim.AdamW computes them (in
-    double precision; kernels round them to fp32)."""
+    double precision; kernels round them to fp32).
+
+    per_counter: None when every segment's moments have seen the same number of updates (the
+    bias corrections above apply to all); otherwise each segment's own (HFT resampling holds
+    some parameters while others train), and bias_correction1/2 are unused by the kernels.
+    """
 
     lr: float
     bias_correction1: float
@@ -66,6 +101,7 @@ class AdamWScalars:
     eps: float
     weight_decay: float
     decay_selected_only: bool = False
+    per_counter: CounterCorrections | None = None
 
     @staticmethod
     def at_step(
@@ -80,6 +116,56 @@ class AdamWScalars:
         """For the 1-based `step` being taken."""
         beta1, beta2 = betas
         return AdamWScalars(lr, 1 - beta1**step, 1 - beta2**step, eps, weight_decay, decay_selected_only)
+
+    @staticmethod
+    def at_counts(
+        counts: Sequence[int],
+        table: SegmentTable,
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        decay_selected_only: bool,
+    ) -> AdamWScalars:
+        """For a step where segment s takes its counter's 1-based step counts[table.counter[s]]:
+        `at_step` (the uniform scalars, bit for bit the same step) when all of the table's
+        counters have one count, per-counter corrections otherwise."""
+        segment_counters, block_counters = host_counters(table)
+        used = set(segment_counters)
+        if any(not 0 <= c < len(counts) for c in used):
+            raise ValueError(f"the table's counters {sorted(used)} index {len(counts)} counts")
+        distinct = {counts[c] for c in used}
+        keywords = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_selected_only=decay_selected_only
+        )
+        if len(distinct) <= 1:
+            step = distinct.pop() if distinct else 1  # (no segment: scalars no op reads)
+            return AdamWScalars.at_step(step, **keywords)
+        beta1, beta2 = betas
+        # a counter at 0 has seen no update: none of the table's segments follows it (they all
+        # update now); (1, 1) keeps its never-read constants finite
+        corrections = CounterCorrections(
+            tuple((1 - beta1**t, 1 - beta2**t) if t > 0 else (1.0, 1.0) for t in counts), block_counters
+        )
+        return dataclasses.replace(AdamWScalars.at_step(max(distinct), **keywords), per_counter=corrections)
+
+    def for_counter(self, counter: int) -> AdamWScalars:
+        """The uniform scalars of segments of `counter` (these scalars if they are uniform)."""
+        if self.per_counter is None:
+            return self
+        bias_correction1, bias_correction2 = self.per_counter.bias_corrections[counter]
+        return dataclasses.replace(
+            self, bias_correction1=bias_correction1, bias_correction2=bias_correction2, per_counter=None
+        )
+
+    def counter_tensor(self, device: torch.device) -> torch.Tensor | None:
+        """fp32 [C, 2] per-counter (step_size, bias_correction2_sqrt) for the kernels, or None."""
+        return None if self.per_counter is None else self.per_counter.kernel_tensor(self.lr, device)
+
+    def block_tensor(self, device: torch.device) -> torch.Tensor | None:
+        """fp32 [n_blocks, 2]: the same per block (for entries listed by block), or None."""
+        return None if self.per_counter is None else self.per_counter.block_tensor(self.lr, device)
 
     @property
     def step_size(self) -> float:
@@ -135,17 +221,20 @@ def masked_adamw_reference(
     threshold_list = thresholds.tolist()
     defer_list = defer_prefix.tolist() if defer_prefix is not None else None
     deferred_index, deferred_block = [], []
-    for shard_offset, length, _, _, block, _ in table.rows():
+    for (shard_offset, length, _, _, block, _), counter in zip(
+        table.rows(), table.counter.tolist(), strict=True
+    ):
         span = slice(shard_offset, shard_offset + length)
         p, m, v = param[span], exp_avg[span], exp_avg_sq[span]
+        segment_scalars = scalars.for_counter(counter)
         if block == DENSE:
-            _update_entries(p, m, v, None, scalars)
+            _update_entries(p, m, v, None, segment_scalars)
             continue
         kept = None
         if defer_list is not None and defer_list[block] != NO_DEFERRAL:
             deferred = (abs_bits(m) >> DEFER_SHIFT) == defer_list[block]
             kept = (deferred.nonzero().squeeze(1), p[deferred].clone())
-        _update_entries(p, m, v, abs_bits(m) >= threshold_list[block], scalars)
+        _update_entries(p, m, v, abs_bits(m) >= threshold_list[block], segment_scalars)
         if kept is not None:
             offsets, values = kept
             p[offsets] = values
@@ -183,13 +272,41 @@ def apply_deferred(
             exp_avg=deferred.exp_avg,
             exp_avg_sq=deferred.exp_avg_sq,
             thresholds=thresholds,
+            block_corrections=scalars.block_tensor(param.device),
             **scalars.kernel_keywords(),
         )
         return
-    p, m = param.index_select(0, deferred.index), deferred.exp_avg
-    selected = abs_bits(m) >= thresholds.index_select(0, deferred.block)
-    _update_entries(p, m, deferred.exp_avg_sq, selected, scalars)
-    param.index_copy_(0, deferred.index, p)
+    if scalars.per_counter is None:
+        _apply_listed(
+            param, deferred.index, deferred.exp_avg, deferred.exp_avg_sq, deferred.block, thresholds, scalars
+        )
+        return
+    for block in deferred.block.unique().tolist():  # (a block has one counter)
+        of_block = (deferred.block == block).nonzero().squeeze(1)
+        _apply_listed(
+            param,
+            deferred.index[of_block],
+            deferred.exp_avg[of_block],
+            deferred.exp_avg_sq[of_block],
+            deferred.block[of_block],
+            thresholds,
+            scalars.for_counter(scalars.per_counter.block_counter[block]),
+        )
+
+
+def _apply_listed(
+    param: torch.Tensor,
+    index: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    block: torch.Tensor,
+    thresholds: torch.Tensor,
+    scalars: AdamWScalars,
+) -> None:
+    p = param.index_select(0, index)
+    selected = abs_bits(exp_avg) >= thresholds.index_select(0, block)
+    _update_entries(p, exp_avg, exp_avg_sq, selected, scalars)
+    param.index_copy_(0, index, p)
 
 
 @jit
@@ -209,6 +326,8 @@ def _masked_adamw_kernel(
     deferred_block_ptr,  # [capacity] int64, and blocks
     deferred_exp_avg_ptr,  # [capacity] fp32, and m
     deferred_exp_avg_sq_ptr,  # [capacity] fp32, and v
+    counter_ptr,  # [S] int64, SegmentTable.counter (PER_COUNTER only)
+    corrections_ptr,  # [C, 2] fp32, step_size and bias_correction2_sqrt per counter (PER_COUNTER only)
     defer_capacity,  # slots in the list: entries past it are left unwritten (and reported)
     step_size,  # lr / bias_correction1
     bias_correction2_sqrt,
@@ -217,10 +336,15 @@ def _masked_adamw_kernel(
     decay_unselected,  # 1 - lr*wd, or 1 when decay_selected_only
     DEFER_SHIFT: tl.constexpr,
     DEFER: tl.constexpr,
+    PER_COUNTER: tl.constexpr,  # each segment's bias corrections from its counter's row
     TILE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     segment = tl.load(tile_segment_ptr + tile)
+    if PER_COUNTER:
+        counter = tl.load(counter_ptr + segment)
+        step_size = tl.load(corrections_ptr + 2 * counter)
+        bias_correction2_sqrt = tl.load(corrections_ptr + 2 * counter + 1)
     tile_start = tl.load(tile_start_ptr + tile)
     segment_end = tl.load(shard_offset_ptr + segment) + tl.load(length_ptr + segment)
     block = tl.load(block_ptr + segment)
@@ -274,6 +398,7 @@ def _masked_adamw_triton(
         index = torch.empty(max(capacity, 1), dtype=torch.int64, device=param.device)  # (a valid address)
         listed = (index, torch.empty_like(index), *torch.empty(2, index.numel(), device=param.device))
     thresholds = addressable(thresholds, tiles.tile_start)
+    corrections = scalars.counter_tensor(param.device)
     _masked_adamw_kernel[(tiles.num_tiles,)](
         param,
         exp_avg,
@@ -287,10 +412,13 @@ def _masked_adamw_triton(
         thresholds if defer_prefix is None else addressable(defer_prefix, tiles.tile_start),
         slots_taken,
         *listed,
+        table.counter,
+        param if corrections is None else corrections,  # (a valid fp32 pointer PER_COUNTER=False never reads)
         capacity,
         *scalars.kernel_arguments(),
         DEFER_SHIFT=DEFER_SHIFT,
         DEFER=defer_prefix is not None,
+        PER_COUNTER=corrections is not None,
         TILE=tiles.tile_size,
         **LAUNCH_OPTIONS,
     )
@@ -325,6 +453,7 @@ def _masked_adamw_cpu(
         thresholds=addressable(thresholds, tiles.tile_start),
         defer_prefix=None if defer_prefix is None else addressable(defer_prefix, tiles.tile_start),
         defer_shift=DEFER_SHIFT,
+        corrections=scalars.counter_tensor(param.device),
         **scalars.kernel_keywords(),
     )
     return None if defer_prefix is None else DeferredEntries(*deferred)

@@ -162,6 +162,7 @@ def speculative_update(
         hint_shift=HINT_SHIFT,
         beta1=beta1,
         beta2=beta2,
+        corrections=scalars.counter_tensor(param.device),
         **scalars.kernel_keywords(),
         region_start=buffers.region_start,
         region_size=buffers.region_size,
@@ -205,6 +206,7 @@ def correct_speculation(
         rollback_index=left.rollback_index,
         rollback_block=left.rollback_block,
         rollback_unselected=left.rollback_unselected,
+        corrections=scalars.counter_tensor(param.device),
         **scalars.kernel_keywords(),
     )
 
@@ -222,5 +224,6 @@ def resolve_window(
         exp_avg_sq=deferred.exp_avg_sq,
         unselected=left.deferred_unselected,
         thresholds=thresholds,
+        block_corrections=scalars.block_tensor(param.device),
         **scalars.kernel_keywords(),
     )

@@ -21,7 +21,7 @@ of three passes over m before the update.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -52,7 +52,7 @@ def topk_adamw_step(
     exp_avg_sq: torch.Tensor,
     table: SegmentTable,
     *,
-    step: int,
+    step: int | Sequence[int],
     lr: float,
     betas: tuple[float, float],
     eps: float,
@@ -63,8 +63,11 @@ def topk_adamw_step(
     backend: str = "torch",
     speculate: bool = True,
 ) -> ThresholdHint:
-    """Update param, exp_avg and exp_avg_sq in place (step = the 1-based step count after this
-    one); returns the hint for the next step.
+    """Update param, exp_avg and exp_avg_sq in place; returns the hint for the next step.
+
+    step: the 1-based step count after this one, or one such count per step counter: segment s
+    is then bias-corrected by step[table.counter[s]] (its parameter's own count of moment
+    updates; where all of the table's counters agree, the step is the single count's bit for bit).
 
     hint: the previous call's return value for this table, or None. It changes only the work
     done, never the result, but must be the same on every rank that sums histograms.
@@ -72,9 +75,13 @@ def topk_adamw_step(
     hint, and selected and unselected entries decaying alike. False forces the two-pass step
     (for comparisons); neither changes the result.
     """
-    update = AdamWScalars.at_step(
-        step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_selected_only=decay_selected_only
+    hyper = dict(
+        lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_selected_only=decay_selected_only
     )
+    if isinstance(step, int):
+        update = AdamWScalars.at_step(step, **hyper)
+    else:
+        update = AdamWScalars.at_counts(step, table, **hyper)
     moments = {"beta1": betas[0], "beta2": betas[1], "backend": backend}
     if table.num_blocks == 0:
         update_moments(grad, exp_avg, exp_avg_sq, table, **moments)

@@ -140,7 +140,8 @@ def check_block_tensor(
 
 
 def segment_columns(table: SegmentTable) -> list[torch.Tensor]:
-    """The six int64 columns in the order of SegmentTable.rows(), as the C++ ops take them."""
+    """The six int64 columns in the order of SegmentTable.rows(), then `counter`, as the C++ ops
+    take them."""
     return [
         table.shard_offset,
         table.length,
@@ -148,4 +149,5 @@ def segment_columns(table: SegmentTable) -> list[torch.Tensor]:
         table.row_len,
         table.block,
         table.rowscale_start,
+        table.counter,
     ]

@@ -6,6 +6,8 @@ mid-row; `logit_scale` is a one-element parameter and `never_used` never gets a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,16 +51,24 @@ def batches(steps: int, world: int, micro_batch: int, seed: int = 1) -> torch.Te
     return torch.randint(0, VOCAB, (steps, world, micro_batch, SEQ), generator=generator)
 
 
-def train_dense(model: TinyLM, optimizer: torch.optim.Optimizer, data: torch.Tensor) -> list[float]:
-    """Single process: each step sees every rank's micro-batch at once (the mean gradient)."""
+def train_dense(
+    model: TinyLM,
+    optimizer: torch.optim.Optimizer,
+    data: torch.Tensor,
+    before_step: Callable[[int], None] | None = None,
+) -> list[float]:
+    """Single process: each step sees every rank's micro-batch at once (the mean gradient);
+    before_step(step) runs before each optimizer step (HFT resampling switches plans there)."""
     losses = []
-    for step_batches in data:
+    for step, step_batches in enumerate(data):
         optimizer.zero_grad()
         loss = model(step_batches.reshape(-1, SEQ))
         loss.backward()
         for param in model.parameters():  # DeepSpeed steps unused parameters with a zero gradient
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
+        if before_step is not None:
+            before_step(step)
         optimizer.step()
         losses.append(loss.item())
     return losses

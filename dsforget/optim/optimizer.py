@@ -6,7 +6,8 @@ Per flat shard and step (see dsforget.kernels for the fused ops):
    digit by digit, so the selection is the top `fraction` of the *whole* parameter on any
    number of ranks; shard mode: each shard selects its own top `fraction`, no communication
    (what the MoFO reference code effectively computes under ZeRO);
-3. the masked, bias-corrected AdamW update.
+3. the masked, bias-corrected AdamW update; each parameter is bias-corrected by its own count of
+   moment updates (state["param_steps"]), which stops while HFT resampling holds it.
 
 Weight decay is decoupled (AdamW). Its scope for top-k parameters is ``decay_scope``:
 ``"all"`` (default, the MoFO reference code) decays every entry each step, selected or not;
@@ -33,6 +34,8 @@ logger = logging.getLogger("dsforget")
 TOPK_MODES = ("exact", "shard")
 DECAY_SCOPES = ("all", "selected")
 BACKENDS = ("auto", "torch", "cpu", "triton")
+# state key: per parameter of a shard's group, how many moment updates it has seen (its Adam step)
+PARAM_STEPS = "param_steps"
 
 ParamsArg = Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Iterable[Mapping[str, Any]]
 
@@ -266,6 +269,8 @@ class ForgetAdamW(torch.optim.Optimizer):
                     block_of[name] = len(block_k)
                     block_k.append(rule.top_k(numel))
         rows, scales, scale_start = [], [], {}
+        counters: list[int] = []
+        counter_of = {name: index for index, (name, _) in enumerate(layout.group_params)}
         scale_total = 0
         for seg in layout.segments:
             rule = self.plan[seg.name]
@@ -286,8 +291,9 @@ class ForgetAdamW(torch.optim.Optimizer):
                     scale_total += len(rule.row_scale)
                 rowscale_start = scale_start[seg.name]
             rows.append((seg.shard_offset, seg.length, seg.param_offset, seg.row_len, block, rowscale_start))
+            counters.append(counter_of[seg.name])
         rowscale = torch.cat(scales) if scales else None
-        return SegmentTable.build(rows, rowscale, block_k, device=device)
+        return SegmentTable.build(rows, rowscale, block_k, device=device, counters=counters)
 
     # -- the step --------------------------------------------------------------------------
 
@@ -329,6 +335,29 @@ class ForgetAdamW(torch.optim.Optimizer):
                     self._step_shard(param, group)
         return loss
 
+    def _param_steps(self, state: dict[str, Any], layout: ShardLayout) -> list[int]:
+        """The moment updates each parameter of the shard's group has seen, after this step.
+
+        A parameter's count advances exactly when its moments are updated: every step it trains
+        under the active plan, not while it is held (HFT resampling). Kept per parameter of the
+        whole group (layout.group_params), so every rank holds the same counts whatever it holds
+        of the parameters; a list of ints, so DeepSpeed's checkpoints carry it unchanged. State
+        saved before counts existed has one count for the shard: every parameter starts from it.
+        """
+        counts = state.get(PARAM_STEPS)
+        if counts is None:
+            counts = [int(state["step"].item())] * len(layout.group_params)
+        if len(counts) != len(layout.group_params):
+            raise PlanError(
+                f"the optimizer state holds step counts of {len(counts)} parameters, the shard's group "
+                f"{len(layout.group_params)}: resume with the plan and parameter groups that wrote it"
+            )
+        # a new list (not updated in place): a state_dict taken earlier keeps its counts
+        return [
+            count + 1 if self.plan[name].trains else count
+            for count, (name, _) in zip(counts, layout.group_params, strict=True)
+        ]
+
     def _step_shard(self, param: torch.Tensor, group: dict[str, Any]) -> None:
         table = self._table(param)
         state = self.state[param]
@@ -336,6 +365,8 @@ class ForgetAdamW(torch.optim.Optimizer):
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state[PARAM_STEPS] = [0] * len(self._layout(param).group_params)
+        state[PARAM_STEPS] = self._param_steps(state, self._layout(param))
         state["step"] += 1
         # Threshold hints change only the work a step does, never its result, so they are kept
         # out of the state dict (and checkpoints); they are equal on all ranks like the thresholds.
@@ -345,7 +376,7 @@ class ForgetAdamW(torch.optim.Optimizer):
             state["exp_avg"].view(-1),
             state["exp_avg_sq"].view(-1),
             table,
-            step=int(state["step"].item()),
+            step=state[PARAM_STEPS],
             lr=group["lr"],
             betas=group["betas"],
             eps=group["eps"],

@@ -27,6 +27,7 @@ namespace dsforget_cpu {
 // One row of the SegmentTable (its int64 columns, see segments.py).
 struct Segment {
   int64_t shard_offset, length, param_offset, row_len, block, rowscale_start;
+  int64_t counter = 0;  // the step counter of the segment's bias corrections
 };
 
 inline uint32_t abs_bits(float x) {
@@ -98,7 +99,7 @@ inline float load_float(uint16_t x) {
 
 // The segment table as the C++ side reads it: columns gathered once per call into structs.
 inline std::vector<Segment> gather_segments(at::TensorList columns) {
-  TORCH_CHECK(columns.size() == 6, "expected the 6 int64 columns of a SegmentTable");
+  TORCH_CHECK(columns.size() == 7, "expected the 7 int64 columns of a SegmentTable (rows, then counter)");
   std::vector<Segment> segments(columns[0].numel());
   // each column into its named field (not by indexing across the struct's members)
   const int64_t* shard_offset = columns[0].data_ptr<int64_t>();
@@ -107,8 +108,10 @@ inline std::vector<Segment> gather_segments(at::TensorList columns) {
   const int64_t* row_len = columns[3].data_ptr<int64_t>();
   const int64_t* block = columns[4].data_ptr<int64_t>();
   const int64_t* rowscale_start = columns[5].data_ptr<int64_t>();
+  const int64_t* counter = columns[6].data_ptr<int64_t>();
   for (size_t s = 0; s < segments.size(); ++s) {
-    segments[s] = {shard_offset[s], length[s], param_offset[s], row_len[s], block[s], rowscale_start[s]};
+    segments[s] = {shard_offset[s], length[s], param_offset[s], row_len[s], block[s], rowscale_start[s],
+                   counter[s]};
   }
   return segments;
 }

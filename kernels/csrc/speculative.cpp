@@ -204,9 +204,10 @@ Leftovers speculative_update_impl(const Grad* grad, float* p, float* m, float* v
                                   const at::Tensor& tile_segment, const at::Tensor& tile_start,
                                   int64_t tile_size, HistogramTarget window_histogram,
                                   const HintCounts& hints, const MomentsConstants& moments,
-                                  const UpdateConstants& update, SpeculationLists& lists) {
+                                  const UpdateConstantsByCounter& constants, SpeculationLists& lists) {
   return for_each_tile(segments, tile_segment, tile_start, tile_size, {}, window_histogram,
                        [&](const Segment& s, int64_t first, int64_t last, RangeContext& context) {
+    const UpdateConstants update = constants[s.counter];
     if (s.block < 0) {  // DENSE: moments and update piece by piece, while the piece is in cache
       for (int64_t start = first; start < last; start += kSpeculationPiece) {
         const int64_t stop = std::min(start + kSpeculationPiece, last);
@@ -264,8 +265,9 @@ std::vector<at::Tensor> speculative_update(
     at::TensorList segment_columns, const at::Tensor& rowscale, const at::Tensor& tile_segment,
     const at::Tensor& tile_start, int64_t tile_size, const at::Tensor& window_start,
     const at::Tensor& window_width, at::Tensor hint_above, at::Tensor hint_histogram, int64_t hint_bins,
-    int64_t hint_shift, double beta1, double beta2, double step_size, double bias_correction2_sqrt,
-    double eps, double decay_selected, double decay_unselected, const at::Tensor& region_start,
+    int64_t hint_shift, double beta1, double beta2, const c10::optional<at::Tensor>& corrections,
+    double step_size, double bias_correction2_sqrt, double eps, double decay_selected,
+    double decay_unselected, const at::Tensor& region_start,
     const at::Tensor& region_size, at::TensorList buffers) {
   TORCH_CHECK(decay_selected == decay_unselected,
               "speculative update: selected and unselected entries must decay alike");
@@ -285,8 +287,8 @@ std::vector<at::Tensor> speculative_update(
   const bool from_start = lerp_weight < 0.5f;
   const MomentsConstants moments{from_start ? lerp_weight : lerp_weight - 1.0f, from_start, float(beta2),
                                  float(1.0 - beta2), 0};
-  const UpdateConstants update =
-      update_constants(step_size, bias_correction2_sqrt, eps, decay_selected, decay_unselected);
+  const UpdateConstantsByCounter update(corrections, step_size, bias_correction2_sqrt, eps, decay_selected,
+                                        decay_unselected);
   const HistogramTarget window_histogram{hint_histogram.data_ptr<int64_t>(), hint_bins};
   float* p = param.data_ptr<float>();
   float* m = exp_avg.data_ptr<float>();
@@ -319,11 +321,12 @@ void correct_speculation(at::Tensor param, const at::Tensor& exp_avg, const at::
                          const at::Tensor& window_start, const at::Tensor& window_width, int64_t hint_bins,
                          int64_t hint_shift, const at::Tensor& rollback_index,
                          const at::Tensor& rollback_block, const at::Tensor& rollback_unselected,
-                         double step_size, double bias_correction2_sqrt, double eps, double decay_selected,
+                         const c10::optional<at::Tensor>& corrections, double step_size,
+                         double bias_correction2_sqrt, double eps, double decay_selected,
                          double decay_unselected) {
   const std::vector<Segment> segments = gather_segments(segment_columns);
-  const UpdateConstants c = update_constants(step_size, bias_correction2_sqrt, eps, decay_selected,
-                                             decay_unselected);
+  const UpdateConstantsByCounter constants(corrections, step_size, bias_correction2_sqrt, eps, decay_selected,
+                                           decay_unselected);
   float* p = param.data_ptr<float>();
   const float* m = exp_avg.data_ptr<float>();
   const float* v = exp_avg_sq.data_ptr<float>();
@@ -336,6 +339,7 @@ void correct_speculation(at::Tensor param, const at::Tensor& exp_avg, const at::
     const Window window = window_of(start, width, s.block, hint_shift, hint_bins);
     const uint32_t t = uint32_t(threshold[s.block]);
     if (t >= window.low && t <= window.high) return;  // every entry outside the window was right
+    const UpdateConstants c = constants[s.counter];
     for (int64_t i = first; i < last; ++i) {
       const uint32_t bits = abs_bits(m[i]);
       const bool outside = (bits < window.low) | (bits >= window.high);
@@ -358,10 +362,11 @@ void correct_speculation(at::Tensor param, const at::Tensor& exp_avg, const at::
 // it (each entry's p is a cache miss: a store does not stall the loop, a load would).
 void resolve_window(at::Tensor param, const at::Tensor& index, const at::Tensor& block,
                     const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& unselected,
-                    const at::Tensor& thresholds, double step_size, double bias_correction2_sqrt, double eps,
-                    double decay_selected, double decay_unselected) {
-  const UpdateConstants c =
-      update_constants(step_size, bias_correction2_sqrt, eps, decay_selected, decay_unselected);
+                    const at::Tensor& thresholds, const c10::optional<at::Tensor>& block_corrections,
+                    double step_size, double bias_correction2_sqrt, double eps, double decay_selected,
+                    double decay_unselected) {
+  const UpdateConstantsByCounter constants(block_corrections, step_size, bias_correction2_sqrt, eps,
+                                           decay_selected, decay_unselected);
   float* p = param.data_ptr<float>();
   const int64_t* at = index.data_ptr<int64_t>();
   const int64_t* blocks = block.data_ptr<int64_t>();
@@ -371,19 +376,19 @@ void resolve_window(at::Tensor param, const at::Tensor& index, const at::Tensor&
   const int64_t* threshold = thresholds.data_ptr<int64_t>();
   for (int64_t i = 0; i < index.numel(); ++i) {
     if (abs_bits(m[i]) < uint32_t(threshold[blocks[i]])) continue;
-    p[at[i]] = p_unselected[i] + adamw_step(m[i], v[i], c);
+    p[at[i]] = p_unselected[i] + adamw_step(m[i], v[i], constants[blocks[i]]);
   }
 }
 
 TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
   ops.def("resolve_window(Tensor(a!) param, Tensor index, Tensor block, Tensor exp_avg, Tensor exp_avg_sq, "
-          "Tensor unselected, Tensor thresholds, float step_size, float bias_correction2_sqrt, float eps, "
-          "float decay_selected, float decay_unselected) -> ()",
+          "Tensor unselected, Tensor thresholds, Tensor? block_corrections, float step_size, "
+          "float bias_correction2_sqrt, float eps, float decay_selected, float decay_unselected) -> ()",
           &resolve_window);
   ops.def("speculative_update(Tensor grad, Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
           "Tensor[] segments, Tensor rowscale, Tensor tile_segment, Tensor tile_start, int tile_size, "
           "Tensor window_start, Tensor window_width, Tensor(d!) hint_above, Tensor(e!) hint_histogram, "
-          "int hint_bins, int hint_shift, float beta1, float beta2, float step_size, "
+          "int hint_bins, int hint_shift, float beta1, float beta2, Tensor? corrections, float step_size, "
           "float bias_correction2_sqrt, float eps, float decay_selected, float decay_unselected, "
           "Tensor region_start, Tensor region_size, "
           "Tensor(f!)[] buffers) -> Tensor[]",
@@ -391,8 +396,8 @@ TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
   ops.def("correct_speculation(Tensor(a!) param, Tensor exp_avg, Tensor exp_avg_sq, Tensor[] segments, "
           "Tensor tile_segment, Tensor tile_start, int tile_size, Tensor thresholds, Tensor window_start, "
           "Tensor window_width, int hint_bins, int hint_shift, Tensor rollback_index, Tensor rollback_block, "
-          "Tensor rollback_unselected, float step_size, float bias_correction2_sqrt, float eps, "
-          "float decay_selected, float decay_unselected) -> ()",
+          "Tensor rollback_unselected, Tensor? corrections, float step_size, float bias_correction2_sqrt, "
+          "float eps, float decay_selected, float decay_unselected) -> ()",
           &correct_speculation);
 }
 

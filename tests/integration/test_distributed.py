@@ -39,6 +39,7 @@ class Config:
     dropin: bool = False
     backend: str = "auto"  # the C++ path on CPU tensors; "torch" = references; "triton" = interpreter
     plain: bool = False  # built by deepspeed.initialize: the optimizer finds its layouts itself
+    resample_every: int = 0  # HFT redrawn every N steps (dsforget.methods.resampling)
 
 
 # every q/k/v/up/down matrix trains with row scales 1 - importance (all layers: both of TinyLM's)
@@ -59,6 +60,11 @@ MATRIX = [
     Config("zero3-hft", stage=3, method="hft", options={"seed": 3}, weight_decay=0.1),
     Config("zero2-hft+mofo", stage=2, method="hft+mofo", options={"seed": 1, "fraction": 0.3}),
     Config("zero3-offload-hft+mofo", stage=3, offload=True, method="hft+mofo", options={"seed": 2}),
+    # matrices held in one draw and trained in the next: each one's Adam step count, split over ranks
+    Config(
+        "zero2-hft-resampled", stage=2, method="hft", options={"seed": 3}, weight_decay=0.1, resample_every=2
+    ),
+    Config("zero3-hft+mofo-resampled", stage=3, method="hft+mofo", options={"seed": 1}, resample_every=2),
     Config("zero3-cofitune-rowscale", stage=3, method="cofitune", options=COFITUNE, weight_decay=0.1),
     Config("zero2-cofitune+mofo", stage=2, method="cofitune+mofo", options={**COFITUNE, "fraction": 0.3}),
     Config("zero3-offload-cofitune+mofo", stage=3, offload=True, method="cofitune+mofo", options=COFITUNE),
@@ -109,6 +115,21 @@ def dense_reference(config: Config, directory: Path, steps: int = STEPS) -> Tiny
     hyper = dict(lr=config.lr, weight_decay=config.weight_decay)
     if config.method == "full":
         optimizer = torch.optim.AdamW(model.parameters(), **hyper)
+    elif config.resample_every:
+        from dsforget.methods.resampling import Resampler
+
+        resampler = Resampler(
+            model, config.method, {}, method_options(config, directory), config.resample_every
+        )
+        plan = resampler.membership_plan()
+        optimizer = dsforget.ForgetAdamW(model.named_parameters(), plan=plan, backend="torch", **hyper)
+        train_dense(
+            model,
+            optimizer,
+            batches(steps, WORLD, MICRO_BATCH),
+            lambda step: resampler.before_step(step, optimizer),
+        )
+        return model
     else:
         plan = dsforget.plan_for(model, config.method, **method_options(config, directory))
         optimizer = dsforget.ForgetAdamW(model.named_parameters(), plan=plan, backend="torch", **hyper)
@@ -139,10 +160,19 @@ def test_sharded_run_equals_dense_single_process(config: Config, tmp_path: Path)
     assert_same_parameters(dense_reference(config, tmp_path), result["params"], config.lr)
     initial = initial_state()
     moved = [name for name, p in result["params"].items() if not torch.equal(p, initial[name])]
-    plan = dsforget.plan_for(TinyLM(), config.method, **method_options(config, tmp_path))
-    frozen = [name for name, rule in plan.rules.items() if not rule.trains]
+    if config.resample_every:  # what trains in any of the run's draws
+        from dsforget.methods.resampling import Resampler
+
+        resampler = Resampler(
+            TinyLM(), config.method, {}, method_options(config, tmp_path), config.resample_every
+        )
+        plans = [resampler.plan_of_draw(draw) for draw in range(-(-STEPS // config.resample_every))]
+    else:
+        plans = [dsforget.plan_for(TinyLM(), config.method, **method_options(config, tmp_path))]
+    names = [name for name, _ in TinyLM().named_parameters()]
+    frozen = [name for name in names if not any(plan[name].trains for plan in plans)]
     assert not set(frozen) & set(moved), "frozen parameters must stay bit-identical to the base"
-    trained = [name for name in plan.rules if name not in frozen and name != "never_used"]
+    trained = [name for name in names if name not in frozen and name != "never_used"]
     assert set(trained) <= set(moved), "every trained parameter with a gradient must move"
     assert ("never_used" in moved) == (config.weight_decay > 0 and "never_used" not in frozen), (
         "only weight decay moves a gradient-free param"

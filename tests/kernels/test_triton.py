@@ -46,6 +46,7 @@ FP32_POINTERS = {
     "param_ptr",
     "deferred_exp_avg_ptr",
     "deferred_exp_avg_sq_ptr",
+    "corrections_ptr",
 }
 INT_SCALARS = {"defer_capacity"}
 
@@ -98,8 +99,11 @@ def test_triton_kernels_compile_for_h100():
         )
         compile_kernel(histogram_op._abs_histogram_kernel, constexprs)
     for defer in (False, True):
-        constexprs = dict(DEFER_SHIFT=DEFER_SHIFT, DEFER=defer, TILE=masked_op.TRITON_TILE)
-        compile_kernel(masked_op._masked_adamw_kernel, constexprs)
+        for per_counter in (False, True):
+            constexprs = dict(
+                DEFER_SHIFT=DEFER_SHIFT, DEFER=defer, PER_COUNTER=per_counter, TILE=masked_op.TRITON_TILE
+            )
+            compile_kernel(masked_op._masked_adamw_kernel, constexprs)
     for level, (shift, _) in enumerate(LEVELS):
         for masked in (False, True):
             constexprs = dict(

@@ -239,6 +239,38 @@ def test_state_dict_round_trip_continues_identically() -> None:
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_while_resampling_keeps_each_parameters_step(backend: str) -> None:
+    """save -> load -> steps equals an uninterrupted run when HFT resampling holds parameters:
+    catches per-parameter step counts that a checkpoint drops or resets (a resumed run would
+    bias-correct the held parameters by the shard's step again once they train)."""
+    straight = make_model()
+    names = [name for name, _ in straight.named_parameters()]
+    membership = MaskPlan({name: ParamRule("topk", fraction=0.5) for name in names})
+    held = MaskPlan(
+        {
+            name: ParamRule("frozen") if name.startswith("3.") else ParamRule("topk", fraction=0.5)
+            for name in names
+        }
+    )
+    hyper = dict(plan=membership, lr=1e-2, weight_decay=0.1, backend=backend)
+    opt = ForgetAdamW(straight.named_parameters(), **hyper)
+    run(straight, opt, steps=2, seed=1)
+    opt.set_active_plan(held)
+    run(straight, opt, steps=6, seed=2)
+    resumed = copy.deepcopy(straight)
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["state"][0]["param_steps"] == [8] and opt.state[straight[3].weight]["param_steps"] == [2]
+    for model, optimizer in ((straight, opt), (resumed, ForgetAdamW(resumed.named_parameters(), **hyper))):
+        if optimizer is not opt:
+            optimizer.load_state_dict(saved)
+        optimizer.set_active_plan(membership)
+        run(model, optimizer, steps=3, seed=9)
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert opt.state[straight[3].weight]["param_steps"] == [5]
+
+
 def test_state_dict_from_another_plan_is_refused() -> None:
     model = make_model()
     opt = ForgetAdamW(model.named_parameters(), plan=dsforget.plan_for(model, "mofo", fraction=0.3))
@@ -277,7 +309,7 @@ def test_active_plan_holds_parameters_and_keeps_their_moments(backend: str) -> N
     run(model, opt, steps=2)
     opt.set_active_plan(held)
     weight = model[0].weight.detach().clone()
-    moments = {k: v.clone() for k, v in opt.state[model[0].weight].items() if k != "step"}
+    moments = {k: opt.state[model[0].weight][k].clone() for k in ("exp_avg", "exp_avg_sq")}
     other = model[1].weight.detach().clone()
     run(model, opt, steps=2)
     assert torch.equal(model[0].weight, weight)
@@ -288,6 +320,77 @@ def test_active_plan_holds_parameters_and_keeps_their_moments(backend: str) -> N
     run(model, opt, steps=1)
     assert not torch.equal(model[0].weight, weight)
     assert opt.state_dict()["dsforget"]["plan_digest"] == membership.digest
+
+
+# (phase steps, the parameters held in it): "a" is held for 40 steps between trained phases, "b"
+# for 3, so their moment-update counts differ both ways while they share a shard; "c" is held
+# (never updated: count 0) until the fourth phase.
+RESAMPLING_PHASES = [(3, ("c",)), (40, ("a", "c")), (5, ("c",)), (3, ("b",)), (4, ())]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sharing", ["own-shards", "one-flat-shard"])
+@pytest.mark.parametrize(
+    "rule", [ParamRule("dense"), ParamRule("topk", fraction=1.0)], ids=["dense", "topk1"]
+)
+def test_held_parameter_resumes_with_its_own_adam_step(rule: ParamRule, sharing: str, backend: str) -> None:
+    """Issue 15 item 3: the Adam step count of a parameter held by HFT resampling must stop while
+    it is held. Each parameter must follow a torch.optim.AdamW stepped only on the steps it trained
+    (after 40 held steps, "a" resumes at its own step 4, not the shard's step 44). Catches the
+    per-shard `state["step"]` bias-correcting moments that saw 3 updates as if they saw 43 (a
+    2.5-5x step), in the per-parameter shards of a run without ZeRO and in one flat ZeRO-style
+    shard holding both matrices (mixed counts in one shard), for every CPU backend."""
+    from dsforget.optim.layout import Segment, ShardLayout
+
+    generator = torch.Generator().manual_seed(7)
+    shapes = {"a": (7, 5), "b": (6, 5), "c": (4,)}
+    start = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    params = {name: nn.Parameter(value.clone()) for name, value in start.items()}
+    hyper = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    membership = MaskPlan({name: rule for name in shapes})
+    opt = ForgetAdamW(params.items(), plan=membership, backend=backend, **hyper)
+    offsets = {"a": 0, "b": 38, "c": 69}  # padding between them and at the end, as ZeRO aligns
+    flat = None
+    if sharing == "one-flat-shard":
+        flat = nn.Parameter(torch.zeros(75))
+        for name, value in start.items():
+            flat.data[offsets[name] : offsets[name] + value.numel()] = value.flatten()
+        layout = ShardLayout(
+            numel=75,
+            segments=tuple(Segment(n, 0, offsets[n], start[n].numel(), shapes[n][-1]) for n in shapes),
+            group_params=tuple((n, start[n].numel()) for n in shapes),
+        )
+        opt.param_groups[0]["params"] = [flat]  # as DeepSpeed hands the optimizer its partition
+        opt.bind([(flat, layout)])
+    references = {name: nn.Parameter(value.clone()) for name, value in start.items()}
+    reference_opts = {name: torch.optim.AdamW([references[name]], **hyper) for name in shapes}
+    for steps, held in RESAMPLING_PHASES:
+        rules = {name: ParamRule("frozen") if name in held else rule for name in shapes}
+        opt.set_active_plan(MaskPlan(rules))
+        for _ in range(steps):
+            grads = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+            if flat is None:
+                for name, grad in grads.items():
+                    params[name].grad = grad.clone()  # a held parameter still has a gradient
+            else:
+                flat.grad = torch.zeros(75)
+                for name, grad in grads.items():
+                    flat.grad[offsets[name] : offsets[name] + grad.numel()] = grad.flatten()
+            opt.step()
+            for name in shapes:
+                if name not in held:
+                    references[name].grad = grads[name].clone()
+                    reference_opts[name].step()
+    for name, shape in shapes.items():
+        ours = params[name].detach()
+        if flat is not None:
+            ours = flat.detach()[offsets[name] : offsets[name] + ours.numel()].view(shape)
+        assert not torch.equal(ours, start[name])
+        torch.testing.assert_close(
+            ours, references[name].detach(), rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    counts = opt.state[flat if flat is not None else params["a"]]["param_steps"]
+    assert counts == ([15, 52, 7] if flat is not None else [15])
 
 
 def test_active_plan_cannot_train_what_the_optimizer_dropped() -> None:

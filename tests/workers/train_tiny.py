@@ -44,6 +44,17 @@ def main() -> None:
         optimizer = dsforget.MoFOAdamW(
             model.parameters(), fraction=spec["fraction"], topk=spec["topk"], backend=spec["backend"], **hyper
         )
+    elif spec.get("resample_every"):  # HFT redrawn every N steps: the optimizer holds every member
+        from dsforget.methods.resampling import Resampler
+
+        resampler = Resampler(model, spec["method"], {}, spec.get("options", {}), spec["resample_every"])
+        optimizer = dsforget.ForgetAdamW(
+            model.named_parameters(),
+            plan=resampler.membership_plan(),
+            topk=spec["topk"],
+            backend=spec["backend"],
+            **hyper,
+        )
     else:
         plan = dsforget.build_plan(model, spec["method"], **spec.get("options", {}))
         if spec.get("corrupt_plan_on_rank") == rank:  # e.g. a rank that read another plan.json
@@ -65,6 +76,8 @@ def main() -> None:
     for step, step_batches in enumerate(data[first_step:], start=first_step):
         loss = engine(step_batches[rank].reshape(-1, SEQ))
         engine.backward(loss)
+        if spec.get("resample_every"):
+            resampler.before_step(step, optimizer)
         engine.step()
         losses.append(loss.item())
         collectives.append(deepspeed.comm.comms_logger.get_total_operations())
