@@ -162,6 +162,13 @@ def wait_for_build_lock(directory: Path, timeout_s: float) -> None:
         time.sleep(LOCK_POLL_S)
 
 
+def wait_for_extension_lock(name: str) -> None:
+    """The bounded wait of `wait_for_build_lock` for another JIT-built extension, e.g. DeepSpeed's
+    `cpu_adam` (the benchmarks build it): torch's own wait for a lock a killed build left behind
+    never ends (seen: a benchmark killed mid-build left cpu_adam's lock and every later one hung)."""
+    wait_for_build_lock(build_directory(name), lock_timeout_s())
+
+
 def compiler_error_summary(message: str, lines: int = 6) -> str:
     """The lines of a failed build's output that say what went wrong: from the compiler's first
     diagnostic (`file:line:column: error: ...`, or `fatal error:`) on, else the output's last lines

@@ -60,6 +60,7 @@ from datetime import datetime, timezone
 
 import torch
 
+from .._cpu import wait_for_extension_lock
 from ..backends import default_backend
 from ..segments import DENSE, NO_ROWSCALE, SegmentTable
 from ..step import topk_adamw_step
@@ -235,6 +236,7 @@ def deepspeed_adam_step(shard: Shard, state: State) -> Step:
     param.grad = state.grad
     hyper = {"lr": LR, "betas": (BETA1, BETA2), "eps": EPS, "weight_decay": WEIGHT_DECAY}
     if param.device.type == "cpu":
+        wait_for_extension_lock("cpu_adam")  # DeepSpeed JIT-builds it under torch's unbounded lock
         optimizer = DeepSpeedCPUAdam([param], adamw_mode=True, **hyper)
     else:
         optimizer = FusedAdam([param], adam_w_mode=True, **hyper)

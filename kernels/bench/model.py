@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import torch
 
+from .._cpu import wait_for_extension_lock
 from ..backends import default_backend
 from .flat import ROUNDS, device_name, quantile, synchronize, take_turns, versions
 
@@ -66,6 +67,8 @@ def make_optimizers(
     def deepspeed_adam() -> torch.optim.Optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 
+        if device.type == "cpu":
+            wait_for_extension_lock("cpu_adam")  # DeepSpeed JIT-builds it under an unbounded lock
         kind = DeepSpeedCPUAdam if device.type == "cpu" else FusedAdam
         mode = {"adamw_mode": True} if device.type == "cpu" else {"adam_w_mode": True}
         return kind(params, lr=LR, **mode)

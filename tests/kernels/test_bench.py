@@ -5,7 +5,10 @@ Shared helpers: tests/kernels/helpers.py."""
 from __future__ import annotations
 
 import csv
+import re
+import time
 
+import pytest
 import torch
 from dsforget.kernels import default_backend
 from helpers import run_python
@@ -49,3 +52,25 @@ def test_model_benchmark_tiny_run():
 
 
 # ------------------------------------------------------------------- the one-pass (speculative) step
+
+
+def test_benchmark_does_not_hang_on_a_stale_deepspeed_build_lock(tmp_path, monkeypatch):
+    """Catches the benchmark waiting forever: DeepSpeed JIT-builds cpu_adam under torch's lock,
+    and a run killed mid-build leaves that lock behind (seen: every later benchmark hung until the
+    test's timeout). With a 1 s bound the DeepSpeed row must stop within seconds naming the lock."""
+    from types import SimpleNamespace
+
+    from dsforget.kernels import _cpu
+    from dsforget.kernels.bench import flat
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("DSFORGET_BUILD_LOCK_TIMEOUT_S", "1")
+    lock = _cpu.build_directory("cpu_adam") / "lock"
+    lock.touch()
+    state = SimpleNamespace(
+        param=torch.zeros(8), grad=torch.ones(8), step=1, exp_avg=torch.zeros(8), exp_avg_sq=torch.zeros(8)
+    )
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=re.escape(str(lock))):
+        flat.deepspeed_adam_step(None, state)
+    assert time.monotonic() - started < 10
