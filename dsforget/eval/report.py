@@ -68,16 +68,19 @@ def run_report(
     config: Any,
     plan: Any,
     optimizer: Any,
-    parameters: Mapping[str, Any],
+    sizes: Mapping[str, int],
     before: Mapping[str, float],
     after: Mapping[str, float],
     drift: Mapping[str, Mapping[str, float]],
     stats: Any,
     world: int,
     environment: Mapping[str, str],
+    memory: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """report.json of a finished run: scores before and after, their ``summary`` (task gain and
-    forgetting), drift, the training's cost and the environment."""
+    forgetting), drift, the training's cost and the environment. `sizes`: each parameter's
+    number of entries (the full tensor's under ZeRO-3); `memory`: each rank's peaks
+    (dsforget.train.memory)."""
     optimizer_bytes = sum(
         t.numel() * t.element_size()
         for s in optimizer.state.values()
@@ -89,7 +92,7 @@ def run_report(
         "model": config.model,
         "plan_digest": plan.digest,
         "trainable_share": optimizer.plan.trainable_share(  # the active draw when HFT resamples
-            (n, p.numel()) for n, p in parameters.items() if n in plan.rules
+            (name, size) for name, size in sizes.items() if name in plan.rules
         ),
         "before": dict(before),
         "after": dict(after),
@@ -105,6 +108,8 @@ def run_report(
         },
         "environment": dict(environment),
     }
+    if memory is not None:
+        report["memory"] = dict(memory)
     report["summary"] = forgetting_summary(report["before"], report["after"])
     return report
 
@@ -114,9 +119,15 @@ def print_summary(report: Mapping[str, Any], directory: str | Path) -> None:
     train = report["train"]
     directory = Path(directory)
     step_time = "no step trained" if train["median_step_ms"] is None else f"{train['median_step_ms']} ms/step"
+    memory = report.get("memory") or {}
+    peaks = ""
+    if memory.get("host_peak_bytes"):
+        peaks = f", peak host memory {max(memory['host_peak_bytes']) / 2**30:.2f} GiB/rank"
+    if memory.get("accelerator_peak_bytes"):
+        peaks += f", peak accelerator memory {max(memory['accelerator_peak_bytes']) / 2**30:.2f} GiB/rank"
     print(
         f"\n{report['method']} on {report['model']}: {train['steps']} steps on {train['world_size']} ranks, "
-        f"{step_time}\n{format_table(report)}\n"
+        f"{step_time}{peaks}\n{format_table(report)}\n"
         f"report: {directory / 'report.json'}, {directory / 'report.png'}",
         flush=True,
     )

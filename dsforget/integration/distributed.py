@@ -20,6 +20,8 @@ import subprocess
 from collections.abc import Mapping
 from datetime import timedelta
 
+import torch
+
 from ..optim.comm import release_shared_memory_names
 
 MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
@@ -93,3 +95,13 @@ def init_distributed(timeout_s: float | None = None) -> None:
     else:
         deepspeed.init_distributed(auto_mpi_discovery=True, timeout=timedelta(seconds=timeout_s))
     release_shared_memory_names()
+
+
+def rank0_decides(flag: bool) -> bool:
+    """Rank 0's `flag` on every rank (one broadcast), so that every rank takes the same branch
+    where only rank 0 looks (e.g. at a file it writes). Collective."""
+    from deepspeed.accelerator import get_accelerator
+
+    decision = torch.tensor([int(flag)], device=get_accelerator().current_device_name())
+    torch.distributed.broadcast(decision, src=0)
+    return bool(decision.item())

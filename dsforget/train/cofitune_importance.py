@@ -3,7 +3,9 @@
 Importance is measured on general data by default (what the model should not forget): the
 lab's pretraining corpus, or the run's ``general_text`` file for a real checkpoint; with
 ``importance_data: train`` on the training data instead. Each rank scores its own share of
-the batches and the results are averaged (dsforget.methods.cofitune.importance). The artifact lands in
+the batches and the results are averaged (dsforget.methods.cofitune.importance). The pass runs
+on the accelerator: under ZeRO-3 one block at a time, under ZeRO-0/1/2 on the whole model moved
+there first (as ``deepspeed.initialize`` would move it next). The artifact lands in
 ``<output_dir>/importance.safetensors`` before training starts; a rerun of the same output_dir
 reuses it, so a resumed run keeps the row scales it started with.
 """
@@ -17,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from ..integration.block_gather import is_partitioned
 from .run_config import RunConfig
 
 logger = logging.getLogger("dsforget")
@@ -91,6 +94,10 @@ def ensure_importance(
         batches = list(_text_batches(texts, tokenizer, config, count))
     batches = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches]
     logger.info("CoFiTune importance: %d batches of %s over %d ranks", len(batches), source, world)
+    if not is_partitioned(model):  # ZeRO-0/1/2: the model is still where from_pretrained put it
+        from deepspeed.accelerator import get_accelerator
+
+        model.to(get_accelerator().current_device_name())  # where DeepSpeed will train it anyway
     importance = compute_importance(model, batches[rank::world], seed=config.seed, source=source)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)

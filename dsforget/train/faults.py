@@ -214,30 +214,40 @@ def comm_timeout(seconds: float) -> Iterator[None]:
 
 
 @contextmanager
-def waiting_for_rank0(phase: str, timeout_s: float, setting: str = "eval_timeout_s") -> Iterator[None]:
-    """A block where rank 0 works alone (`phase`, e.g. "scoring the base model") and the other
-    ranks wait for it in a collective: every process group's timeout is `timeout_s` inside, and
-    a wait that fails on another rank raises ``WaitTimeoutError`` naming rank 0 and the phase.
+def collective_phase(phase: str, timeout_s: float, setting: str = "eval_timeout_s") -> Iterator[None]:
+    """A block all ranks run together outside training (`phase`, e.g. "scoring the base model":
+    each rank scores its slice, rank 0 writes the files): every process group's timeout is
+    `timeout_s` inside, and a collective that fails raises ``WaitTimeoutError`` naming the
+    ranks that did not report the failure (the one that hung or died) and the phase.
 
-    Rank 0's own work may legitimately take longer than a training collective (evaluating a
-    large model), hence a bound of its own (`setting`), generous but never unbounded.
+    The phase may legitimately keep a rank busy longer between collectives than training does
+    (generating answers with a large model, writing its shards), hence a bound of its own
+    (`setting`), generous but never unbounded.
     """
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     try:
         with comm_timeout(timeout_s):
             yield
     except RuntimeError as error:
-        if rank == 0 or not is_communication_failure(error):
+        if not is_communication_failure(error):
             raise
+        world = torch.distributed.get_world_size()
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        try:
+            silent = silent_ranks(rank, world)
+        except (RuntimeError, ValueError):  # the store is gone with rank 0, which hosts it
+            silent = [0]
+        if not silent:
+            who = "the other ranks (every rank reported the failure: suspect the network)"
+        else:
+            who = f"rank {silent[0]}" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))}"
         if "timed out" in str(error).lower():
             what = (
-                f"gave up after {timeout_s:g} s ({setting}) waiting for rank 0 to finish {phase}: rank 0 "
-                f"is still at it or hung (see its log); if {phase} legitimately takes longer, raise "
-                f"--{setting}"
+                f"gave up after {timeout_s:g} s ({setting}) waiting for {who} to finish {phase}: it is "
+                f"still at it or hung (see its log); if {phase} legitimately takes longer, raise --{setting}"
             )
         else:
-            what = f"lost rank 0 while waiting for it to finish {phase}: rank 0 died (see its log)"
+            what = f"lost {who} while {phase}: it died (see its log)"
         message = f"rank {rank}: {what} ({first_line})"
         logger.error(message)
         raise WaitTimeoutError(message) from error

@@ -14,23 +14,28 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
+from ..atomic import write_atomic
 from ..data import DataConfig, PaddingCollator, prepare_data
-from ..eval.forgetting import drift, evaluate
+from ..eval.forgetting import DriftSums, evaluate
 from ..eval.report import print_summary, run_report, write_report
-from ..integration.distributed import init_distributed
-from ..integration.export import gather_state_dict, save_hf_checkpoint
+from ..integration.checkpoint_weights import CheckpointWeights
+from ..integration.distributed import init_distributed, rank0_decides
+from ..integration.export import full_tensors, save_hf_checkpoint
 from ..integration.initialize import initialize
+from ..lab.evaluate import Ranks
 from ..methods.coordinator import build_plan
 from ..methods.resampling import Resampler
 from ..optim.optimizer import ForgetAdamW
+from ..optim.params import full_shape
 from ..optim.plan import MaskPlan
 from ..strict_json import dumps
 from . import checkpoint, faults
@@ -45,6 +50,7 @@ from .job import (
     run_identity,
     setup_logging,
 )
+from .memory import PeakMarks, peak_memory_of_ranks
 from .run_config import RunConfig
 from .trainer import LoopConfig, Trainer, TrainStats, steps_per_epoch
 
@@ -61,16 +67,6 @@ RUN_OUTPUTS = (
     "report.png",
     "hf_model",
 )
-
-
-def plain_model(model_dir: Path, state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
-    """An unsharded fp32 copy on this process's device, for evaluation on rank 0."""
-    from deepspeed.accelerator import get_accelerator
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if state is not None:
-        model.load_state_dict({name: tensor.float() for name, tensor in state.items()}, strict=False)
-    return model.to(get_accelerator().current_device_name())
 
 
 def resume_source(config: RunConfig, output: Path) -> Path | None:
@@ -130,6 +126,7 @@ class FinetuneJob:
         torch.manual_seed(config.seed)
         self.output = Path(config.output_dir)
         self.finished: dict[str, Any] | None = None  # the report of a run that has nothing to train
+        self.peaks = PeakMarks()  # report.json's memory: where each rank's peak was reached
         if self.rank == 0:
             self.output.mkdir(parents=True, exist_ok=True)
             if config.resume == "never":
@@ -161,6 +158,7 @@ class FinetuneJob:
         self.total_steps = config.max_steps or config.epochs * per_epoch
         ds_config = deepspeed_config(config)
         self.model = load_model(self.inputs.model_dir, ds_config)
+        self.peaks.mark("load")
         self.run = run_identity(config, self.model)  # what a resume must match (checkpoint.check_resume)
         self.resume_from = resume_source(config, self.output)
         if self.resume_from is not None:
@@ -194,7 +192,9 @@ class FinetuneJob:
             model=self.model, optimizer=self.optimizer, config=ds_config, lr_scheduler=self.schedule
         )
         faults.bound_process_groups(config.comm_timeout_s)  # the groups DeepSpeed just created
+        self.peaks.mark("initialize")
         self._score_base()
+        self.peaks.mark("score_base")
 
     def _choose_plan(self) -> MaskPlan:
         """The checkpoint's plan on resume; every matrix HFT could draw when it resamples (draws
@@ -250,18 +250,28 @@ class FinetuneJob:
         )
         return False
 
+    def _scores(self) -> dict[str, float]:
+        """Every rank scores its slice with the engine's model; then ZeRO-3 releases what its
+        prefetching left gathered or in flight for a backward pass that does not come. Collective."""
+        scores = evaluate(
+            self.engine.module, self.tokenizer, self.inputs.eval_sources, Ranks.of_engine(self.engine)
+        )
+        self.engine.empty_partition_cache()
+        return scores
+
     def _score_base(self) -> None:
-        """The base model's scores, once per output_dir (kept across resumes)."""
+        """The base model's scores, once per output_dir (kept across resumes): taken with the
+        engine before its first step, every rank scoring a slice (rank 0 decides and writes)."""
         import deepspeed
 
         self.before_file = self.output / "before.json"
-        with faults.waiting_for_rank0("scoring the base model (before.json)", self.config.eval_timeout_s):
-            if self.rank == 0 and not self.before_file.exists():
-                scores = evaluate(
-                    plain_model(self.inputs.model_dir), self.tokenizer, self.inputs.eval_sources
-                )
-                self.before_file.write_text(dumps(scores))
-            deepspeed.comm.barrier()
+        with faults.collective_phase("scoring the base model (before.json)", self.config.eval_timeout_s):
+            if rank0_decides(self.rank == 0 and self.before_file.exists()):
+                return
+            scores = self._scores()
+            if self.rank == 0:
+                write_atomic(self.before_file, dumps(scores))
+            deepspeed.comm.barrier()  # bounded here, not by the first training collective
 
     # -- train --------------------------------------------------------------------------------
 
@@ -311,6 +321,7 @@ class FinetuneJob:
             before_step=before_step,
         )
         stats = trainer.fit(position)
+        self.peaks.mark("train")
         if stats.preempted:  # a checkpoint is saved; the same command resumes from it
             faults.exit_preempted()  # status faults.PREEMPTED_EXIT_CODE (75)
         return stats
@@ -324,32 +335,59 @@ class FinetuneJob:
         if self.finished is not None:  # a finished run's report stays as it is
             return self.finished if self.rank == 0 else None
         timeout = self.config.eval_timeout_s
-        with faults.waiting_for_rank0("writing hf_model", timeout):
-            tuned_state = gather_state_dict(self.engine)
-            if self.config.export:
+        if self.config.export:
+            with faults.collective_phase("writing hf_model", timeout):
                 save_hf_checkpoint(self.engine, self.tokenizer, self.output / "hf_model")
-        with faults.waiting_for_rank0("scoring the tuned model (report.json)", timeout):
+            self.peaks.mark("export")
+        with faults.collective_phase("scoring the tuned model (report.json)", timeout):
+            after = self._scores()
+            self.peaks.mark("score_tuned")
+            moved = self._drift()
+            self.peaks.mark("drift")
+            memory = peak_memory_of_ranks(self.world, self.peaks)  # export and scoring done
             report = None
             if self.rank == 0:
-                base = plain_model(self.inputs.model_dir)
-                base_state = {name: t.detach().cpu().clone() for name, t in base.state_dict().items()}
-                tuned = plain_model(self.inputs.model_dir, tuned_state)
                 report = run_report(
                     config=self.config,
                     plan=self.plan,
                     optimizer=self.optimizer,
-                    parameters=dict(base.named_parameters()),
+                    sizes={name: math.prod(full_shape(p)) for name, p in self.model.named_parameters()},
                     before=json.loads(self.before_file.read_text()),
-                    after=evaluate(tuned, self.tokenizer, self.inputs.eval_sources),
-                    drift=drift(base_state, tuned_state),
+                    after=after,
+                    drift=moved,
                     stats=stats,
                     world=self.world,
                     environment=environment(),
+                    memory=memory,
                 )
                 write_report(report, self.output)
                 print_summary(report, self.output)
             deepspeed.comm.barrier()
         return report
+
+    def _drift(self) -> dict[str, dict[str, float]] | None:
+        """How far the tuned weights moved from the checkpoint's, one parameter at a time (rank 0's
+        result). Collective under ZeRO-3; the base tensors are read lazily from the checkpoint."""
+        base = (
+            CheckpointWeights(self.inputs.model_dir, self.model.base_model_prefix) if self.rank == 0 else None
+        )
+        sums, missing = DriftSums(), []
+        for name, tuned in full_tensors(self.engine):  # every rank: each takes part in every gather
+            before = None if base is None else base.get(name)
+            if before is not None:
+                sums.add(name, before.to(tuned.device), tuned)
+            elif base is not None:
+                missing.append(name)
+        if base is None:
+            return None
+        if missing:
+            logger.warning(
+                "drift leaves out %d tensor(s) that %s does not hold under the model's names: %s",
+                len(missing),
+                self.inputs.model_dir,
+                ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""),
+            )
+        return sums.result()
 
     def close(self) -> None:
         import deepspeed

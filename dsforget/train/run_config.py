@@ -129,8 +129,9 @@ class RunConfig:
     )
     eval_timeout_s: float = option(
         3600.0,
-        "seconds the other ranks wait for rank 0 to score the base or the tuned model and write hf_model "
-        "before the job fails naming rank 0 and the phase (generous: evaluating a large model is slow)",
+        "seconds a rank waits for the others while scoring the base or the tuned model and writing "
+        "hf_model before the job fails naming the rank it waited for and the phase (generous: "
+        "generating answers with a large model is slow)",
     )
     max_nonfinite_steps: int = option(
         10, "optimizer steps in a row with inf/NaN gradients (each skipped) before the run stops"

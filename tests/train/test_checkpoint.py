@@ -224,25 +224,24 @@ def test_hf_export_replaces_the_model_without_a_window(tmp_path: Path, monkeypat
     target = tmp_path / "hf_model"
     checks: list[bool] = []
 
-    class Module:
-        def __init__(self, text: str) -> None:
-            self.text = text
-
-        def save_pretrained(self, directory: Path, **kwargs: Any) -> None:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            (Path(directory) / "model.safetensors").write_text(self.text)
-            (Path(directory) / "config.json").write_text("{}")
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     class Tokenizer:
         def save_pretrained(self, directory: Path) -> None:
             (Path(directory) / "tokenizer.json").write_text("{}")
 
-    class ExportEngine:
-        def __init__(self, text: str) -> None:
-            self.module = Module(text)
+    class ExportEngine:  # what save_hf_checkpoint reads of a DeepSpeed engine without ZeRO
+        def __init__(self, value: float) -> None:
+            config = LlamaConfig(
+                vocab_size=8, hidden_size=4, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1
+            )
+            self.module = LlamaForCausalLM(config)
+            torch.nn.init.constant_(self.module.lm_head.weight, value)
 
-    monkeypatch.setattr(export, "gather_state_dict", lambda engine: {})
-    export.save_hf_checkpoint(ExportEngine("old"), Tokenizer(), target)
+        def zero_optimization_stage(self) -> int:
+            return 0
+
+    export.save_hf_checkpoint(ExportEngine(1.0), Tokenizer(), target)
     if not exchange:
         monkeypatch.setattr(atomic, "_exchange", lambda first, second: False)
 
@@ -258,9 +257,11 @@ def test_hf_export_replaces_the_model_without_a_window(tmp_path: Path, monkeypat
     monkeypatch.setattr(atomic.os, "replace", checked(os.replace))
     monkeypatch.setattr(atomic.shutil, "rmtree", checked(atomic.shutil.rmtree))
     monkeypatch.setattr(export.shutil, "rmtree", checked(export.shutil.rmtree))
-    export.save_hf_checkpoint(ExportEngine("new"), Tokenizer(), target)
+    export.save_hf_checkpoint(ExportEngine(2.0), Tokenizer(), target)
     assert checks and all(checks), checks
-    assert (target / "model.safetensors").read_text() == "new"
+    from safetensors.torch import load_file
+
+    assert bool((load_file(target / "model.safetensors")["lm_head.weight"] == 2.0).all())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_model"]
 
 
