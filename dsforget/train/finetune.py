@@ -160,7 +160,9 @@ class FinetuneJob:
         )
         self.total_steps = config.max_steps or config.epochs * per_epoch
         ds_config = deepspeed_config(config)
-        self.model = load_model(self.inputs.model_dir, ds_config)
+        self.model = load_model(
+            self.inputs.model_dir, ds_config, config.attn_implementation, config.gradient_checkpointing
+        )
         self.run = run_identity(config, self.model)  # what a resume must match (checkpoint.check_resume)
         self.resume_from = resume_source(config, self.output)
         if self.resume_from is not None:

@@ -122,6 +122,17 @@ class RunConfig:
         "auto", "auto: bf16 where the accelerator supports it, fp32 on CPU", ("auto", "bf16", "fp32")
     )
     seed: int = option(0, "seed of data order, sampling and the plan")
+    gradient_checkpointing: bool = option(
+        False,
+        "recompute each decoder layer's activations in the backward pass (non-reentrant): activation "
+        "memory of one layer instead of all, for about a third more compute per step",
+    )
+    attn_implementation: str | None = option(
+        None,
+        "attention kernel passed to from_pretrained; flash_attention_2 needs the flash_attn package and "
+        "CUDA; default: transformers' choice for the model (sdpa for Llama), recorded in checkpoints",
+        ("sdpa", "eager", "flash_attention_2"),
+    )
     comm_timeout_s: float = option(
         600.0,
         "seconds a collective waits for the other ranks before the job fails (a dead or hung rank): the "
