@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from ..data import unpack
 from .run_config import RunConfig
 
 logger = logging.getLogger("dsforget")
@@ -108,9 +109,14 @@ def ensure_importance(
         return path
     count = config.importance_batches * world
     if config.importance_data == "train":
-        examples = list(train_examples)
         size = config.micro_batch_size
-        batches = [collator(examples[i : i + size]) for i in range(0, min(len(examples), count * size), size)]
+        examples: list[dict] = []  # one per row: packed blocks are split into their examples
+        for index in range(len(train_examples)):
+            if len(examples) >= count * size:
+                break
+            examples.extend(unpack(train_examples[index]))
+        examples = examples[: count * size]
+        batches = [collator(examples[i : i + size]) for i in range(0, len(examples), size)]
         source = f"training data {config.data or 'lab task'}"
     else:
         texts, source = _general_texts(config)

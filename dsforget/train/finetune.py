@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..data import DataConfig, PaddingCollator, prepare_data
+from ..data import PaddingCollator
 from ..eval.forgetting import drift, evaluate
 from ..eval.report import print_summary, run_report, write_report
 from ..integration.distributed import init_distributed
@@ -35,7 +35,7 @@ from ..optim.plan import MaskPlan
 from ..strict_json import dumps
 from . import checkpoint, faults
 from .cofitune_importance import ensure_importance, needs_importance
-from .inputs import resolve_inputs
+from .inputs import prepare_training_data, resolve_inputs
 from .job import (
     apply_hyperparameters,
     deepspeed_config,
@@ -143,18 +143,11 @@ class FinetuneJob:
         config = self.config
         self.inputs = resolve_inputs(config)
         self.tokenizer = AutoTokenizer.from_pretrained(self.inputs.model_dir)
-        self.data = prepare_data(
-            DataConfig(
-                path=str(self.inputs.train_file),
-                format=config.data_format,
-                max_length=config.max_length,
-                packing=config.packing,
-                validation_fraction=config.validation_fraction,
-                seed=config.seed,
-            ),
-            self.tokenizer,
+        self.data = prepare_training_data(
+            config, self.inputs.train_file, self.tokenizer, self.rank, self.world
         )
-        self.collator = PaddingCollator.for_tokenizer(self.tokenizer)
+        flatten = config.attn_implementation == "flash_attention_2"  # packed rows: see PaddingCollator
+        self.collator = PaddingCollator.for_tokenizer(self.tokenizer, flatten=flatten)
         per_epoch = steps_per_epoch(
             len(self.data.train), config.micro_batch_size, self.world, config.gradient_accumulation
         )
