@@ -9,11 +9,23 @@ Record formats, one per line or row:
 
 - ``{"instruction": str, "input": str (optional), "output": str}``: one user turn (instruction,
   a blank line, input) and one assistant turn (output);
-- ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``: every
-  assistant turn is trained on.
+- ``{"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...]}``:
+  every assistant turn is trained on; ``tool`` turns (a tool's output, where the chat template
+  renders them) are context, like user turns.
 
 Labels follow the Hugging Face convention: ``labels[i]`` is the target for position ``i`` and the
 model shifts them itself.
+
+Tokenisation runs through ``datasets.Dataset.map`` (``num_proc`` processes, a progress bar), so
+prepared data are ``datasets.Dataset`` objects (``len``, ``data[i]`` → an example dict);
+``dsforget.data_cache`` keeps them on disk, memory-mapped, keyed by everything they depend on.
+
+Packing (``pack_examples``) puts whole examples into blocks of at most ``max_length`` tokens with
+``position_ids`` that restart at 0 for every example; ``PaddingCollator`` then leaves out the
+attention mask, which is how transformers recognises packed sequences ("padding-free" packing:
+``masking_utils.find_packed_sequence_indices`` builds a block-diagonal causal mask for sdpa and
+eager, flash-attention takes the boundaries from the position ids), so no example attends to
+another and a packed batch has the loss of its examples run one by one.
 """
 
 from __future__ import annotations
@@ -22,10 +34,11 @@ import dataclasses
 import json
 import logging
 import random
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -35,7 +48,9 @@ from .errors import ConfigError, InputFileError, UserInputError
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+RECORDS_PER_PROCESS = 1000
+PACKED_COLUMNS = ("input_ids", "labels", "position_ids")
 FILE_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 # Used when the tokenizer has no chat template (base models). An assistant turn ends with eos so
@@ -66,13 +81,18 @@ class DataError(UserInputError, ValueError):
     """Malformed training data; the message names the file and, where there is one, the line."""
 
 
+class TokenizerError(UserInputError, ValueError):
+    """A tokenizer or chat template that cannot turn the data into masked tokens; the message names
+    the tokenizer and, where one record is the trigger, its file and line."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the training data is and how it becomes batches.
 
-    ``format`` is inferred from the file suffix when left out. With ``packing``, training
-    examples are concatenated into blocks of ``max_length`` tokens (see ``pack_examples``);
-    validation examples are always kept whole, so validation loss never mixes examples.
+    ``format`` is inferred from the file suffix when left out. With ``packing``, whole training
+    examples share blocks of up to ``max_length`` tokens without attending to each other (see
+    ``pack_examples``); validation examples are always batched one per row.
     """
 
     path: str | Path
@@ -120,19 +140,24 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PreparedData:
-    train: list[Example]
-    validation: list[Example]
+    """Tokenised examples (``datasets.Dataset``, or a list where there is nothing to tokenise):
+    ``train[i]`` and ``validation[i]`` are dicts of ``input_ids``, ``labels`` (and ``position_ids``
+    for packed blocks)."""
+
+    train: Sequence[Example]
+    validation: Sequence[Example]
 
 
-def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-    """Load, split (before tokenizing, so the split does not depend on the tokenizer), tokenize, pack."""
-    conversations = load_conversations(config.path, config.file_format)
-    train, validation = split_validation(conversations, config.validation_fraction, config.seed)
-    train_examples = tokenize_conversations(tokenizer, train, config.max_length)
+def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, num_proc: int = 1) -> PreparedData:
+    """Load, split (before tokenizing, so the split does not depend on the tokenizer), tokenize with
+    `num_proc` processes, pack. ``dsforget.data_cache.prepare_cached`` does this once per input."""
+    records = load_records(config.path, config.file_format)
+    train, validation = split_validation(records, config.validation_fraction, config.seed)
+    train_examples = tokenize_records(tokenizer, train, config.max_length, num_proc)
     if config.packing:
-        train_examples = pack_examples(train_examples, config.max_length)
+        train_examples = pack_dataset(train_examples, config.max_length)
     validation_examples = (
-        tokenize_conversations(tokenizer, validation, config.max_length) if validation else []
+        tokenize_records(tokenizer, validation, config.max_length, num_proc) if validation else []
     )
     return PreparedData(train_examples, validation_examples)
 
@@ -146,24 +171,32 @@ def load_conversations(
     """Every record of a local file as a checked conversation; never downloads anything.
 
     `source` is what the user typed to name the file (a flag, a config key), for the errors."""
+    return [conversation for _, conversation in load_records(path, file_format, source)]
+
+
+def load_records(
+    path: str | Path, file_format: str | None = None, source: str = "DataConfig.path"
+) -> list[tuple[str, Conversation]]:
+    """``load_conversations`` with each record's location (``file:line`` or ``file: record n``),
+    which later errors (a chat template that cannot render it) name."""
     path = Path(path)
     if not path.is_file():
         raise InputFileError(f"data file {path} does not exist ({source})")
     file_format = file_format or FILE_FORMATS.get(path.suffix)
     if file_format == "jsonl":
-        conversations = _load_jsonl(path)
+        records = _load_jsonl(path)
     else:
-        conversations = [
-            to_conversation(record, f"{path}: record {index}")
-            for index, record in enumerate(_load_with_datasets(path, file_format), start=1)
-        ]
-    if not conversations:
+        records = []
+        for index, record in enumerate(_load_with_datasets(path, file_format), start=1):
+            where = f"{path}: record {index}"
+            records.append((where, to_conversation(record, where)))
+    if not records:
         raise DataError(f"{path}: no records (the file is empty)")
-    return conversations
+    return records
 
 
-def _load_jsonl(path: Path) -> list[Conversation]:
-    conversations = []
+def _load_jsonl(path: Path) -> list[tuple[str, Conversation]]:
+    records = []
     with open(path, "rb") as file:
         for line_number, raw_line in enumerate(file, start=1):
             where = f"{path}:{line_number}"
@@ -179,8 +212,8 @@ def _load_jsonl(path: Path) -> list[Conversation]:
                 record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as error:
                 raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
-            conversations.append(to_conversation(record, where))
-    return conversations
+            records.append((where, to_conversation(record, where)))
+    return records
 
 
 def _load_with_datasets(path: Path, file_format: str | None) -> list[dict]:
@@ -242,6 +275,10 @@ def _check_messages(messages: object, where: str) -> Conversation:
 # --- rendering and masking -----------------------------------------------------------------------
 
 
+def _tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:
+    return repr(tokenizer.name_or_path or type(tokenizer).__name__)
+
+
 def render(
     tokenizer: PreTrainedTokenizerBase, messages: Conversation, add_generation_prompt: bool = False
 ) -> str:
@@ -249,9 +286,9 @@ def render(
     template = None
     if not tokenizer.chat_template:
         if tokenizer.eos_token is None:
-            raise ValueError(
-                "the tokenizer has neither a chat template nor an eos token; the plain template needs "
-                "eos to end responses"
+            raise TokenizerError(
+                f"the tokenizer {_tokenizer_name(tokenizer)} has neither a chat template nor an eos token; "
+                "the plain template needs eos to end responses (give the checkpoint a chat template)"
             )
         template = PLAIN_CHAT_TEMPLATE
     return tokenizer.apply_chat_template(
@@ -265,16 +302,33 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Conversation) ->
 
 
 def response_spans(
-    tokenizer: PreTrainedTokenizerBase, messages: Conversation
+    tokenizer: PreTrainedTokenizerBase, messages: Conversation, where: str = "a record"
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span of every assistant response.
 
     A response's span runs from the end of the generation prompt that precedes it to the end of
     its turn, less trailing whitespace: the content plus the template's end-of-turn token, which
     the model must learn to emit. Works for any template that renders a conversation's first
-    turns the same whether or not later turns follow (true of common templates).
+    turns the same whether or not later turns follow (true of common templates). `where` (the
+    record's file and line) prefixes the errors.
     """
-    text = render(tokenizer, messages)
+    from jinja2 import TemplateError
+
+    name = _tokenizer_name(tokenizer)
+    try:
+        text = render(tokenizer, messages)
+    except TemplateError as error:
+        roles = sorted({message["role"] for message in messages})
+        raise TokenizerError(
+            f"{where}: the chat template of {name} cannot render this conversation (roles {roles}): {error}"
+        ) from None
+    for index, message in enumerate(messages):
+        if message["role"] == "tool" and message["content"].strip() not in text:
+            raise TokenizerError(
+                f"{where}: messages[{index}]: the chat template of {name} leaves out 'tool' messages, "
+                "so the model would be trained without the tool output it answers from; use a template "
+                "that renders the tool role, or drop tool turns"
+            )
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -282,16 +336,16 @@ def response_spans(
         before = render_prompt(tokenizer, messages[:index])
         through = render(tokenizer, messages[: index + 1])
         if not (through.startswith(before) and text.startswith(through)):
-            raise ValueError(
-                f"the chat template of {tokenizer.name_or_path!r} renders turn {index} differently once "
-                f"later turns follow, so responses cannot be located for prompt masking"
+            raise TokenizerError(
+                f"{where}: the chat template of {name} renders turn {index} differently once later "
+                "turns follow, so responses cannot be located for prompt masking"
             )
         spans.append((len(before), len(through.rstrip())))
     return text, spans
 
 
 def tokenize_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: Conversation, max_length: int
+    tokenizer: PreTrainedTokenizerBase, messages: Conversation, max_length: int, where: str = "a record"
 ) -> Example:
     """``input_ids`` and ``labels`` (``IGNORE_INDEX`` outside responses), cut to ``max_length``.
 
@@ -299,10 +353,11 @@ def tokenize_conversation(
     prompt/response boundary is trained on: the model has to produce it to answer.
     """
     if not tokenizer.is_fast:
-        raise ValueError(
-            "prompt masking needs a fast tokenizer (character offsets); load it with use_fast=True"
+        raise TokenizerError(
+            f"prompt masking needs a fast tokenizer (character offsets), {_tokenizer_name(tokenizer)} is "
+            "a slow one: give the checkpoint a tokenizer.json (AutoTokenizer then loads the fast one)"
         )
-    text, spans = response_spans(tokenizer, messages)
+    text, spans = response_spans(tokenizer, messages, where)
     # The template already holds bos/eos; letting the tokenizer add them again would double them.
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = encoding["input_ids"][:max_length]
@@ -319,13 +374,71 @@ def tokenize_conversation(
 def tokenize_conversations(
     tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Conversation], max_length: int
 ) -> list[Example]:
-    """Tokenized examples, dropping those with no response token left within ``max_length``."""
-    examples = [tokenize_conversation(tokenizer, messages, max_length) for messages in conversations]
-    kept = [example for example in examples if any(label != IGNORE_INDEX for label in example["labels"])]
+    """Tokenized examples as a list, dropping those with no response token within ``max_length``."""
+    records = [(f"conversation {index}", messages) for index, messages in enumerate(conversations)]
+    return list(tokenize_records(tokenizer, records, max_length))
+
+
+def _tokenize_batch(
+    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> dict[str, list]:
+    """``datasets.map`` function: a batch of (where, messages) rows → input_ids, labels, length."""
+    examples = [
+        tokenize_conversation(tokenizer, messages, max_length, where)
+        for where, messages in zip(batch["where"], batch["messages"], strict=True)
+    ]
+    return {
+        "input_ids": [example["input_ids"] for example in examples],
+        "labels": [example["labels"] for example in examples],
+        "length": [len(example["input_ids"]) for example in examples],
+        "trained": [sum(label != IGNORE_INDEX for label in example["labels"]) for example in examples],
+    }
+
+
+def tokenize_records(
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[tuple[str, Conversation]],
+    max_length: int,
+    num_proc: int = 1,
+) -> Any:
+    """``(where, conversation)`` records → a ``datasets.Dataset`` of ``input_ids``, ``labels`` and
+    ``length``, tokenised by `num_proc` processes with a progress bar; records with no response
+    token within ``max_length`` are dropped (a WARNING counts them; none left is an error)."""
+    import datasets
+
+    rows = datasets.Dataset.from_dict(
+        {"where": [where for where, _ in records], "messages": [messages for _, messages in records]}
+    )
+    # Each process starts an interpreter and unpickles the tokenizer (seconds): worth it from
+    # about RECORDS_PER_PROCESS records each.
+    processes = min(num_proc, len(rows) // RECORDS_PER_PROCESS)
+    logger.info("tokenising %d records with %d process(es)", len(rows), max(1, processes))
+    features = datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "labels": datasets.Sequence(datasets.Value("int32")),
+            "length": datasets.Value("int32"),
+            "trained": datasets.Value("int32"),
+        }
+    )
+    examples = rows.map(
+        _tokenize_batch,
+        batched=True,
+        batch_size=256,
+        num_proc=processes if processes > 1 else None,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        remove_columns=rows.column_names,
+        features=features,
+        desc="tokenising",
+        # datasets would digest the tokenizer through dill for a cache of its own: slow, and unused
+        # (rows built in memory; dsforget.data_cache keys and keeps the result)
+        new_fingerprint=uuid.uuid4().hex,
+    )
+    kept = [index for index, trained in enumerate(examples["trained"]) if trained > 0]
     if not kept:
         raise DataError(
             f"no example has a response token within the first {max_length} tokens; "
-            "raise DataConfig.max_length"
+            "raise DataConfig.max_length (--max_length)"
         )
     if len(kept) < len(examples):
         logger.warning(
@@ -334,7 +447,8 @@ def tokenize_conversations(
             len(examples),
             max_length,
         )
-    return kept
+        examples = examples.select(kept)
+    return examples.remove_columns("trained")
 
 
 # --- splitting and batching ----------------------------------------------------------------------
@@ -361,51 +475,156 @@ def split_validation(items: Sequence[T], fraction: float, seed: int) -> tuple[li
     return train, validation
 
 
-def pack_examples(examples: Sequence[Example], block_length: int) -> list[Example]:
-    """Concatenate examples and cut the stream into blocks of ``block_length`` (the last may be shorter).
+def pack_ranges(lengths: Sequence[int], block_length: int) -> list[tuple[int, int]]:
+    """Blocks of whole consecutive examples, as ``(first, end)`` index ranges: greedy in order, a
+    new block starts when the next example would not fit in ``block_length`` tokens (examples are
+    already cut to ``max_length`` = ``block_length``, so each fits alone)."""
+    ranges, start, used = [], 0, 0
+    for index, length in enumerate(lengths):
+        if used + length > block_length and index > start:
+            ranges.append((start, index))
+            start, used = index, 0
+        used += length
+    if len(lengths) > start:
+        ranges.append((start, len(lengths)))
+    return ranges
 
-    Labels stay aligned with their tokens, and no loss crosses an example boundary (every
-    example starts with prompt tokens, whose labels are ignored). Kept simple on purpose: the
-    attention mask and position ids are not reset per example, so tokens attend to earlier
-    examples in their block; and the first token of each block is never a target, because the
-    model predicts position i from positions before i.
+
+def _merge(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> Example:
+    """One packed block: the examples' tokens end to end, positions restarting at 0 for each, and
+    each example's first label ignored (unpacked, the model never predicts an example's first
+    token; packed, the previous example's last position would)."""
+    block: Example = {"input_ids": [], "labels": [], "position_ids": []}
+    for ids, example_labels in zip(input_ids, labels, strict=True):
+        block["input_ids"].extend(ids)
+        block["labels"].extend([IGNORE_INDEX, *example_labels[1:]])
+        block["position_ids"].extend(range(len(ids)))
+    return block
+
+
+def pack_examples(examples: Sequence[Example], block_length: int) -> list[Example]:
+    """Whole examples packed into blocks of at most ``block_length`` tokens (``pack_ranges``),
+    with ``position_ids`` restarting per example (``_merge``).
+
+    Collated by ``PaddingCollator`` (no attention mask, position ids kept) a block's examples do
+    not attend to each other and the loss of a packed batch is the loss of its examples run one by
+    one, over the same answer tokens.
     """
-    input_ids = [token for example in examples for token in example["input_ids"]]
-    labels = [label for example in examples for label in example["labels"]]
+    lengths = [len(example["input_ids"]) for example in examples]
     return [
-        {"input_ids": input_ids[start : start + block_length], "labels": labels[start : start + block_length]}
-        for start in range(0, len(input_ids), block_length)
+        _merge(
+            [example["input_ids"] for example in examples[first:end]],
+            [example["labels"] for example in examples[first:end]],
+        )
+        for first, end in pack_ranges(lengths, block_length)
+    ]
+
+
+def _pack_batch(batch: dict[str, list], examples: Any) -> dict[str, list]:
+    """``datasets.map`` function: a batch of ``(first, end)`` ranges → packed blocks."""
+    low, high = batch["first"][0], batch["end"][-1]
+    rows = examples[low:high]  # one columnar read for the whole batch of blocks
+    blocks = [
+        _merge(rows["input_ids"][first - low : end - low], rows["labels"][first - low : end - low])
+        for first, end in zip(batch["first"], batch["end"], strict=True)
+    ]
+    return {key: [block[key] for block in blocks] for key in PACKED_COLUMNS}
+
+
+def pack_dataset(examples: Any, block_length: int) -> Any:
+    """``pack_examples`` over a tokenised ``datasets.Dataset`` (from ``tokenize_records``), reading
+    it a batch of blocks at a time; logs how full the blocks are."""
+    import datasets
+
+    lengths = examples["length"]
+    ranges = pack_ranges(lengths, block_length)
+    spans = datasets.Dataset.from_dict({"first": [r[0] for r in ranges], "end": [r[1] for r in ranges]})
+    blocks = spans.map(
+        _pack_batch,
+        batched=True,
+        batch_size=512,
+        fn_kwargs={"examples": examples},
+        remove_columns=spans.column_names,
+        features=datasets.Features(
+            {key: datasets.Sequence(datasets.Value("int32")) for key in PACKED_COLUMNS}
+        ),
+        desc="packing",
+        new_fingerprint=uuid.uuid4().hex,
+    )
+    logger.info(
+        "packing: %d examples into %d blocks of at most %d tokens (%.1f%% of their tokens used)",
+        len(lengths),
+        len(ranges),
+        block_length,
+        100 * sum(lengths) / max(1, len(ranges) * block_length),
+    )
+    return blocks
+
+
+def unpack(block: Example) -> list[Example]:
+    """The examples of a packed block (split where ``position_ids`` restart), for code that needs
+    them one per row (CoFiTune's importance on training data)."""
+    if "position_ids" not in block:
+        return [block]
+    starts = [index for index, position in enumerate(block["position_ids"]) if position == 0]
+    return [
+        {"input_ids": list(block["input_ids"][first:end]), "labels": list(block["labels"][first:end])}
+        for first, end in zip(starts, [*starts[1:], len(block["input_ids"])], strict=True)
     ]
 
 
 @dataclass(frozen=True)
 class PaddingCollator:
-    """Right-pads a list of examples into ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
+    """Right-pads a list of examples into ``input_ids``, ``attention_mask`` and ``labels`` tensors.
+
+    Packed blocks (examples with ``position_ids``) get ``position_ids`` instead of an attention
+    mask: transformers then builds a causal mask that keeps each packed example to itself
+    (``masking_utils.find_packed_sequence_indices``; the padding is one more sequence, attending
+    only to padding, with ignored labels). The model must be called with ``use_cache=False``: with
+    a cache transformers skips that detection. ``flatten`` puts the whole micro-batch in one row
+    with no padding at all, which flash_attention_2 needs to see the boundaries (it reads them
+    from the position ids of a batch of one row only).
+    """
 
     pad_token_id: int
     pad_to_multiple_of: int = 1
+    flatten: bool = False
 
     @classmethod
     def for_tokenizer(
-        cls, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int = 1
+        cls, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int = 1, flatten: bool = False
     ) -> PaddingCollator:
         """Pads with the pad token, or eos where there is none (padding is masked out either way)."""
         pad_token_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
         if pad_token_id is None:
-            raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
-        return cls(pad_token_id, pad_to_multiple_of)
+            raise TokenizerError(
+                f"the tokenizer {_tokenizer_name(tokenizer)} has neither a pad nor an eos token to pad with"
+            )
+        return cls(pad_token_id, pad_to_multiple_of, flatten)
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        packed = "position_ids" in examples[0]
+        if packed and self.flatten:
+            merged = {
+                key: [value for example in examples for value in example[key]] for key in PACKED_COLUMNS
+            }
+            return {key: torch.tensor([values], dtype=torch.long) for key, values in merged.items()}
         longest = max(len(example["input_ids"]) for example in examples)
         length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+        position_ids = torch.zeros((len(examples), length), dtype=torch.long)
         for row, example in enumerate(examples):
             size = len(example["input_ids"])
             input_ids[row, :size] = torch.tensor(example["input_ids"])
             labels[row, :size] = torch.tensor(example["labels"])
             attention_mask[row, :size] = 1
+            if packed:
+                position_ids[row, :size] = torch.tensor(example["position_ids"])
+                position_ids[row, size:] = torch.arange(length - size)
+        if packed:
+            return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

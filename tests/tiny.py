@@ -16,22 +16,29 @@ VOCAB = 211
 SEQ = 12
 
 
+def tiny_llama_config(**overrides):
+    """The LlamaConfig of TinyLM's Llama, with `overrides` (e.g. attention_dropout, layers)."""
+    from transformers import LlamaConfig
+
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=56,
+        intermediate_size=98,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return LlamaConfig(**{**values, **overrides})
+
+
 class TinyLM(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
 
-        config = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=56,
-            intermediate_size=98,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=False,
-        )
-        self.llama = LlamaForCausalLM(config)
+        self.llama = LlamaForCausalLM(tiny_llama_config())
         self.logit_scale = nn.Parameter(torch.ones(1))
         self.never_used = nn.Parameter(torch.randn(3, 7))
 

@@ -24,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ..data import load_conversations
+from ..data_cache import cache_root
 from .config import LabConfig
 from .corpus import Fact, chance_recall, generate_corpus, read_facts, read_texts, write_jsonl
 from .evaluate import fact_recall, perplexity, task_exact_match
@@ -31,8 +32,6 @@ from .model import build_base_model
 from .tokenizer import train_tokenizer
 
 logger = logging.getLogger(__name__)
-
-CACHE_ENV = "DSFORGET_CACHE"
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ class LabArtifacts:
 
 def default_cache_root() -> Path:
     """``$DSFORGET_CACHE/lab``, or ``~/.cache/dsforget/lab``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dsforget") / "lab"
+    return cache_root() / "lab"
 
 
 def lab_dir(config: LabConfig, cache_root: str | Path | None = None) -> Path:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..data import unpack
 from ..integration.block_gather import is_partitioned
 from .run_config import RunConfig
 
@@ -62,6 +64,33 @@ def _text_batches(texts: Sequence[str], tokenizer: Any, config: RunConfig, count
         yield {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
+@contextmanager
+def activation_checkpointing_off(model: nn.Module) -> Iterator[bool]:
+    """Gradient (activation) checkpointing off inside the block, each layer's setting restored after;
+    yields whether any layer had it on.
+
+    CoFiTune's importance pass needs it off, whichever kind: recomputing a layer in the backward
+    pass runs its forward hooks again, and the pass's sequence dropout draws from per-sequence
+    generators that have moved on since the forward pass, so the recomputed activations would
+    differ from the ones the loss saw and the mask gradients would be wrong (compute_importance
+    refuses a checkpointing model for this reason). The per-module ``gradient_checkpointing`` flags
+    are saved and restored rather than re-enabled, so the run's own checkpointing settings
+    (non-reentrant, every layer) come back exactly.
+    """
+    flags = {
+        module: module.gradient_checkpointing
+        for module in model.modules()
+        if isinstance(getattr(module, "gradient_checkpointing", None), bool)
+    }
+    try:
+        for module in flags:
+            module.gradient_checkpointing = False
+        yield any(flags.values())
+    finally:
+        for module, flag in flags.items():
+            module.gradient_checkpointing = flag
+
+
 def ensure_importance(
     config: RunConfig,
     model: nn.Module,
@@ -83,9 +112,14 @@ def ensure_importance(
         return path
     count = config.importance_batches * world
     if config.importance_data == "train":
-        examples = list(train_examples)
         size = config.micro_batch_size
-        batches = [collator(examples[i : i + size]) for i in range(0, min(len(examples), count * size), size)]
+        examples: list[dict] = []  # one per row: packed blocks are split into their examples
+        for index in range(len(train_examples)):
+            if len(examples) >= count * size:
+                break
+            examples.extend(unpack(train_examples[index]))
+        examples = examples[: count * size]
+        batches = [collator(examples[i : i + size]) for i in range(0, len(examples), size)]
         source = f"training data {config.data or 'lab task'}"
     else:
         texts, source = _general_texts(config)
@@ -98,7 +132,16 @@ def ensure_importance(
         from deepspeed.accelerator import get_accelerator
 
         model.to(get_accelerator().current_device_name())  # where DeepSpeed will train it anyway
-    importance = compute_importance(model, batches[rank::world], seed=config.seed, source=source)
+    with activation_checkpointing_off(model) as was_on:
+        if was_on:
+            logger.warning(
+                "CoFiTune importance runs with gradient checkpointing off (recomputation would redraw its "
+                "dropout): its activation memory is that of two unchecked forward passes of a micro-batch "
+                "of %d x %d tokens; lower --micro_batch_size if it does not fit",
+                config.micro_batch_size,
+                config.max_length,
+            )
+        importance = compute_importance(model, batches[rank::world], seed=config.seed, source=source)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         importance.save(path)

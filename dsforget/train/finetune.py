@@ -24,7 +24,7 @@ import torch
 from transformers import AutoTokenizer
 
 from ..atomic import write_atomic
-from ..data import DataConfig, PaddingCollator, prepare_data
+from ..data import PaddingCollator
 from ..eval.forgetting import DriftSums, evaluate
 from ..eval.report import print_summary, run_report, write_report
 from ..integration.checkpoint_weights import CheckpointWeights
@@ -40,7 +40,7 @@ from ..optim.plan import MaskPlan
 from ..strict_json import dumps
 from . import checkpoint, faults
 from .cofitune_importance import ensure_importance, needs_importance
-from .inputs import resolve_inputs
+from .inputs import prepare_training_data, resolve_inputs
 from .job import (
     apply_hyperparameters,
     deepspeed_config,
@@ -140,24 +140,19 @@ class FinetuneJob:
         config = self.config
         self.inputs = resolve_inputs(config)
         self.tokenizer = AutoTokenizer.from_pretrained(self.inputs.model_dir)
-        self.data = prepare_data(
-            DataConfig(
-                path=str(self.inputs.train_file),
-                format=config.data_format,
-                max_length=config.max_length,
-                packing=config.packing,
-                validation_fraction=config.validation_fraction,
-                seed=config.seed,
-            ),
-            self.tokenizer,
+        self.data = prepare_training_data(
+            config, self.inputs.train_file, self.tokenizer, self.rank, self.world
         )
-        self.collator = PaddingCollator.for_tokenizer(self.tokenizer)
+        flatten = config.attn_implementation == "flash_attention_2"  # packed rows: see PaddingCollator
+        self.collator = PaddingCollator.for_tokenizer(self.tokenizer, flatten=flatten)
         per_epoch = steps_per_epoch(
             len(self.data.train), config.micro_batch_size, self.world, config.gradient_accumulation
         )
         self.total_steps = config.max_steps or config.epochs * per_epoch
         ds_config = deepspeed_config(config)
-        self.model = load_model(self.inputs.model_dir, ds_config)
+        self.model = load_model(
+            self.inputs.model_dir, ds_config, config.attn_implementation, config.gradient_checkpointing
+        )
         self.peaks.mark("load")
         self.run = run_identity(config, self.model)  # what a resume must match (checkpoint.check_resume)
         self.resume_from = resume_source(config, self.output)

@@ -5,13 +5,21 @@ errors that name the file and line."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..data import DataError, load_conversations
-from ..errors import InputFileError
+from ..data import DataConfig, DataError, PreparedData, load_conversations
+from ..data_cache import default_data_cache_dir, prepare_cached
+from ..errors import InputFileError, UserInputError
 from ..eval.forgetting import EvalSources
+from . import faults
 from .run_config import RunConfig
+
+# Processes that tokenise by default: one per core this process may use, at most this many (more
+# rarely pays: each starts its own interpreter and a copy of the tokenizer).
+MAX_DATA_WORKERS = 16
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.safetensors")
 
@@ -94,3 +102,55 @@ def read_general_texts(path: str) -> list[str]:
         if not isinstance(record.get("text"), str):
             raise DataError(f"{path}: record {number} has no string 'text' field (--general_text)")
     return [record["text"] for record in records]
+
+
+def data_workers(config: RunConfig) -> int:
+    """--data_workers, or one per usable CPU core (at most MAX_DATA_WORKERS) when it is 0."""
+    if config.data_workers:
+        return config.data_workers
+    return max(1, min(MAX_DATA_WORKERS, len(os.sched_getaffinity(0))))
+
+
+def prepare_training_data(
+    config: RunConfig, train_file: Path, tokenizer: Any, rank: int, world: int
+) -> PreparedData:
+    """The run's tokenised data, through the cache (dsforget.data_cache). Collective.
+
+    Rank 0 hashes the data file and tokenises it into the cache, or finds it there; then it tells
+    the other ranks the entry's key (only rank 0 reads the whole file) and they read the entry
+    memory-mapped. Where the cache directory is node-local, the first rank of another node to
+    take the entry's lock builds that node's copy. Every wait here, the other ranks' included, is
+    bounded by --data_timeout_s. A user error on rank 0 (a bad record) is raised on every rank.
+    """
+    from deepspeed import comm
+
+    data_config = DataConfig(
+        path=str(train_file),
+        format=config.data_format,
+        max_length=config.max_length,
+        packing=config.packing,
+        validation_fraction=config.validation_fraction,
+        seed=config.seed,
+    )
+    cache_dir = Path(config.data_cache_dir) if config.data_cache_dir else default_data_cache_dir()
+    workers, timeout = data_workers(config), config.data_timeout_s
+    phase = f"tokenising {train_file} into the data cache {cache_dir}"
+    with faults.waiting_for_rank0(phase, timeout, "data_timeout_s"):
+        data = key = failure = None
+        if rank == 0:
+            try:
+                data, key = prepare_cached(data_config, tokenizer, cache_dir, workers, timeout)
+            except UserInputError as error:
+                failure = error
+        if world > 1:
+            message = [key if failure is None else failure]
+            comm.broadcast_object_list(message, src=0)
+            if isinstance(message[0], UserInputError):
+                failure = message[0]
+            elif rank != 0:
+                data, _ = prepare_cached(data_config, tokenizer, cache_dir, workers, timeout, key=message[0])
+        if failure is not None:
+            raise failure
+        if world > 1:
+            comm.barrier()  # a node that built its own copy: the others wait here, not in a later collective
+    return data

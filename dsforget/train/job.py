@@ -16,9 +16,12 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from ..integration.ds_config import job_config, resolve_precision
 from ..optim.params import full_shape
 from .run_config import RunConfig
+
+logger = logging.getLogger("dsforget")
 
 
 def setup_logging(rank: int) -> None:
@@ -66,22 +69,93 @@ def lr_factor(config: RunConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def load_model(model_dir: Path, ds_config: dict[str, Any]) -> torch.nn.Module:
-    """The checkpoint as a causal LM; under ZeRO-3 built already partitioned (HfDeepSpeedConfig)."""
+def check_attn_implementation(name: str | None, precision_bf16: bool) -> None:
+    """Refuse an attention implementation this process cannot run, naming --attn_implementation.
+
+    flash_attention_2 needs the ``flash_attn`` package, a CUDA device and half precision (its
+    kernels have no fp32 or CPU version); transformers would otherwise fail deep inside loading or
+    the first forward, or cast the attention inputs behind the run's back.
+    """
+    if name != "flash_attention_2":
+        return
+    import importlib.util
+
+    from deepspeed.accelerator import get_accelerator
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            "attn_implementation=flash_attention_2 needs the flash_attn package, which is not installed "
+            "(pip install flash-attn --no-build-isolation); or use --attn_implementation sdpa"
+        )
+    device = get_accelerator().device_name()
+    if device != "cuda":
+        raise ConfigError(
+            f"attn_implementation=flash_attention_2 runs on CUDA devices only, this run's accelerator is "
+            f"{device!r}: use --attn_implementation sdpa"
+        )
+    if not precision_bf16:
+        raise ConfigError(
+            "attn_implementation=flash_attention_2 has no fp32 kernels: use --precision bf16 (or auto on a "
+            "GPU with bf16), or --attn_implementation sdpa"
+        )
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (transformers 5.25 renamed
+    ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``; older 5.x have only the
+    first)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def load_model(
+    model_dir: Path,
+    ds_config: dict[str, Any],
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
+) -> torch.nn.Module:
+    """The checkpoint as a causal LM; under ZeRO-3 built already partitioned (HfDeepSpeedConfig).
+
+    `attn_implementation` None leaves transformers' choice (``model.config._attn_implementation``
+    says which it made). Gradient checkpointing is non-reentrant (torch's recommended variant: no
+    requirement that a layer's inputs need gradients, and ZeRO-3's gather hooks run again in the
+    recomputation like any forward).
+    """
     # torch._dynamo first imported inside deepspeed.zero.Init fails (its tensor polyfill's signature
     # clashes with zero.Init's patched constructors; torch 2.13, deepspeed 0.19): import it before.
     import torch._dynamo  # noqa: F401
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    bf16 = ds_config["bf16"]["enabled"]
+    check_attn_implementation(attn_implementation, bf16)
+    dtype = torch.bfloat16 if bf16 else torch.float32
     keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  transformers reads it while loading
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **extra)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    logger.info(
+        "model: %s, attention %s, gradient checkpointing %s",
+        type(model).__name__,
+        model.config._attn_implementation,
+        "on" if gradient_checkpointing else "off",
+    )
+    return model
 
 
 # Settings a resumed run must share with the run that wrote the checkpoint: they choose the model,
 # the plan (resume reads it back from the checkpoint instead of building it) and what the saved
 # data position means. The lr, its schedule, max_steps and the outputs may change between attempts.
+# attn_implementation is compared as the implementation the model loaded with (transformers'
+# default resolved): eager, sdpa and flash-attention round differently, so a resumed run would not
+# continue the numbers of the one it resumes. gradient_checkpointing is not compared: the
+# non-reentrant recomputation runs the same ops on the same inputs, and torch.utils.checkpoint
+# restores the RNG state, so dropout draws the same masks (tests/train/test_memory_options.py shows
+# equal losses and gradients); turning it on to resume a run that ran out of memory is its main use.
 RESUME_KEYS = (
     "model",
     "lab_preset",
@@ -97,18 +171,21 @@ RESUME_KEYS = (
     "gradient_accumulation",
     "topk",
     "decay_scope",
+    "attn_implementation",
 )
 RESUME_KEYS_OF_METHOD = {"mofo": ("fraction",), "cofitune": ("importance_data", "importance_batches")}
 
 
 def run_identity(config: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
-    """What ``checkpoint.check_resume`` compares: RESUME_KEYS (and the method's own keys) and the
-    model's parameter names and full shapes, as JSON values."""
+    """What ``checkpoint.check_resume`` compares: RESUME_KEYS (and the method's own keys; the
+    attention implementation as the model loaded it) and the model's parameter names and full
+    shapes, as JSON values."""
     keys = [
         *RESUME_KEYS,
         *(k for part in config.method.split("+") for k in RESUME_KEYS_OF_METHOD.get(part, ())),
     ]
     values = {key: getattr(config, key) for key in keys if hasattr(config, key)}
+    values["attn_implementation"] = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if not config.uses_lab:
         values.pop("lab_preset")
     values["parameters"] = {name: list(full_shape(param)) for name, param in model.named_parameters()}

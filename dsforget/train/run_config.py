@@ -88,10 +88,27 @@ class RunConfig:
         None, "format of --data when its suffix does not say", ("jsonl", "json", "csv", "parquet")
     )
     max_length: int = option(256, "tokens per training example (longer ones are truncated)")
-    packing: bool = option(False, "concatenate examples into max_length blocks instead of padding")
+    packing: bool = option(
+        False,
+        "pack whole examples into blocks of up to max_length tokens instead of padding each; packed "
+        "examples do not attend to each other and their positions restart (README 'Data at scale')",
+    )
     validation_fraction: float = option(0.05, "share of --data held out for validation loss, in [0, 1)")
     eval_data: str | None = option(
         None, "task records scored by greedy exact match (default: the lab's eval split)"
+    )
+    data_cache_dir: str | None = option(
+        None,
+        "where tokenised data is cached, keyed by the data file's content, tokenizer, chat template, "
+        "max_length, packing and split; default $DSFORGET_CACHE/data or ~/.cache/dsforget/data",
+    )
+    data_workers: int = option(
+        0, "processes that tokenise --data (datasets.map num_proc); 0: one per CPU core, at most 16"
+    )
+    data_timeout_s: float = option(
+        3600.0,
+        "seconds the other ranks wait for rank 0 to tokenise the data into the cache before the job "
+        "fails naming rank 0 and the phase",
     )
     general_text: str | None = option(
         None, 'JSONL of {"text"} for general perplexity (default: the lab\'s held-out text)'
@@ -122,6 +139,17 @@ class RunConfig:
         "auto", "auto: bf16 where the accelerator supports it, fp32 on CPU", ("auto", "bf16", "fp32")
     )
     seed: int = option(0, "seed of data order, sampling and the plan")
+    gradient_checkpointing: bool = option(
+        False,
+        "recompute each decoder layer's activations in the backward pass (non-reentrant): activation "
+        "memory of one layer instead of all, for about a third more compute per step",
+    )
+    attn_implementation: str | None = option(
+        None,
+        "attention kernel passed to from_pretrained; flash_attention_2 needs the flash_attn package and "
+        "CUDA; default: transformers' choice for the model (sdpa for Llama), recorded in checkpoints",
+        ("sdpa", "eager", "flash_attention_2"),
+    )
     comm_timeout_s: float = option(
         600.0,
         "seconds a collective waits for the other ranks before the job fails (a dead or hung rank): the "
@@ -205,6 +233,7 @@ class RunConfig:
         for key in (
             "epochs",
             "max_steps",
+            "data_workers",
             "resample_every",
             "warmup_steps",
             "save_every",
@@ -216,6 +245,7 @@ class RunConfig:
         _check(self.epochs > 0 or self.max_steps > 0, "epochs", self.epochs, "or max_steps must be > 0")
         _check(self.comm_timeout_s > 0, "comm_timeout_s", self.comm_timeout_s, "must be > 0")
         _check(self.eval_timeout_s > 0, "eval_timeout_s", self.eval_timeout_s, "must be > 0")
+        _check(self.data_timeout_s > 0, "data_timeout_s", self.data_timeout_s, "must be > 0")
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 1")
         if (self.resample_every or self.resample_each_epoch) and "hft" not in parts:
             raise ConfigError(

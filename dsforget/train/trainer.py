@@ -187,7 +187,7 @@ class Trainer:
                     self.collate([self.validation[i] for i in indices[start : start + size]])
                 )
                 count = float((batch["labels"][:, 1:] != -100).sum())
-                loss_sum += float(self.engine(**batch).loss) * count
+                loss_sum += float(self.engine(**batch, use_cache=False).loss) * count
                 tokens += count
         self.engine.train()
         loss_sum, tokens = self._all_sum([loss_sum, tokens])
@@ -259,7 +259,10 @@ class Trainer:
                 if self.before_step is not None and index % config.accumulation == 0:
                     self.before_step(stats.steps)
                 batch = self._to_device(self.collate([self.train[i] for i in batches[index]]))
-                loss = self.engine(**batch).loss
+                # No cache: training never reads one, and with one transformers would not detect
+                # packed sequences in the position ids (the examples of a block would attend
+                # to each other)
+                loss = self.engine(**batch, use_cache=False).loss
                 self.engine.backward(loss)
                 self.engine.step()
                 in_step.add(LossWindow(loss.item(), 1, float((batch["labels"] != -100).sum())))

@@ -15,15 +15,19 @@ from dsforget.data import (
     DataConfig,
     DataError,
     PaddingCollator,
+    TokenizerError,
     load_conversations,
     pack_examples,
+    pack_ranges,
     prepare_data,
     render,
     split_validation,
     to_conversation,
     tokenize_conversation,
     tokenize_conversations,
+    unpack,
 )
+from dsforget.errors import UserInputError
 from dsforget.lab.tokenizer import train_tokenizer
 
 TEXTS = [
@@ -163,11 +167,84 @@ def test_truncation_cuts_and_drops_examples_without_a_response_token(tokenizer, 
         tokenize_conversations(tokenizer, [long_prompt], max_length=20)
 
 
+# --- the tool role -------------------------------------------------------------------------------
+
+TOOL_TEXTS = ["Call the weather tool for Paris. It is sunny, 21 degrees. The answer is sunny."] * 30
+TOOL_CHAT = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "weather(Paris)"},
+    {"role": "tool", "content": "sunny, 21"},
+    {"role": "assistant", "content": "It is sunny."},
+]
+
+
+@pytest.fixture(scope="module")
+def chatml():
+    tokenizer = train_tokenizer(TOOL_TEXTS, vocab_size=300, model_max_length=256)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def trained_text(tokenizer, example: dict) -> str:
+    return tokenizer.decode(
+        [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label >= 0]
+    )
+
+
+def test_tool_turns_are_context_and_assistant_turns_are_trained(chatml, tmp_path: Path) -> None:
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps({"messages": TOOL_CHAT}) + "\n")
+    data = prepare_data(DataConfig(str(path)), chatml)
+    assert trained_text(chatml, data.train[0]) == "weather(Paris)<|im_end|>It is sunny.<|im_end|>"
+    assert "sunny, 21" in chatml.decode(data.train[0]["input_ids"])
+
+
+def test_a_template_without_the_tool_role_is_named_with_the_record(chatml, tmp_path: Path) -> None:
+    """The lab's template raises on unknown roles; another silently drops tool turns: both must be
+    a UserInputError naming the file and line, not a jinja traceback or a model trained blind."""
+    path = tmp_path / "tools.jsonl"
+    path.write_text(
+        json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"messages": TOOL_CHAT}) + "\n"
+    )
+    raising = train_tokenizer(TOOL_TEXTS, vocab_size=300, model_max_length=256)  # the lab's template
+    with pytest.raises(TokenizerError, match=rf"{path}:2: the chat template of .* cannot render") as error:
+        prepare_data(DataConfig(str(path)), raising)
+    assert isinstance(error.value, UserInputError)
+    chatml.chat_template = CHATML_TEMPLATE.replace(
+        "{% for m in messages %}", "{% for m in messages if m['role'] != 'tool' %}"
+    )
+    try:
+        with pytest.raises(TokenizerError, match=rf"{path}:2: messages\[2\]: .* leaves out 'tool' messages"):
+            prepare_data(DataConfig(str(path)), chatml)
+    finally:
+        chatml.chat_template = CHATML_TEMPLATE
+
+
+def test_tokenizer_errors_are_user_errors(chatml) -> None:
+    """Before issue 16 these were plain ValueErrors: a traceback on every rank instead of one line."""
+    chatml.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% if loop.last %}{{ eos_token }}{% endif %}{% endfor %}"
+    )
+    try:
+        with pytest.raises(TokenizerError, match=r"^data.jsonl:7: the chat template of .* renders turn 1"):
+            tokenize_conversation(
+                chatml, TOOL_CHAT[:2] + [{"role": "user", "content": "x"}], 64, "data.jsonl:7"
+            )
+    finally:
+        chatml.chat_template = CHATML_TEMPLATE
+    with pytest.raises(TokenizerError, match="neither a pad nor an eos token"):
+        PaddingCollator.for_tokenizer(
+            type("Bare", (), {"pad_token_id": None, "eos_token_id": None, "name_or_path": "x"})()
+        )
+
+
 # --- batching ------------------------------------------------------------------------------------
 
 
-def test_packing_keeps_every_label_on_its_token(tokenizer):
-    """Catches labels shifted against tokens across block or example boundaries."""
+def test_packing_keeps_whole_examples_with_their_own_positions(tokenizer):
+    """Catches labels shifted against tokens, an example cut across two blocks, positions that do
+    not restart per example, and a first label left for the previous example to predict."""
     conversations = [
         [
             {"role": "user", "content": f"Reverse: {'red cat ' * n}"},
@@ -176,21 +253,23 @@ def test_packing_keeps_every_label_on_its_token(tokenizer):
         for n in range(1, 8)
     ]
     examples = tokenize_conversations(tokenizer, conversations, max_length=256)
-    blocks = pack_examples(examples, block_length=16)
-    stream_ids = [token for example in examples for token in example["input_ids"]]
-    stream_labels = [label for example in examples for label in example["labels"]]
-    assert [token for block in blocks for token in block["input_ids"]] == stream_ids
-    assert [label for block in blocks for label in block["labels"]] == stream_labels
-    assert (
-        all(len(block["input_ids"]) == 16 for block in blocks[:-1]) and 0 < len(blocks[-1]["input_ids"]) <= 16
-    )
+    lengths = [len(example["input_ids"]) for example in examples]
+    block_length = max(lengths) + 4
+    blocks = pack_examples(examples, block_length)
+    assert 1 < len(blocks) < len(examples)
+    assert all(len(block["input_ids"]) <= block_length for block in blocks)
+    unpacked = [example for block in blocks for example in unpack(block)]
+    assert [example["input_ids"] for example in unpacked] == [example["input_ids"] for example in examples]
     for block in blocks:
-        assert all(
-            label in (IGNORE_INDEX, token)
-            for token, label in zip(block["input_ids"], block["labels"], strict=True)
-        )
-    # No loss crosses an example boundary: every example starts with an ignored prompt token.
-    assert all(example["labels"][0] == IGNORE_INDEX for example in examples)
+        starts = [i for i, position in enumerate(block["position_ids"]) if position == 0]
+        assert all(block["labels"][start] == IGNORE_INDEX for start in starts)
+        sizes = [len(example["input_ids"]) for example in unpack(block)]
+        assert block["position_ids"] == [position for size in sizes for position in range(size)]
+    # every trained token is still trained, on its own token
+    assert sum(label != IGNORE_INDEX for block in blocks for label in block["labels"]) == sum(
+        label != IGNORE_INDEX for example in examples for label in example["labels"][1:]
+    )
+    assert pack_ranges([3, 3, 3, 5, 1], 6) == [(0, 2), (2, 3), (3, 5)]
 
 
 def test_padding_collator_masks_padding():
@@ -289,7 +368,9 @@ def test_prepare_data_splits_then_packs(tmp_path, tokenizer):
     assert 0 < trained_tokens
     # Validation examples stay whole: each decodes to one response.
     assert all(len(labelled_runs(tokenizer, example)) == 1 for example in data.validation)
-    assert prepare_data(config, tokenizer) == data
+    again = prepare_data(config, tokenizer)
+    assert again.train.to_list() == data.train.to_list()
+    assert again.validation.to_list() == data.validation.to_list()
 
 
 @pytest.mark.parametrize(

@@ -291,3 +291,29 @@ def test_torchrun_runs_the_job(tmp_path: Path, lab_cache: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["train"]["world_size"] == 2 and report["train"]["steps"] == 3
+
+
+def test_packed_checkpointed_run_tokenises_once_and_refuses_another_attention(
+    tmp_path: Path, lab_cache: Path
+) -> None:
+    """Issue 16 items 2 and 3 through the job on 2 ranks under ZeRO-3: packing, gradient
+    checkpointing and eager attention train; rank 0 tokenises into --data_cache_dir and a second
+    run reads the entry; config.json records the flags and the checkpoint the attention kernel,
+    so resuming under sdpa is refused by name."""
+    cache = tmp_path / "data-cache"
+    flags = ["--packing", "--gradient_checkpointing", "--attn_implementation", "eager"]
+    flags += ["--data_cache_dir", str(cache), "--no-export", "--log_every", "1"]
+    first = finetune(tmp_path / "a", lab_cache, *flags, "--max_steps", "2")[0]
+    assert "tokenising" in first and "attention eager, gradient checkpointing on" in first
+    entries = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(entries) == 1 and json.loads((entries[0] / "meta.json").read_text())["packing"] is True
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert saved["gradient_checkpointing"] is True and saved["attn_implementation"] == "eager"
+    second = finetune(tmp_path / "b", lab_cache, *flags, "--max_steps", "2")[0]
+    assert f"tokenised data: reusing {entries[0]}" in second
+    losses = [[m["loss"] for m in metrics(tmp_path / run) if "loss" in m] for run in ("a", "b")]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
+    resumed = [*flags[:2], "--attn_implementation", "sdpa", *flags[4:], "--max_steps", "3"]
+    with pytest.raises(RankFailure) as failure:
+        finetune(tmp_path / "a", lab_cache, *resumed)
+    assert "attn_implementation='eager' there, 'sdpa' here" in failure.value.outputs[0]
