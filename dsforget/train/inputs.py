@@ -135,7 +135,7 @@ def prepare_training_data(
     cache_dir = Path(config.data_cache_dir) if config.data_cache_dir else default_data_cache_dir()
     workers, timeout = data_workers(config), config.data_timeout_s
     phase = f"tokenising {train_file} into the data cache {cache_dir}"
-    with faults.waiting_for_rank0(phase, timeout, "data_timeout_s"):
+    with faults.collective_phase(phase, timeout, "data_timeout_s"):
         data = key = failure = None
         if rank == 0:
             try:
