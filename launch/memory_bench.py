@@ -10,9 +10,14 @@ data, task evaluation and held-out text; flags after `--` go to every run), and 
 rank's peaks from the run's report.json (dsforget.train.memory: host resident memory and, on
 GPUs, accelerator memory, as separate columns). The cost per parameter is the slope between the
 two sizes, which removes what does not grow with the model (Python, torch, DeepSpeed, the C++
-build): (peak(large) - peak(small)) / (params(large) - params(small)). Target on CPU ranks under
-ZeRO-3 (fp32: 4 B weights + 4 master + 4 gradients + 8 moments, over 2 ranks = 10 B/param, plus
-the bounded export shard): every rank at most 12 B/param, and ranks within 1 B/param of each other.
+build): (peak(large) - peak(small)) / (params(large) - params(small)). What is constant at scale
+is kept constant here too: DeepSpeed's bucket and prefetch sizes (defaults of 5e7 to 1e9 entries,
+small beside an 8B model but larger than these) are set to --bucket_entries in a copy of the
+run's DeepSpeed config, and hf_model/ is written in shards of --export_max_shard_size; left at
+their defaults they would cover the whole test model and read as memory per parameter.
+Target on CPU ranks under ZeRO-3 (fp32: 4 B weights + 4 master + 4 gradients + 8 moments, over
+2 ranks = 10 B/param, plus the optimizer step's temporaries): every rank at most 12 B/param, and
+ranks within 1 B/param of each other.
 Writes <output_dir>/memory_bench.json.
 """
 
@@ -42,8 +47,9 @@ def parse_size(text: str) -> tuple[int, int]:
     return hidden, layers
 
 
-def build_checkpoint(hidden: int, layers: int, tokenizer_dir: Path, directory: Path) -> int:
-    """A randomly initialised Llama of this size with the lab's tokenizer; returns its parameter count."""
+def build_checkpoint(hidden: int, layers: int, tokenizer_dir: Path, directory: Path, shard_size: str) -> int:
+    """A randomly initialised Llama of this size with the lab's tokenizer, in shards of
+    `shard_size` as real checkpoints come (≤ 5 GB); returns its parameter count."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -60,15 +66,44 @@ def build_checkpoint(hidden: int, layers: int, tokenizer_dir: Path, directory: P
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     if not (directory / "config.json").exists():
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, max_shard_size=shard_size)
         tokenizer.save_pretrained(directory)
     return sum(p.numel() for p in model.parameters())
+
+
+BUCKET_KEYS = (
+    "stage3_prefetch_bucket_size",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+    "reduce_bucket_size",
+    "allgather_bucket_size",
+)
+
+
+def scaled_deepspeed_config(passthrough: list[str], entries: int, directory: Path) -> list[str]:
+    """`passthrough` with --deepspeed pointing at a copy of the run's DeepSpeed config (the
+    job's default, or the one passed) whose bucket and prefetch sizes are `entries`."""
+    from dsforget.integration.ds_config import load_deepspeed_config
+    from dsforget.train.run_config import RunConfig
+
+    flags = list(passthrough)
+    source = RunConfig().deepspeed
+    if "--deepspeed" in flags:
+        at = flags.index("--deepspeed")
+        source = flags[at + 1]
+        del flags[at : at + 2]
+    config = load_deepspeed_config(source)
+    config.setdefault("zero_optimization", {}).update(dict.fromkeys(BUCKET_KEYS, entries))
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "deepspeed.json"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return [*flags, "--deepspeed", str(path)]
 
 
 def run_size(size: str, args: argparse.Namespace, passthrough: list[str], lab) -> dict:
     hidden, layers = parse_size(size)
     root = Path(args.output_dir) / size
-    params = build_checkpoint(hidden, layers, lab.model_dir, root / "model")
+    params = build_checkpoint(hidden, layers, lab.model_dir, root / "model", args.export_max_shard_size)
     flags = [
         "--model", str(root / "model"),
         "--data", str(lab.task_train),
@@ -78,6 +113,7 @@ def run_size(size: str, args: argparse.Namespace, passthrough: list[str], lab) -
         "--max_steps", str(args.steps),
         "--output_dir", str(root / "run"),
         "--resume", "never",
+        "--export_max_shard_size", args.export_max_shard_size,
         *passthrough,
     ]  # fmt: skip
     print(f"{size}: {params / 1e6:.1f}M parameters, running launch/finetune.py ...", flush=True)
@@ -142,7 +178,20 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run")
     parser.add_argument("--eval_examples", type=int, default=16, help="evaluation records/texts per metric")
     parser.add_argument("--output_dir", default="runs/memory_bench")
+    parser.add_argument(
+        "--bucket_entries",
+        type=int,
+        default=1_000_000,
+        help="DeepSpeed's bucket and prefetch sizes for the runs (0: as the DeepSpeed config has them)",
+    )
+    parser.add_argument(
+        "--export_max_shard_size",
+        default="20MB",
+        help="shard size of the test checkpoints and of their hf_model/",
+    )
     args = parser.parse_args(own)
+    if args.bucket_entries:
+        passthrough = scaled_deepspeed_config(passthrough, args.bucket_entries, Path(args.output_dir))
     sizes = args.sizes.split(",")
     if len(sizes) != 2:
         raise ConfigError(

@@ -26,13 +26,19 @@ class CheckpointWeightsError(UserInputError, ValueError):
 class CheckpointWeights:
     """``get(name)``: one tensor of the checkpoint in `directory`, on the CPU, or None when the
     checkpoint has no tensor of that name. Names are tried as given, then without or with the
-    model's ``base_model_prefix`` (checkpoints of a bare base model, e.g. GPT-2's ``h.0...``)."""
+    model's ``base_model_prefix`` (checkpoints of a bare base model, e.g. GPT-2's ``h.0...``).
+
+    A file is unmapped once each of its tensors was read, so a pass over the model keeps one
+    checkpoint shard's pages resident at most (mapped pages count as the process's memory)."""
 
     def __init__(self, directory: str | Path, base_model_prefix: str = "") -> None:
         self.directory = Path(directory)
         self.prefix = f"{base_model_prefix}." if base_model_prefix else ""
         self._open: dict[str, Any] = {}
         self._file_of = self._weight_map()
+        self._unread: dict[str, int] = {}
+        for file in self._file_of.values():
+            self._unread[file] = self._unread.get(file, 0) + 1
 
     def _weight_map(self) -> dict[str, str]:
         for index in _INDEXES:
@@ -68,5 +74,10 @@ class CheckpointWeights:
             file = self._file_of.get(key)
             if file is not None:
                 handle = self._handle(file)
-                return handle.get_tensor(key) if hasattr(handle, "get_tensor") else handle[key]
+                tensor = handle.get_tensor(key) if hasattr(handle, "get_tensor") else handle[key].clone()
+                self._unread[file] -= 1
+                if self._unread[file] == 0:
+                    del self._open[file]  # unmapped: a later get of this file maps it again
+                    self._unread[file] = sum(1 for f in self._file_of.values() if f == file)
+                return tensor
         return None

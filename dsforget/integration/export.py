@@ -21,8 +21,7 @@ import torch
 from ..atomic import replace_directory
 from ..optim.params import full_shape
 
-# transformers' default max_shard_size for save_pretrained (5 GB, decimal as there)
-DEFAULT_SHARD_BYTES = 5 * 10**9
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' default max_shard_size for save_pretrained
 
 
 def full_tensors(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -44,7 +43,7 @@ def full_tensors(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, buffer.detach()
 
 
-def _shard_plan(engine: Any, max_shard_bytes: int) -> Any:
+def _shard_plan(engine: Any, max_shard_size: int | str) -> Any:
     """huggingface_hub's split of the model into shard files, from sizes alone (meta tensors)."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
@@ -59,7 +58,7 @@ def _shard_plan(engine: Any, max_shard_bytes: int) -> Any:
         for name, buffer in module.named_buffers()
         if name in persistent
     )
-    return split_torch_state_dict_into_shards(sizes, max_shard_size=max_shard_bytes)
+    return split_torch_state_dict_into_shards(sizes, max_shard_size=max_shard_size)
 
 
 def _write_config(module: Any, dtype: torch.dtype, directory: Path) -> None:
@@ -72,11 +71,11 @@ def _write_config(module: Any, dtype: torch.dtype, directory: Path) -> None:
 
 
 def save_hf_checkpoint(
-    engine: Any, tokenizer: Any, directory: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    engine: Any, tokenizer: Any, directory: str | Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
 ) -> Path | None:
     """A ``from_pretrained``-loadable safetensors checkpoint (with tokenizer) of the engine's model
     in its training dtype, written by rank 0 into `directory`: shards of at most
-    `max_shard_bytes` (one tensor larger than that gets a shard of its own) and, when there are
+    `max_shard_size` (bytes, or "500MB"; one larger tensor gets a shard of its own) and, when there are
     several, ``model.safetensors.index.json``. Returns the path on rank 0. Collective.
 
     Tensor names are those ``save_pretrained`` writes (transformers' conversions of loaded
@@ -91,7 +90,7 @@ def save_hf_checkpoint(
     module = engine.module
     directory = Path(directory)
     staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    plan = _shard_plan(engine, max_shard_bytes)
+    plan = _shard_plan(engine, max_shard_size)
     file_of = plan.tensor_to_filename
     if rank0:
         shutil.rmtree(staging, ignore_errors=True)

@@ -50,7 +50,7 @@ from .job import (
     run_identity,
     setup_logging,
 )
-from .memory import PeakMarks, peak_memory_of_ranks
+from .memory import PeakMarks, peak_memory_of_ranks, return_freed_memory
 from .run_config import RunConfig
 from .trainer import LoopConfig, Trainer, TrainStats, steps_per_epoch
 
@@ -123,6 +123,7 @@ class FinetuneJob:
         init_distributed(timeout_s=config.comm_timeout_s)
         self.rank, self.world = deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
         setup_logging(self.rank)
+        return_freed_memory()  # before the model is loaded: CPU ranks only
         torch.manual_seed(config.seed)
         self.output = Path(config.output_dir)
         self.finished: dict[str, Any] | None = None  # the report of a run that has nothing to train
@@ -332,7 +333,9 @@ class FinetuneJob:
         timeout = self.config.eval_timeout_s
         if self.config.export:
             with faults.collective_phase("writing hf_model", timeout):
-                save_hf_checkpoint(self.engine, self.tokenizer, self.output / "hf_model")
+                save_hf_checkpoint(
+                    self.engine, self.tokenizer, self.output / "hf_model", self.config.export_max_shard_size
+                )
             self.peaks.mark("export")
         with faults.collective_phase("scoring the tuned model (report.json)", timeout):
             after = self._scores()

@@ -178,6 +178,11 @@ class RunConfig:
         "files: it trusts the checkpoint's author as much as running their code",
     )
     export: bool = option(True, "write a Hugging Face (safetensors) checkpoint at the end")
+    export_max_shard_size: str = option(
+        "5GB",
+        "largest safetensors file of hf_model/, as transformers' max_shard_size (e.g. 500MB, 5GB): rank 0 "
+        "holds one such shard in host memory while writing",
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -246,6 +251,14 @@ class RunConfig:
         _check(self.comm_timeout_s > 0, "comm_timeout_s", self.comm_timeout_s, "must be > 0")
         _check(self.eval_timeout_s > 0, "eval_timeout_s", self.eval_timeout_s, "must be > 0")
         _check(self.data_timeout_s > 0, "data_timeout_s", self.data_timeout_s, "must be > 0")
+        from huggingface_hub import split_torch_state_dict_into_shards  # parses sizes as the export will
+
+        try:
+            split_torch_state_dict_into_shards({}, max_shard_size=self.export_max_shard_size)
+        except ValueError:
+            _check(
+                False, "export_max_shard_size", self.export_max_shard_size, "must be a size like 500MB or 5GB"
+            )
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 1")
         if (self.resample_every or self.resample_each_epoch) and "hft" not in parts:
             raise ConfigError(

@@ -5,6 +5,9 @@ one-process computation it replaced. 2 CPU ranks, the tiny lab."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +95,23 @@ def test_importance_pass_runs_where_deepspeed_will_train(monkeypatch, tmp_path: 
             config, model, tokenizer, examples, PaddingCollator.for_tokenizer(tokenizer), tmp_path, 0, 1
         )
     assert seen["device"] == "meta"
+
+
+def test_freed_tensors_go_back_to_the_system_on_cpu_ranks() -> None:
+    """glibc raises its mmap threshold when a large block is freed; blocks below it then come
+    from the heap and stay resident after they are freed (on 2 CPU ranks under ZeRO-3 that made
+    the training peak 21.7 instead of 11.7 B/param). return_freed_memory must keep them mapped,
+    so that freeing returns them."""
+    worker = str(REPO / "tests" / "workers" / "freed_memory.py")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    kept = {
+        mode: float(
+            subprocess.run(
+                [sys.executable, worker, mode], env=env, capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for mode in ("moving", "fixed")
+    }
+    assert kept["moving"] > 4, kept  # the effect exists on this machine's glibc: else the test proves nothing
+    assert kept["fixed"] < 1, kept

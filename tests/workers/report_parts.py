@@ -66,7 +66,7 @@ def main() -> None:
     for name, tuned in full_tensors(engine):
         if rank == 0:
             streamed.add(name, base.get(name), tuned)
-    save_hf_checkpoint(engine, tokenizer, out / "hf_model", max_shard_bytes=spec["shard_bytes"])
+    save_hf_checkpoint(engine, tokenizer, out / "hf_model", max_shard_size=spec["shard_bytes"])
     if rank == 0:
         plain_base = AutoModelForCausalLM.from_pretrained(lab.model_dir, dtype=torch.float32)
         plain_tuned = AutoModelForCausalLM.from_pretrained(lab.model_dir, dtype=torch.float32)
