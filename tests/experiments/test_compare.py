@@ -33,3 +33,17 @@ def test_bad_input_is_one_line_with_status_2(tmp_path: Path, flags: list[str], m
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.search(message, errors[0]), output[-3000:]
     assert not any(tmp_path.iterdir())  # no run started
+
+
+def test_failed_run_ends_compare_with_its_status_and_no_traceback(tmp_path: Path) -> None:
+    """A run that fails on input compare.py cannot check (a missing --data file) ended compare.py
+    with a CalledProcessError traceback and status 1; it must end it with the run's status (2: a
+    user error) and one line naming the run, after the run's own error line."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO / "launch" / "compare.py"), "--methods", "full"]
+    command += ["--output_dir", str(tmp_path / "out"), "--", "--data", str(tmp_path / "absent.jsonl")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and "Traceback" not in output, output[-3000:]
+    assert re.search(r"error: data file .*absent\.jsonl does not exist \(--data\)", output), output[-3000:]
+    assert done.stderr.rstrip().endswith("compare: the full run ended with status 2"), output[-3000:]
