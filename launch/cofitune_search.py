@@ -46,6 +46,7 @@ from dsforget.experiments.cofitune_search import (
 )
 from dsforget.experiments.subruns import finetune_command, local_accelerator, subrun_env
 from dsforget.methods.cofitune.plan import MODULE_SETS
+from dsforget.strict_json import dumps
 from dsforget.train.run_config import RunConfig
 
 
@@ -204,7 +205,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any], SearchCo
 
 def report(result: SearchResult, search_dir: Path, base: dict[str, Any], launch_words: list[str]) -> None:
     """ranking.json, the printed table and chosen.yaml (exits non-zero when no trial succeeded)."""
-    write_atomic(search_dir / "ranking.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    write_atomic(search_dir / "ranking.json", dumps(result.to_dict(), indent=2) + "\n")
     print(f"\n{ranking_table(result)}\n", flush=True)
     if not result.complete:
         print("budget used before the tree was finished; raise --budget and rerun to go on", flush=True)

@@ -18,8 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dsforget.errors import run_main
 from dsforget.experiments.subruns import finetune_command, previous_run, split_passthrough, subrun_env
 from dsforget.strict_json import dumps
+from dsforget.train.run_config import parse_run_config
 
 COLUMNS = (  # (title, report path, format)
     ("task gain", ("summary", "task_gain"), "{:+.3f}"),
@@ -86,12 +88,10 @@ def main(argv: list[str]) -> None:
         parser.error("--output_dir and --method are set per run by compare.py; pass them before `--`")
     output = Path(args.output_dir)
     runs = {}
-    for method in args.methods.split(","):
+    for method in args.methods.split(","):  # every run's flags are checked before the first one starts
         flags = ["--method", method, "--output_dir", str(output / method), *finetune_flags]
-        try:
-            runs[method] = (flags, previous_run(output / method, flags))
-        except ValueError as error:
-            parser.error(str(error))
+        parse_run_config(flags)
+        runs[method] = (flags, previous_run(output / method, flags))
     reports = {}
     for method, (flags, previous) in runs.items():
         run_dir = output / method
@@ -101,7 +101,10 @@ def main(argv: list[str]) -> None:
             command = finetune_command(args.num_gpus, *flags)
             resuming = f" (resuming the run in {run_dir})" if previous == "started" else ""
             print(f"== {method}{resuming}: {' '.join(command)}", flush=True)
-            subprocess.run(command, check=True, env=subrun_env())
+            status = subprocess.run(command, env=subrun_env()).returncode
+            if status != 0:  # the run printed its own error above; its status says which kind
+                print(f"compare: the {method} run ended with status {status}", file=sys.stderr, flush=True)
+                sys.exit(status if status > 0 else 1)
         reports[method] = json.loads((run_dir / "report.json").read_text())
     table = comparison_table(reports)
     (output / "compare.json").write_text(dumps(reports, indent=2) + "\n")
@@ -110,4 +113,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])  # a user error: one line, status 2

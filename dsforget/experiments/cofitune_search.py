@@ -14,7 +14,9 @@ Score. CoFiTune weighs a speciality score (the fine-tuning task) against a versa
                     the share of the base model's remaining task headroom that the trial gained
                     (task = exact match on held-out task records, in [0, 1]; S = 0 if task_before = 1)
     versatility V = mean over the general metrics of after/before (fact recall, higher is better)
-                    or before/after (general perplexity, lower is better): 1 = nothing lost
+                    or before/after (general perplexity, lower is better): 1 = nothing lost;
+                    a metric that is not finite after the trial (null in the JSON: a diverged
+                    run) counts 0, one not finite before it is left out
     score         = S + lambda * (V - 1)                      (lambda = versatility_weight, default 1)
 
 The base model scores 0; lambda = 1 trades one point of task headroom for one point of lost
@@ -59,6 +61,7 @@ from ..eval.forgetting import HIGHER_IS_BETTER
 from ..methods.architecture import LAYER_RANGES, layer_range
 from ..methods.cofitune.plan import MODULE_SETS
 from ..optim.plan import PlanError
+from ..strict_json import dumps
 from ..train.run_config import FIELDS, RunConfig, argument_parser, read_config_file
 
 logger = logging.getLogger(__name__)
@@ -127,7 +130,9 @@ class Score:
     value: float
 
 
-def score(before: Mapping[str, float], after: Mapping[str, float], versatility_weight: float = 1.0) -> Score:
+def score(
+    before: Mapping[str, float | None], after: Mapping[str, float | None], versatility_weight: float = 1.0
+) -> Score:
     """speciality + versatility_weight·(versatility − 1), as defined in the module docstring."""
     if TASK_METRIC not in before or TASK_METRIC not in after:
         raise ValueError(
@@ -138,12 +143,14 @@ def score(before: Mapping[str, float], after: Mapping[str, float], versatility_w
     speciality = (task_after - task_before) / (1 - task_before) if task_before < 1 else 0.0
     retentions = []
     for metric, base in before.items():
-        if metric == TASK_METRIC or metric not in after:
+        if metric == TASK_METRIC or metric not in after or base is None:  # None: not finite (no reference)
             continue
         if metric not in HIGHER_IS_BETTER:
             raise ValueError(f"metric {metric!r} has no direction in forgetting.HIGHER_IS_BETTER")
         tuned = after[metric]
-        if HIGHER_IS_BETTER[metric]:
+        if tuned is None:  # reports and the state file store a non-finite value (a diverged run) as null
+            retentions.append(0.0)
+        elif HIGHER_IS_BETTER[metric]:
             retentions.append(tuned / base if base > 0 else 1.0)  # nothing to lose from 0
         else:
             retentions.append(base / tuned)
@@ -212,7 +219,7 @@ class TrialRecord:
 
 def _normalised(value: Any) -> Any:
     """`value` as it reads back from JSON (tuples become lists), for comparing settings."""
-    return json.loads(json.dumps(value, sort_keys=True))
+    return json.loads(dumps(value, sort_keys=True))
 
 
 class SearchState:
@@ -227,7 +234,7 @@ class SearchState:
         file with its header when it does not exist."""
         if not self.path.exists():
             header = {"kind": "header", "format": STATE_FORMAT, "settings": self.settings}
-            write_atomic(self.path, json.dumps(header, sort_keys=True) + "\n")
+            write_atomic(self.path, dumps(header, sort_keys=True) + "\n")
             return {}
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):
@@ -283,7 +290,7 @@ class SearchState:
 
     def append(self, record: TrialRecord) -> None:
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record.to_dict(), sort_keys=True) + "\n")
+            handle.write(dumps(record.to_dict(), sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 

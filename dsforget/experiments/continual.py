@@ -16,7 +16,6 @@ stage, every task seen so far is scored again: the matrix of scores gives backwa
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import yaml
 
 from ..atomic import write_atomic
+from ..strict_json import dumps
 from ..train.run_config import FIELDS, RunConfig
 
 SET_PER_STAGE = ("output_dir", "init_from", "data", "eval_data", "resume")
@@ -147,5 +147,5 @@ def format_table(result: Mapping[str, Any]) -> str:
 
 def write_result(result: Mapping[str, Any], output_dir: str | Path) -> Path:
     path = Path(output_dir) / "continual.json"
-    write_atomic(path, json.dumps(result, indent=2) + "\n")
+    write_atomic(path, dumps(result, indent=2) + "\n")
     return path

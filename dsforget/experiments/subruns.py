@@ -53,7 +53,8 @@ def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
 def previous_run(run_dir: Path, flags: list[str]) -> str | None:
     """What `run_dir` holds for a finetune run with `flags`: None (no run), "started" (same
     settings, not finished: the run resumes) or "finished" (same settings, report.json written).
-    Raises ValueError naming the settings that differ when it holds a run made with others."""
+    Raises ConfigError naming the settings that differ when it holds a run made with others."""
+    from ..errors import ConfigError
     from ..train.run_config import parse_run_config
 
     saved_file = run_dir / "config.json"
@@ -64,7 +65,7 @@ def previous_run(run_dir: Path, flags: list[str]) -> str | None:
     differing = sorted(key for key in set(saved) | set(wanted) if saved.get(key) != wanted.get(key))
     if differing:
         details = ", ".join(f"{key}={saved.get(key)!r} there, {wanted.get(key)!r} here" for key in differing)
-        raise ValueError(
+        raise ConfigError(
             f"{run_dir} holds a run made with other settings ({details}): pass another --output_dir, "
             f"or delete {run_dir} to run it again"
         )

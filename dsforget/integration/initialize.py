@@ -8,7 +8,9 @@ the optimizer its layouts after.
 from __future__ import annotations
 
 import atexit
+import sys
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -92,29 +94,72 @@ def initialize(model: nn.Module, optimizer: ForgetAdamW, config: str | Path | Ma
 
 _teardown_registered = False
 
+# How long the exit hook's barrier waits for the other ranks. It is there to release the GIL while
+# this rank's gloo workers finish (microseconds of work), not to make ranks agree, so a rank that
+# is still busy (rank 0 saving a model) is not waited for: the hook goes on after this.
+EXIT_BARRIER_TIMEOUT = timedelta(seconds=10)
+
 
 def _close_process_group_at_exit() -> None:
-    """Destroy the process group from an ``atexit`` hook, before the interpreter tears down.
+    """Register (once) the ``atexit`` hook that lets gloo's worker threads finish before the
+    interpreter is finalised, then destroys the process group.
 
-    A user script that returns without ``destroy_process_group`` leaves the gloo group (and its
-    transport threads) to be destroyed during interpreter finalisation, in no defined order with
-    the modules and threads it uses; after ZeRO-3 on CPU ranks that exit was seen to abort
-    (SIGABRT, status 250 from the deepspeed launcher) about once in three runs. atexit hooks run
-    last-registered first and before finalisation, so the group goes while everything it uses
-    is still alive. A script that destroys the group itself is left alone.
+    The abort it prevents (issue 15 item 13): after a collective completes, the gloo worker thread
+    that ran it still drops its reference to the work's tensors, and for a tensor Python also
+    references (DeepSpeed's all-gather buffers) that needs the GIL (torch's PyObject
+    preservation). When the script returns while the worker waits for the GIL, Python 3.11's
+    finalisation ends the thread with ``pthread_exit``, whose unwinding through the work's
+    ``noexcept`` destructor calls ``std::terminate``: "terminate called without an active
+    exception", SIGABRT, status 250 from the deepspeed launcher. Seen in a core dump: the aborting
+    thread is in ``ProcessGroupGloo::runLoop`` -> ``~AsyncAllgatherWork`` -> ``decref`` ->
+    ``take_gil`` -> ``PyThread_exit_thread``, holding its group's work mutex, while the main
+    thread is in ``Py_FinalizeEx``. ``destroy_process_group`` alone does not help: gloo's shutdown
+    does not stop its workers, and DeepSpeed keeps the groups alive.
+
+    A barrier on every gloo group releases the GIL while it waits, and its enqueue takes the
+    group's work mutex, which a worker holds while it drops a work: the barrier cannot start before
+    every worker that was dropping one has finished, and a worker that had finished a collective
+    but not yet begun dropping it has the whole barrier, GIL released, to do so. Skipped when the
+    script ends on an uncaught exception: the other ranks may be inside a collective that a barrier
+    would collide with, and the launcher stops them once this rank exits. A script that destroys
+    the group itself is left alone.
     """
     global _teardown_registered
     if _teardown_registered:
         return
     _teardown_registered = True
+    atexit.register(_close_process_group)
 
-    def close() -> None:
-        import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+def _close_process_group() -> None:
+    import torch.distributed as dist
 
-    atexit.register(close)
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if getattr(sys, "last_exc", None) is None and getattr(sys, "last_value", None) is None:
+        for group in _gloo_groups():
+            try:
+                dist.barrier(group=group, timeout=EXIT_BARRIER_TIMEOUT)
+            except Exception:  # noqa: BLE001 - a rank already gone or still busy: the wait was the point
+                pass
+    dist.destroy_process_group()
+
+
+def _gloo_groups() -> list[Any]:
+    """The gloo process groups this rank belongs to, in creation order (the same on every rank, so
+    the barriers cannot cross)."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    # torch has no public list of the groups; its registry holds DeepSpeed's clones of the world
+    # group as well as the default one
+    registry = getattr(getattr(distributed_c10d, "_world", None), "pg_names", None)
+    groups = list(registry) if registry else [dist.group.WORLD]
+    return [
+        group
+        for group in groups
+        if group is not dist.GroupMember.NON_GROUP_MEMBER and dist.get_backend(group) == dist.Backend.GLOO
+    ]
 
 
 __all__ = [

@@ -41,12 +41,17 @@ import numpy as np
 import torch
 
 from ..atomic import fsync_directory, fsync_tree, write_atomic
+from ..errors import InputFileError, UserInputError
 from ..optim.plan import MaskPlan
 from ..strict_json import dumps
 
 COMPLETE = "COMPLETE"
 _TAG = re.compile(r"^step(\d+)(?:-(\d+))?$")
 logger = logging.getLogger("dsforget")
+
+
+class ResumeError(UserInputError, ValueError):
+    """The checkpoint to resume from was written by another kind of run (model, settings, ranks)."""
 
 
 @dataclass(frozen=True)
@@ -304,9 +309,9 @@ def check_resume(directory: str | Path, run: Mapping[str, Any], world_size: int)
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"resume: checkpoint {directory} does not exist")
+        raise InputFileError(f"resume: checkpoint {directory} does not exist (--resume)")
     if not (directory / COMPLETE).exists():
-        raise FileNotFoundError(
+        raise InputFileError(
             f"resume: checkpoint {directory} is incomplete (no {COMPLETE} marker: a save was cut short); "
             f"resume from an older one, or use --resume auto to pick the newest complete one"
         )
@@ -318,7 +323,7 @@ def check_resume(directory: str | Path, run: Mapping[str, Any], world_size: int)
     saved_run = saved.get("run") or {}  # checkpoints from before this check carry none
     saved_shapes, shapes = saved_run.get("parameters"), run.get("parameters")
     if saved_shapes is not None and shapes is not None and saved_shapes != shapes:
-        raise ValueError(
+        raise ResumeError(
             f"resume: checkpoint {directory} was written for another model: "
             f"{_shape_differences(saved_shapes, shapes)}; {fix}"
         )
@@ -327,9 +332,9 @@ def check_resume(directory: str | Path, run: Mapping[str, Any], world_size: int)
     ]
     if differing:
         details = ", ".join(f"{key}={saved_run[key]!r} there, {run[key]!r} here" for key in differing)
-        raise ValueError(f"resume: checkpoint {directory} was written by a run with {details}; {fix}")
+        raise ResumeError(f"resume: checkpoint {directory} was written by a run with {details}; {fix}")
     if saved["world_size"] != world_size:
-        raise ValueError(
+        raise ResumeError(
             f"resume: checkpoint {directory} was written by {saved['world_size']} ranks, this run has "
             f"{world_size}: resume with the original number of ranks (the data position is per rank)"
         )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from launcher import REPO
 
-from dsforget.experiments.continual import read_stages, stage_run_config, transfer_matrix
+from dsforget.experiments.continual import read_stages, stage_run_config, transfer_matrix, write_result
 from dsforget.lab.tasks import TRANSFORMS
 
 
@@ -65,6 +65,18 @@ def test_backward_transfer_is_the_mean_change_since_learning() -> None:
     result = transfer_matrix(scores, ["a", "b", "c"])
     assert result["per_task_change"] == pytest.approx([0.3 - 0.9, 0.6 - 0.8])
     assert result["backward_transfer"] == pytest.approx(-0.4)
+
+
+def test_result_file_is_strict_json(tmp_path: Path) -> None:
+    """A non-finite score (a diverged stage's perplexity) was written as a bare NaN, which strict
+    JSON parsers (JavaScript, jq) reject; it must be written as null."""
+    result = {
+        "general": [{"general_perplexity": float("nan")}],
+        "transfer": {"backward_transfer": float("inf")},
+    }
+    text = write_result(result, tmp_path).read_text()
+    parsed = json.loads(text, parse_constant=lambda constant: pytest.fail(f"bare {constant} in {text}"))
+    assert parsed == {"general": [{"general_perplexity": None}], "transfer": {"backward_transfer": None}}
 
 
 def test_lab_tasks_transform_the_same_word_lists() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -27,6 +28,7 @@ from dsforget.experiments.cofitune_search import (
     trial_run_values,
     write_run_config,
 )
+from dsforget.strict_json import dumps
 from dsforget.train.run_config import RunConfig, read_config_file
 
 # ---- a synthetic score surface whose best candidate is known ----------------------------------
@@ -57,9 +59,11 @@ ALL_CANDIDATES = [Candidate(m, r) for m in MODULE_EFFECT for r in HALVES + QUART
 class SyntheticTrials:
     """run_trial with a known surface; records its calls; can fail or be interrupted on demand."""
 
-    def __init__(self, interrupt_at: int | None = None, fail: set[str] = frozenset()) -> None:
+    def __init__(
+        self, interrupt_at: int | None = None, fail: set[str] = frozenset(), diverge: set[str] = frozenset()
+    ) -> None:
         self.calls: list[str] = []
-        self.interrupt_at, self.fail = interrupt_at, fail
+        self.interrupt_at, self.fail, self.diverge = interrupt_at, fail, diverge
 
     def __call__(self, candidate: Candidate) -> TrialResult:
         self.calls.append(candidate.key)
@@ -74,6 +78,8 @@ class SyntheticTrials:
             "fact_recall": BEFORE["fact_recall"] * versatility,  # retention = versatility
             "general_perplexity": BEFORE["general_perplexity"] / versatility,  # retention = versatility
         }
+        if candidate.key in self.diverge:  # the run diverged: its general perplexity is not finite
+            after["general_perplexity"] = float("inf")
         return TrialResult(dict(BEFORE), after, {"synthetic": True})
 
 
@@ -260,6 +266,41 @@ def test_torn_last_line_is_dropped_and_its_trial_rerun(tmp_path: Path) -> None:
     rerun = SyntheticTrials()
     search(tmp_path, rerun, budget=3)
     assert rerun.calls == []
+
+
+def strict_json(text: str):
+    """`text` parsed as JSON that strict parsers (JavaScript, jq) accept: no bare NaN/Infinity."""
+    return json.loads(text, parse_constant=lambda constant: pytest.fail(f"bare {constant} in {text[:200]}"))
+
+
+def test_diverged_trial_is_stored_as_strict_json_and_scored_the_same_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial whose general perplexity is infinite (a diverged run) was written as a bare
+    ``Infinity`` into trials.jsonl, which strict JSON parsers reject. Stored as null it must still
+    score as no general ability retained, in the first run and after a restart reads it back."""
+    first = search(tmp_path, SyntheticTrials(diverge={"ffn@bottom2"}))
+    lines = (tmp_path / "trials.jsonl").read_text().splitlines()
+    records = {record.get("key"): record for record in map(strict_json, lines)}
+    assert records["ffn@bottom2"]["after"]["general_perplexity"] is None
+    diverged = next(entry for entry in first.ranking if entry.record.candidate.key == "ffn@bottom2")
+    recall_kept = surface(Candidate("ffn", "bottom2"))[1]
+    assert diverged.score is not None and diverged.score.versatility == pytest.approx(recall_kept / 2)
+    again = SyntheticTrials()
+    resumed = search(tmp_path, again)
+    assert again.calls == [] and comparable(resumed) == strict_json(dumps(comparable(first)))
+
+    # the driver's ranking.json, written from the first run's in-memory result (inf, not null)
+    spec = importlib.util.spec_from_file_location(
+        "cofitune_search_driver", REPO / "launch" / "cofitune_search.py"
+    )
+    driver = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, driver)  # its dataclasses look their module up
+    spec.loader.exec_module(driver)
+    driver.report(first, tmp_path, base_run_values(None, []), ["deepspeed"])
+    ranking = strict_json((tmp_path / "ranking.json").read_text())
+    row = next(row for row in ranking["ranking"] if row["key"] == "ffn@bottom2")
+    assert row["after"]["general_perplexity"] is None
 
 
 def test_resume_with_other_trial_settings_is_refused(tmp_path: Path) -> None:

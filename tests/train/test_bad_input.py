@@ -22,6 +22,7 @@ import pytest
 from launcher import REPO, RankFailure, free_port, run_ranks
 
 from dsforget.data import DataConfig, DataError, load_conversations
+from dsforget.errors import UserInputError
 from dsforget.optim.plan import DENSE, MaskPlan, PlanError
 from dsforget.train import checkpoint
 from dsforget.train.inputs import check_model_dir
@@ -157,14 +158,20 @@ CASES = [
         id="plan-of-another-model",
     ),
     pytest.param(
+        lambda tmp: checkpoint.check_resume(tmp / "checkpoints" / "step9", THIS_RUN, world_size=2),
+        UserInputError,
+        r"resume: checkpoint .*step9 does not exist \(--resume\)",
+        id="resume-missing-checkpoint",
+    ),
+    pytest.param(
         lambda tmp: resume(tmp, complete=False, **THIS_RUN),
-        FileNotFoundError,
+        UserInputError,
         r"checkpoint .*step4 is incomplete \(no COMPLETE marker: a save was cut short\)",
         id="resume-incomplete-checkpoint",
     ),
     pytest.param(
         lambda tmp: resume(tmp, **{**THIS_RUN, "method": "full"}),
-        ValueError,
+        UserInputError,
         r"checkpoint .*step4 was written by a run with method='full' there, 'mofo' here; continuing "
         r"would mix two different runs: rerun with the checkpoint's settings, or start afresh",
         id="resume-another-method",
@@ -173,14 +180,14 @@ CASES = [
         lambda tmp: resume(
             tmp, **{**THIS_RUN, "parameters": {"lm_head.weight": [512, 64], "norm.weight": [56]}}
         ),
-        ValueError,
+        UserInputError,
         r"checkpoint .*step4 was written for another model: 1 of 2 parameters differ "
         r"\(lm_head\.weight: \(512, 64\) there, \(211, 56\) here\)",
         id="resume-another-model",
     ),
     pytest.param(
         lambda tmp: resume(tmp, world_size=4, **THIS_RUN),
-        ValueError,
+        UserInputError,
         r"checkpoint .*step4 was written by 4 ranks, this run has 2: "
         r"resume with the original number of ranks",
         id="resume-another-world-size",
@@ -231,16 +238,20 @@ def test_bad_input_is_named(
 @pytest.mark.distributed
 def test_resume_with_another_method_is_refused_by_the_job(tmp_path: Path, lab_cache: Path) -> None:
     """The job reads the plan back from its checkpoint, so a rerun with another --method would
-    silently go on with the old one. Catches the resume check not being called (or too late)."""
+    silently go on with the old one. Catches the resume check not being called (or too late), and
+    its refusal reaching the user as a traceback rather than one ``error:`` line."""
     common = [str(REPO / "launch" / "finetune.py"), "--lab_preset", "tiny", "--micro_batch_size", "8"]
     common += ["--eval_max_examples", "5", "--no-export", "--max_steps", "2", "--output_dir", str(tmp_path)]
     env = {"DSFORGET_CACHE": str(lab_cache)}
     run_ranks([*common, "--method", "full"], world_size=1, timeout=600, env=env)
     with pytest.raises(RankFailure) as failure:
         run_ranks([*common, "--method", "mofo", "--max_steps", "4"], world_size=1, timeout=600, env=env)
+    output = failure.value.outputs[0]
     assert re.search(
-        r"step2 was written by a run with method='full' there, 'mofo' here", failure.value.outputs[0]
-    ), failure.value.outputs[0][-3000:]
+        r"error: resume: checkpoint .*step2 was written by a run with method='full' there, 'mofo' here",
+        output,
+    ), output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
 
 
 # --- how the job reports them: one line, once, status 2 ----------------------------------------

@@ -1,0 +1,49 @@
+"""launch/compare.py on bad input: one ``error:`` line, status 2, nothing run."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from launcher import REPO
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--methods", "full,mofo", "--", "--lr", "0"], r"error: lr=0\.0 must be > 0"),
+        (["--methods", "full,mof"], r"error: .*'mof'"),
+    ],
+    ids=["bad-finetune-flag", "unknown-method"],
+)
+def test_bad_input_is_one_line_with_status_2(tmp_path: Path, flags: list[str], message: str) -> None:
+    """Catches compare.py starting a DeepSpeed run with flags it could have checked (the run then
+    failed and compare.py ended with a CalledProcessError traceback), and an error reported with
+    a traceback or a status a batch script cannot tell from a crash."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    command = [sys.executable, str(REPO / "launch" / "compare.py"), "--output_dir", str(tmp_path), *flags]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-3000:]
+    assert "Traceback" not in output and "== " not in done.stdout, output[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(message, errors[0]), output[-3000:]
+    assert not any(tmp_path.iterdir())  # no run started
+
+
+def test_failed_run_ends_compare_with_its_status_and_no_traceback(tmp_path: Path) -> None:
+    """A run that fails on input compare.py cannot check (a missing --data file) ended compare.py
+    with a CalledProcessError traceback and status 1; it must end it with the run's status (2: a
+    user error) and one line naming the run, after the run's own error line."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO / "launch" / "compare.py"), "--methods", "full"]
+    command += ["--output_dir", str(tmp_path / "out"), "--", "--data", str(tmp_path / "absent.jsonl")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and "Traceback" not in output, output[-3000:]
+    assert re.search(r"error: data file .*absent\.jsonl does not exist \(--data\)", output), output[-3000:]
+    assert done.stderr.rstrip().endswith("compare: the full run ended with status 2"), output[-3000:]
