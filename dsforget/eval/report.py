@@ -3,7 +3,8 @@ report.png, and the table printed at the end of a run."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,19 @@ def format_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _trajectory_panels(report: Mapping[str, Any]) -> list[str]:
+    """The forgetting measures to draw against the task metric along training (needs two points)."""
+    points = report.get("trajectory") or []
+    with_task = [p for p in points if "task_exact_match" in p]
+    if len(with_task) < 2:
+        return []
+    return [m for m in ("fact_recall", "general_perplexity") if all(m in p for p in with_task)]
+
+
 def plot_report(report: Mapping[str, Any], path: str | Path) -> None:
     """One panel per metric (base against tuned, each on its own scale: perplexity is not a rate)
-    and one of drift per module type, as a PNG."""
+    and one of drift per module type; with a trajectory, a second row with the task metric
+    against each forgetting measure along training, the base model marked. As a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,18 +50,36 @@ def plot_report(report: Mapping[str, Any], path: str | Path) -> None:
 
     metrics = list(report["before"])
     drift_rows = sorted(k for k in report["drift"] if k != "all")
-    figure, axes = plt.subplots(1, len(metrics) + 1, figsize=(3.2 * (len(metrics) + 1), 3.6))
-    for axis, metric in zip(axes, metrics, strict=False):
+    along = _trajectory_panels(report)
+    columns = len(metrics) + 1
+    rows = 2 if along else 1
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.6 * rows), squeeze=False)
+    for axis, metric in zip(axes[0], metrics, strict=False):
         values = [report["before"][metric], report["after"][metric]]
         axis.bar(["base", "tuned"], values, color=["#8c8c8c", "#3b75af"])
         better = "higher" if HIGHER_IS_BETTER.get(metric, True) else "lower"
         axis.set_title(f"{metric}\n({better} is better)", fontsize=9)
         if HIGHER_IS_BETTER.get(metric, True) and max(values) <= 1:
             axis.set_ylim(0, 1)
-    drift_axis = axes[-1]
+    drift_axis = axes[0][-1]
     drift_axis.bar(drift_rows, [report["drift"][c]["relative_l2"] for c in drift_rows])
     drift_axis.set_title("relative L2 drift", fontsize=9)
     drift_axis.tick_params(axis="x", rotation=30, labelsize=7)
+    if along:
+        points = [p for p in report["trajectory"] if "task_exact_match" in p]
+        for axis, measure in zip(axes[1], along, strict=False):
+            xs, ys = [p["task_exact_match"] for p in points], [p[measure] for p in points]
+            axis.plot(xs, ys, "-o", color="#3b75af", markersize=3)
+            axis.plot(xs[:1], ys[:1], "*", color="#8c8c8c", markersize=12, label="base")
+            for point in (points[0], points[-1]):
+                axis.annotate(
+                    f"step {point['step']}", (point["task_exact_match"], point[measure]), fontsize=7
+                )
+            axis.set_xlabel("task_exact_match", fontsize=8)
+            axis.set_title(f"{measure} along training", fontsize=9)
+            axis.legend(fontsize=7)
+        for axis in axes[1][len(along) :]:
+            axis.set_visible(False)
     figure.suptitle(f"{report['method']}: base against tuned")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -61,6 +90,20 @@ def write_report(report: Mapping[str, Any], directory: str | Path) -> None:
     directory = Path(directory)
     write_atomic(directory / "report.json", dumps(report, indent=2) + "\n")  # NaN/inf as null
     plot_report(report, directory / "report.png")
+
+
+def trajectory(metrics_file: Path, before: Mapping[str, float]) -> list[dict[str, float]]:
+    """The evaluation metrics along training: the base model at step 0, then every record of
+    metrics.jsonl that holds them (--eval_every, and the end), the last record of a step winning
+    (a resumed run may evaluate a step again)."""
+    points: dict[int, dict[str, float]] = {0: {"step": 0, **before}}
+    if metrics_file.exists():
+        for line in metrics_file.read_text().splitlines():
+            record = json.loads(line)
+            scores = {key: record[key] for key in HIGHER_IS_BETTER if record.get(key) is not None}
+            if scores:
+                points[record["step"]] = {"step": record["step"], **scores}
+    return [points[step] for step in sorted(points)]
 
 
 def run_report(
@@ -76,11 +119,12 @@ def run_report(
     world: int,
     environment: Mapping[str, str],
     memory: Mapping[str, Any] | None = None,
+    trajectory: Sequence[Mapping[str, float]] = (),
 ) -> dict[str, Any]:
     """report.json of a finished run: scores before and after, their ``summary`` (task gain and
     forgetting), drift, the training's cost and the environment. `sizes`: each parameter's
     number of entries (the full tensor's under ZeRO-3); `memory`: each rank's peaks
-    (dsforget.train.memory)."""
+    (dsforget.train.memory); `trajectory`: the scores along training (``trajectory``)."""
     optimizer_bytes = sum(
         t.numel() * t.element_size()
         for s in optimizer.state.values()
@@ -110,6 +154,8 @@ def run_report(
     }
     if memory is not None:
         report["memory"] = dict(memory)
+    if trajectory:
+        report["trajectory"] = [dict(point) for point in trajectory]
     report["summary"] = forgetting_summary(report["before"], report["after"])
     return report
 

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer
 from ..atomic import write_atomic
 from ..data import PaddingCollator
 from ..eval.forgetting import DriftSums, evaluate
-from ..eval.report import print_summary, run_report, write_report
+from ..eval.report import print_summary, run_report, trajectory, write_report
 from ..integration.checkpoint_weights import CheckpointWeights
 from ..integration.distributed import init_distributed, rank0_decides
 from ..integration.export import full_tensors, save_hf_checkpoint
@@ -315,6 +315,7 @@ class FinetuneJob:
             LoopConfig.from_run(config, self.total_steps),
             save=save,
             before_step=before_step,
+            score=self._scores,
         )
         stats = trainer.fit(position)
         self.peaks.mark("train")
@@ -338,7 +339,7 @@ class FinetuneJob:
                 )
             self.peaks.mark("export")
         with faults.collective_phase("scoring the tuned model (report.json)", timeout):
-            after = self._scores()
+            after = stats.scores if stats.scores is not None else self._scores()
             self.peaks.mark("score_tuned")
             moved = self._drift()
             self.peaks.mark("drift")
@@ -357,6 +358,9 @@ class FinetuneJob:
                     world=self.world,
                     environment=environment(),
                     memory=memory,
+                    trajectory=trajectory(
+                        self.output / "metrics.jsonl", json.loads(self.before_file.read_text())
+                    ),
                 )
                 write_report(report, self.output)
                 print_summary(report, self.output)

@@ -168,7 +168,11 @@ class RunConfig:
     output_dir: str = option("runs/lab-mofo", "where config, plan, metrics, checkpoints and the model go")
     save_every: int = option(0, "save a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = option(2, "resumable checkpoints kept on disk (oldest deleted first)")
-    eval_every: int = option(0, "validation loss every N steps (0: only at the end)")
+    eval_every: int = option(
+        0,
+        "every N steps, the validation loss and the evaluation metrics (task exact match, fact recall, "
+        "perplexity: report.json's trajectory, metrics.jsonl, TensorBoard); 0: only at the end",
+    )
     log_every: int = option(10, "metrics line every N steps")
     resume: str = option(
         "auto",

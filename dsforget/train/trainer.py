@@ -39,6 +39,7 @@ class TrainStats:
     step_seconds: list[float] = field(default_factory=list)
     last_loss: float = float("nan")
     validation_loss: float | None = None
+    scores: dict[str, float] | None = None  # the evaluation metrics at the end (Trainer's `score`)
     nonfinite_steps: int = 0  # optimizer steps skipped for inf/NaN gradients, resumes included
     preempted: str | None = None  # the stop signal that ended training early, if one did
 
@@ -73,7 +74,7 @@ class LoopConfig:
     seed: int
     output_dir: Path
     log_every: int
-    eval_every: int  # steps between validation losses; 0: only at the end
+    eval_every: int  # steps between evaluations (validation loss, `score`); 0: only at the end
     save_every: int  # steps between checkpoints; 0: only at the end (or on a stop signal)
     max_nonfinite_steps: int = 10
     comm_timeout_s: float = 0.0
@@ -124,12 +125,14 @@ class Trainer:
         config: LoopConfig,
         save: Callable[[TrainerState], None],
         before_step: Callable[[int], None] | None = None,
+        score: Callable[[], dict[str, float]] | None = None,
     ) -> None:
         from deepspeed import comm
 
         self.engine, self.train, self.validation, self.collate = engine, train, validation, collate
         self.config, self.save = config, save
         self.before_step = before_step  # called with the step number before each optimizer step
+        self.score = score  # the run's evaluation metrics (collective): every eval_every steps and at the end
         self.rank, self.world = comm.get_rank(), comm.get_world_size()
         self.guard: faults.NonFiniteGuard | None = None  # set while fit runs where DeepSpeed has no skip
         self.per_epoch = steps_per_epoch(len(train), config.micro_batch, self.world, config.accumulation)
@@ -192,6 +195,14 @@ class Trainer:
         self.engine.train()
         loss_sum, tokens = self._all_sum([loss_sum, tokens])
         return loss_sum / max(tokens, 1.0)
+
+    def _evaluation(self) -> tuple[dict[str, float], float | None, dict[str, float] | None]:
+        """(the metrics.jsonl record, validation loss, `score`'s metrics) at this step. Collective."""
+        validation = self.validation_loss()
+        scores = self.score() if self.score is not None else None
+        record = {} if validation is None else {"validation_loss": validation}
+        record.update(scores or {})
+        return record, validation, scores
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.rank != 0:
@@ -313,7 +324,9 @@ class Trainer:
                     stats.preempted = stop.received or "a stop signal on another rank"
                     break
                 if config.eval_every and stats.steps % config.eval_every == 0:
-                    self._log({"step": stats.steps, "validation_loss": self.validation_loss()})
+                    record = self._evaluation()[0]
+                    if record:
+                        self._log({"step": stats.steps, **record})
                 if config.save_every and stats.steps % config.save_every == 0:
                     self.save(position)
         bar.close()
@@ -327,10 +340,10 @@ class Trainer:
                 faults.PREEMPTED_EXIT_CODE,
             )
             self._log({"step": stats.steps, "preempted": stats.preempted})
-        else:
-            stats.validation_loss = self.validation_loss()
-            if stats.validation_loss is not None:
-                self._log({"step": stats.steps, "validation_loss": stats.validation_loss})
+        else:  # the end: evaluated here once, the report takes these scores
+            record, stats.validation_loss, stats.scores = self._evaluation()
+            if record:
+                self._log({"step": stats.steps, **record})
         if stats.steps > state.step:  # else the checkpoint it started from already holds this state
             self.save(position)
         if self.writer is not None:

@@ -59,6 +59,8 @@ def trained(tmp_path_factory, lab_cache: Path) -> Path:
         "constant",
         "--log_every",
         "20",
+        "--eval_every",
+        "80",
     )
     return output
 
@@ -88,6 +90,18 @@ def test_loss_falls_task_rises_and_report_holds_numbers(trained: Path) -> None:
     ):
         assert (trained / name).exists(), name
     assert list((trained / "tensorboard").iterdir())
+
+
+def test_scores_along_training_at_each_eval_step_and_once_at_the_end(trained: Path) -> None:
+    """--eval_every 80 of 240 steps: the evaluation metrics at steps 80 and 160 and once at the
+    end, whose scores are the report's "after"; the report's trajectory starts at the base."""
+    scored = [m for m in metrics(trained) if "task_exact_match" in m]
+    assert [m["step"] for m in scored] == [80, 160, 240]
+    assert all({"fact_recall", "general_perplexity"} <= m.keys() for m in scored)
+    report = json.loads((trained / "report.json").read_text())
+    assert [p["step"] for p in report["trajectory"]] == [0, 80, 160, 240]
+    assert report["trajectory"][0] == {"step": 0, **report["before"]}
+    assert report["trajectory"][-1] == {"step": 240, **report["after"]}
 
 
 def test_exported_checkpoint_reproduces_the_trained_weights(trained: Path) -> None:
