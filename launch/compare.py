@@ -1,12 +1,17 @@
-"""Run several methods on the same data and seed, then compare task gain against forgetting.
+"""Run several methods on the same data and seed, then compare forgetting at matched task gain.
 
     python launch/compare.py --methods full,mofo                          # the lab, 2 CPU ranks or all GPUs
+    python launch/compare.py --methods full,mofo --lrs full=3e-4,1e-3 mofo=1e-3,3e-3 -- --max_steps 300
     python launch/compare.py --methods full,mofo --num_gpus 8 -- --model /ckpt/llama --data sft.jsonl
 
-Each method runs launch/finetune.py under DeepSpeed's launcher into <output_dir>/<method>/ with
-the flags after `--`; the side-by-side table is printed and written to compare.json and
-compare.png (task gain against forgetting, one point per method). A method whose folder already
-holds a finished run with exactly these settings (its config.json) is reused and says so; one
+Each method (at each of its --lrs learning rates) runs launch/finetune.py under DeepSpeed's
+launcher into <output_dir>/<method>/ (<method>-lr<lr>/ when it has several) with the flags after
+`--`, evaluating every --eval_every steps (default: a tenth of --max_steps). Printed and written:
+the end-of-run table and compare.json (each run's report), and matched.json: every run's
+forgetting at the task levels all runs reach, interpolated along its trajectory (dsforget.eval.
+matched), the run that forgot least at each level, and each method's best over its learning
+rates; compare.png draws each run's forgetting against its task score along training. A run
+whose folder already holds a finished run with exactly these settings is reused and says so; one
 made with other settings is refused, naming the keys that differ, before anything runs.
 """
 
@@ -18,7 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dsforget.errors import run_main
+from dsforget.errors import ConfigError, run_main
+from dsforget.eval.matched import MEASURES, forgetting_along, format_matched, matched_gain, tuned_view
 from dsforget.experiments.subruns import finetune_command, previous_run, split_passthrough, subrun_env
 from dsforget.strict_json import dumps
 from dsforget.train.run_config import parse_run_config
@@ -54,23 +60,54 @@ def comparison_table(reports: dict[str, dict]) -> str:
 
 
 def plot(reports: dict[str, dict], path: Path) -> None:
+    """Each run's forgetting against its task score along training, one panel per measure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(5, 4))
-    for method, report in reports.items():
-        gain = lookup(report, ("summary", "task_gain")) or 0.0
-        forgetting = lookup(report, ("summary", "perplexity_increase")) or 0.0
-        axis.scatter([forgetting], [gain])
-        axis.annotate(method, (forgetting, gain), textcoords="offset points", xytext=(5, 5))
-    axis.set_xlabel("general perplexity increase (relative)")
-    axis.set_ylabel("task exact-match gain")
-    axis.set_title("task gain against forgetting")
+    figure, axes = plt.subplots(1, len(MEASURES), figsize=(5 * len(MEASURES), 4), squeeze=False)
+    for axis, measure in zip(axes[0], MEASURES, strict=True):
+        for name, report in reports.items():
+            points = [p for p in forgetting_along(report.get("trajectory") or []) if measure in p]
+            if points:
+                axis.plot(
+                    [p["task_exact_match"] for p in points],
+                    [p[measure] for p in points],
+                    "-o",
+                    ms=3,
+                    label=name,
+                )
+        axis.set_xlabel("task exact match")
+        axis.set_ylabel(measure)
+        axis.set_title(f"{measure} along training (lower is better)", fontsize=9)
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def parse_lrs(values: list[str], methods: list[str]) -> dict[str, list[str]]:
+    """--lrs full=3e-4,1e-3 mofo=1e-3 as {method: [lr, ...]}; methods not named run once at the
+    run's own --lr."""
+    lrs: dict[str, list[str]] = {}
+    for value in values:
+        method, _, listed = value.partition("=")
+        if method not in methods or not listed:
+            raise ConfigError(f"--lrs {value!r}: expected METHOD=LR[,LR...] with METHOD one of --methods")
+        try:
+            lrs[method] = [str(float(lr)) for lr in listed.split(",")]
+        except ValueError:
+            raise ConfigError(f"--lrs {value!r}: {listed!r} is not a list of numbers") from None
+    return lrs
+
+
+def with_evaluation(flags: list[str]) -> list[str]:
+    """`flags` with --eval_every set to a tenth of --max_steps when the user set neither it nor epochs."""
+    config = parse_run_config(flags)
+    if config.eval_every or not config.max_steps:
+        return flags
+    return [*flags, "--eval_every", str(max(1, config.max_steps // 10))]
 
 
 def main(argv: list[str]) -> None:
@@ -79,7 +116,13 @@ def main(argv: list[str]) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--methods", default="full,mofo", help="comma-separated methods (default: full,mofo)")
-    parser.add_argument("--output_dir", default="runs/compare", help="one sub-directory per method")
+    parser.add_argument(
+        "--lrs",
+        nargs="*",
+        default=[],
+        help="learning rates per method, METHOD=LR[,LR...] (e.g. full=3e-4,1e-3 mofo=1e-3); default: --lr",
+    )
+    parser.add_argument("--output_dir", default="runs/compare", help="one sub-directory per run")
     parser.add_argument(
         "--num_gpus", type=int, default=None, help="ranks per run (default: all GPUs, or 2 CPU ranks)"
     )
@@ -87,29 +130,44 @@ def main(argv: list[str]) -> None:
     if "--output_dir" in finetune_flags or "--method" in finetune_flags:
         parser.error("--output_dir and --method are set per run by compare.py; pass them before `--`")
     output = Path(args.output_dir)
-    runs = {}
-    for method in args.methods.split(","):  # every run's flags are checked before the first one starts
-        flags = ["--method", method, "--output_dir", str(output / method), *finetune_flags]
-        parse_run_config(flags)
-        runs[method] = (flags, previous_run(output / method, flags))
+    methods = args.methods.split(",")
+    lrs = parse_lrs(args.lrs, methods)
+    runs, method_of = {}, {}
+    for method in methods:  # every run's flags are checked before the first one starts
+        for lr in lrs.get(method, [None]):
+            name, folder, extra = method, method, []
+            if lr is not None and len(lrs[method]) > 1:
+                name, folder = f"{method}@{lr}", f"{method}-lr{lr}"
+            if lr is not None:
+                extra = ["--lr", lr]
+            flags = with_evaluation(
+                ["--method", method, "--output_dir", str(output / folder), *finetune_flags, *extra]
+            )
+            runs[name] = (flags, output / folder, previous_run(output / folder, flags))
+            method_of[name] = method
     reports = {}
-    for method, (flags, previous) in runs.items():
-        run_dir = output / method
+    for name, (flags, run_dir, previous) in runs.items():
         if previous == "finished":
-            print(f"== {method}: reusing the finished run in {run_dir} (same settings)", flush=True)
+            print(f"== {name}: reusing the finished run in {run_dir} (same settings)", flush=True)
         else:
             command = finetune_command(args.num_gpus, *flags)
             resuming = f" (resuming the run in {run_dir})" if previous == "started" else ""
-            print(f"== {method}{resuming}: {' '.join(command)}", flush=True)
+            print(f"== {name}{resuming}: {' '.join(command)}", flush=True)
             status = subprocess.run(command, env=subrun_env()).returncode
             if status != 0:  # the run printed its own error above; its status says which kind
-                print(f"compare: the {method} run ended with status {status}", file=sys.stderr, flush=True)
+                print(f"compare: the {name} run ended with status {status}", file=sys.stderr, flush=True)
                 sys.exit(status if status > 0 else 1)
-        reports[method] = json.loads((run_dir / "report.json").read_text())
+        reports[name] = json.loads((run_dir / "report.json").read_text())
     table = comparison_table(reports)
+    matched = matched_gain({name: report.get("trajectory") or [] for name, report in reports.items()})
+    matched["tuned"] = tuned_view(matched, method_of)
     (output / "compare.json").write_text(dumps(reports, indent=2) + "\n")
+    (output / "matched.json").write_text(dumps(matched, indent=2) + "\n")
     plot(reports, output / "compare.png")
-    print(f"\n{table}\n\n{output / 'compare.json'}, {output / 'compare.png'}", flush=True)
+    print(f"\n{table}\n\n{format_matched(matched)}\n", flush=True)
+    if any("@" in name for name in reports):
+        print(f"best over each method's learning rates\n{format_matched(matched['tuned'])}\n", flush=True)
+    print(f"{output / 'compare.json'}, {output / 'matched.json'}, {output / 'compare.png'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -199,23 +199,34 @@ def test_compare_runs_each_method_and_tabulates(tmp_path: Path, lab_cache: Path)
         str(REPO / "launch" / "compare.py"),
         "--methods",
         "full,mofo,hft",
+        "--lrs",
+        "hft=1e-3,2e-3",
         "--output_dir",
         str(tmp_path),
         "--",
         *TINY_RUN,
         "--max_steps",
         "6",
+        "--eval_every",
+        "3",
         "--no-export",
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = ("full", "mofo", "hft@0.001", "hft@0.002")
     rows = {
         line.split()[0]: line.split()[1:]
         for line in done.stdout.splitlines()
-        if line.startswith(("full ", "mofo ", "hft "))
+        if line.startswith(tuple(f"{run} " for run in runs))
     }
-    assert set(rows) == {"full", "mofo", "hft"} and all(len(cells) == 7 for cells in rows.values())
+    assert set(rows) == set(runs) and all(len(cells) == 7 for cells in rows.values())
     reports = json.loads((tmp_path / "compare.json").read_text())
+    assert reports["hft@0.002"]["train"]["steps"] == 6 and (tmp_path / "hft-lr0.002" / "report.json").exists()
+    for report in reports.values():  # --eval_every 3 of 6 steps: the base, step 3 and the end
+        assert [point["step"] for point in report["trajectory"]] == [0, 3, 6]
+    matched = json.loads((tmp_path / "matched.json").read_text())
+    assert matched["task_metric"] == "task_exact_match" and "levels" in matched and "tuned" in matched
+    assert "at matched task_exact_match" in done.stdout or "no task level" in done.stdout
     assert reports["full"]["plan_digest"] != reports["mofo"]["plan_digest"]
     assert (
         reports["mofo"]["drift"]["all"]["changed_fraction"]
@@ -223,15 +234,15 @@ def test_compare_runs_each_method_and_tabulates(tmp_path: Path, lab_cache: Path)
     )
     # HFT's frozen half has no master copy and no Adam state: optimizer memory falls with it
     memory = {m: reports[m]["train"]["optimizer_state_mib_per_rank"] for m in reports}
-    assert memory["hft"] < 0.75 * memory["full"], memory
-    assert reports["hft"]["trainable_share"] < 0.75
+    assert memory["hft@0.001"] < 0.75 * memory["full"], memory
+    assert reports["hft@0.001"]["trainable_share"] < 0.75
     assert (tmp_path / "compare.png").exists()
 
     # Again: every run is finished with these settings, so each is reused and said to be.
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    for method in ("full", "mofo", "hft"):
-        assert f"== {method}: reusing the finished run in {tmp_path / method} (same settings)" in again.stdout
+    for run, folder in (("full", "full"), ("mofo", "mofo"), ("hft@0.001", "hft-lr0.001")):
+        assert f"== {run}: reusing the finished run in {tmp_path / folder} (same settings)" in again.stdout
     assert json.loads((tmp_path / "compare.json").read_text()) == reports
     # Other settings: refused before anything runs, naming the key (before issue 15 the runs
     # resumed at their last step and the table showed the old numbers as the new ones).

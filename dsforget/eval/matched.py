@@ -1,0 +1,116 @@
+"""Forgetting at matched task gain: methods compared where they reach the same task score along
+their training trajectories, not at one step count.
+
+A run's trajectory (report.json's ``trajectory``: the base model at step 0, then every
+evaluation) is read as a path in the plane (task score, forgetting measure). At a task level L
+the run's forgetting is interpolated linearly between the two evaluations where the task score
+first reaches L; a run that never reaches L has no value there. The levels compared are spread
+over the range every run reaches, so each method is read where it actually was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+TASK = "task_exact_match"
+# forgetting measures derived from the general metrics at a point and at the base (higher: worse)
+MEASURES = {
+    "fact_recall_lost": ("fact_recall", lambda value, base: base - value),
+    "perplexity_increase": ("general_perplexity", lambda value, base: value / base - 1),
+}
+
+
+def forgetting_along(trajectory: Sequence[Mapping[str, float]]) -> list[dict[str, float]]:
+    """Each point of `trajectory` (step 0 first) as its step, task score and forgetting measures."""
+    base = trajectory[0]
+    points = []
+    for point in trajectory:
+        if TASK not in point:
+            continue
+        row = {"step": point["step"], TASK: point[TASK]}
+        for measure, (metric, change) in MEASURES.items():
+            if metric in point and metric in base:
+                row[measure] = change(point[metric], base[metric])
+        points.append(row)
+    return points
+
+
+def at_level(points: Sequence[Mapping[str, float]], level: float, measure: str) -> float | None:
+    """`measure` where the task score first reaches `level` along `points`, linearly interpolated
+    between the two evaluations around it; None when the run never reaches `level`."""
+    for before, after in zip(points, points[1:], strict=False):
+        if before[TASK] >= level:
+            return before.get(measure)
+        if after[TASK] >= level and measure in before and measure in after:
+            share = (level - before[TASK]) / (after[TASK] - before[TASK])
+            return before[measure] + share * (after[measure] - before[measure])
+    if points and points[-1][TASK] >= level:
+        return points[-1].get(measure)
+    return None
+
+
+def common_levels(runs: Mapping[str, Sequence[Mapping[str, float]]], count: int = 4) -> list[float]:
+    """`count` task levels evenly spread above the highest base score up to the best score every
+    run reaches (its trajectory's maximum); empty when some run never improved on the bases."""
+    start = max(points[0][TASK] for points in runs.values())
+    reached = min(max(point[TASK] for point in points) for points in runs.values())
+    if reached <= start:
+        return []
+    return [start + (reached - start) * (index + 1) / count for index in range(count)]
+
+
+def matched_gain(trajectories: Mapping[str, Sequence[Mapping[str, float]]], count: int = 4) -> dict[str, Any]:
+    """The comparison of runs (name: report trajectory): for each common task level, each run's
+    forgetting measures there, and the run that forgot least on each measure."""
+    runs = {name: forgetting_along(trajectory) for name, trajectory in trajectories.items()}
+    runs = {name: points for name, points in runs.items() if points}
+    levels = common_levels(runs, count) if runs else []
+    rows = []
+    for level in levels:
+        row: dict[str, Any] = {"task_level": level, "runs": {}, "least_forgetting": {}}
+        for name, points in runs.items():
+            row["runs"][name] = {measure: at_level(points, level, measure) for measure in MEASURES}
+        for measure in MEASURES:
+            values = {name: v[measure] for name, v in row["runs"].items() if v[measure] is not None}
+            row["least_forgetting"][measure] = min(values, key=values.get) if values else None
+        rows.append(row)
+    return {"task_metric": TASK, "levels": rows}
+
+
+def format_matched(result: Mapping[str, Any]) -> str:
+    """The comparison as text: one block per forgetting measure, a row per task level."""
+    if not result["levels"]:
+        return "matched task gain: no task level that every run reached above the base"
+    names = list(result["levels"][0]["runs"])
+    lines = []
+    for measure in MEASURES:
+        lines.append(f"{measure} at matched {result['task_metric']}")
+        lines.append(f"{'task level':<12}" + "".join(f"{name:>16}" for name in names) + f"{'least':>16}")
+        for row in result["levels"]:
+            cells = "".join(
+                f"{'-' if row['runs'][n][measure] is None else format(row['runs'][n][measure], '+.3f'):>16}"
+                for n in names
+            )
+            lines.append(f"{row['task_level']:<12.3f}{cells}{row['least_forgetting'][measure] or '-':>16}")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def tuned_view(result: Mapping[str, Any], method_of: Mapping[str, str]) -> dict[str, Any]:
+    """Each method's frontier over its runs (e.g. learning rates): at every level, the least
+    forgetting any of its runs shows there, and the method that forgot least."""
+    rows = []
+    for level in result["levels"]:
+        methods: dict[str, dict[str, float | None]] = {}
+        for name, values in level["runs"].items():
+            best = methods.setdefault(method_of[name], dict.fromkeys(MEASURES))
+            for measure, value in values.items():
+                if value is not None and (best[measure] is None or value < best[measure]):
+                    best[measure] = value
+        least = {}
+        for measure in MEASURES:
+            values = {m: v[measure] for m, v in methods.items() if v[measure] is not None}
+            least[measure] = min(values, key=values.get) if values else None
+        rows.append({"task_level": level["task_level"], "runs": methods, "least_forgetting": least})
+    return {"task_metric": result["task_metric"], "levels": rows}

@@ -1,0 +1,50 @@
+"""Forgetting at matched task gain (dsforget.eval.matched) against a hand-computed example."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsforget.eval.matched import at_level, forgetting_along, matched_gain, tuned_view
+
+
+def point(step: int, task: float, recall: float, ppl: float) -> dict:
+    return {"step": step, "task_exact_match": task, "fact_recall": recall, "general_perplexity": ppl}
+
+
+A = [point(0, 0.0, 1.0, 2.0), point(10, 0.4, 0.8, 3.0), point(20, 0.8, 0.9, 2.4)]
+B = [point(0, 0.0, 1.0, 2.0), point(10, 0.2, 0.95, 2.2), point(20, 0.6, 0.83, 2.6)]
+
+
+def test_forgetting_interpolated_where_each_run_reaches_the_common_levels() -> None:
+    """Levels 0.2, 0.4, 0.6 (B reaches 0.6 at most). By hand: A at 0.2 is halfway from the base
+    to step 10 (recall lost 0.1, perplexity +25%); B at 0.4 halfway between its steps 10 and 20."""
+    result = matched_gain({"A": A, "B": B}, count=3)
+    assert [row["task_level"] for row in result["levels"]] == pytest.approx([0.2, 0.4, 0.6])
+    expected = {  # (recall lost, perplexity increase) per level
+        "A": [(0.1, 0.25), (0.2, 0.5), (0.15, 0.35)],
+        "B": [(0.05, 0.1), (0.11, 0.2), (0.17, 0.3)],
+    }
+    for index, row in enumerate(result["levels"]):
+        for run, values in expected.items():
+            lost, increase = values[index]
+            assert row["runs"][run]["fact_recall_lost"] == pytest.approx(lost), (run, index)
+            assert row["runs"][run]["perplexity_increase"] == pytest.approx(increase), (run, index)
+    assert [row["least_forgetting"]["fact_recall_lost"] for row in result["levels"]] == ["B", "B", "A"]
+    assert [row["least_forgetting"]["perplexity_increase"] for row in result["levels"]] == ["B", "B", "B"]
+
+
+def test_a_level_never_reached_has_no_value_and_no_common_level_is_said() -> None:
+    points = forgetting_along(B)
+    assert at_level(points, 0.7, "fact_recall_lost") is None
+    flat = [point(0, 0.0, 1.0, 2.0), point(10, 0.0, 0.5, 4.0)]
+    assert matched_gain({"A": A, "flat": flat})["levels"] == []
+
+
+def test_tuned_view_takes_each_methods_best_run_at_each_level() -> None:
+    worse_a = [point(0, 0.0, 1.0, 2.0), point(10, 0.6, 0.5, 6.0)]
+    result = matched_gain({"a@1e-3": A, "a@3e-3": worse_a, "b": B}, count=3)
+    tuned = tuned_view(result, {"a@1e-3": "a", "a@3e-3": "a", "b": "b"})
+    first = tuned["levels"][0]
+    assert set(first["runs"]) == {"a", "b"}
+    assert first["runs"]["a"]["fact_recall_lost"] == pytest.approx(0.1)  # A's, not worse_a's 1/6
+    assert tuned["levels"][-1]["least_forgetting"]["fact_recall_lost"] == "a"
