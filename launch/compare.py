@@ -2,15 +2,18 @@
 
     python launch/compare.py --methods full,mofo                          # the lab, 2 CPU ranks or all GPUs
     python launch/compare.py --methods full,mofo --lrs full=3e-4,1e-3 mofo=1e-3,3e-3 -- --max_steps 300
+    python launch/compare.py --methods full,hft --plan_seeds hft=0,2,7 -- --max_steps 300
     python launch/compare.py --methods full,mofo --num_gpus 8 -- --model /ckpt/llama --data sft.jsonl
 
 Each method (at each of its --lrs learning rates) runs launch/finetune.py under DeepSpeed's
-launcher into <output_dir>/<method>/ (<method>-lr<lr>/ when it has several) with the flags after
+launcher into <output_dir>/<method>/ (<method>-lr<lr>/ when it has several learning rates,
+-seed<s> for each --plan_seeds draw of a method whose plan is drawn at random) with the flags after
 `--`, evaluating every --eval_every steps (default: a tenth of --max_steps). Printed and written:
 the end-of-run table and compare.json (each run's report), and matched.json: every run's
 forgetting at the task levels all runs reach, interpolated along its trajectory (dsforget.eval.
 matched), the run that forgot least at each level, and each method's best over its learning
-rates; compare.png draws each run's forgetting against its task score along training. A run
+rates, and the spread (mean, lowest, highest) over plan seeds; compare.png draws each run's
+forgetting against its task score along training. A run
 whose folder already holds a finished run with exactly these settings is reused and says so; one
 made with other settings is refused, naming the keys that differ, before anything runs.
 """
@@ -24,8 +27,16 @@ import sys
 from pathlib import Path
 
 from dsforget.errors import ConfigError, run_main
-from dsforget.eval.matched import MEASURES, forgetting_along, format_matched, matched_gain, tuned_view
+from dsforget.eval.matched import (
+    MEASURES,
+    forgetting_along,
+    format_matched,
+    matched_gain,
+    seed_spread,
+    tuned_view,
+)
 from dsforget.experiments.subruns import finetune_command, previous_run, split_passthrough, subrun_env
+from dsforget.methods import METHODS, accepted_options
 from dsforget.strict_json import dumps
 from dsforget.train.run_config import parse_run_config
 
@@ -87,6 +98,25 @@ def plot(reports: dict[str, dict], path: Path) -> None:
     plt.close(figure)
 
 
+def format_spread(spread: dict) -> str:
+    """Mean [lowest, highest] forgetting over each group's seeds, per level and measure."""
+    lines = []
+    for measure in MEASURES:
+        lines.append(f"{measure}: mean [min, max] over seeds")
+        for row in spread["levels"]:
+            cells = []
+            for group, values in row["groups"].items():
+                value = values[measure]
+                text = (
+                    "-"
+                    if value is None
+                    else f"{value['mean']:+.3f} [{value['min']:+.3f}, {value['max']:+.3f}]"
+                )
+                cells.append(f"{group} {text}")
+            lines.append(f"  task {row['task_level']:.3f}: " + "; ".join(cells))
+    return "\n".join(lines)
+
+
 def parse_lrs(values: list[str], methods: list[str]) -> dict[str, list[str]]:
     """--lrs full=3e-4,1e-3 mofo=1e-3 as {method: [lr, ...]}; methods not named run once at the
     run's own --lr."""
@@ -100,6 +130,36 @@ def parse_lrs(values: list[str], methods: list[str]) -> dict[str, list[str]]:
         except ValueError:
             raise ConfigError(f"--lrs {value!r}: {listed!r} is not a list of numbers") from None
     return lrs
+
+
+def parse_seeds(values: list[str], methods: list[str]) -> dict[str, list[int]]:
+    """--plan_seeds hft=0,2,7 as {method: [seed, ...]}: each draws its plan with each seed."""
+    seeds: dict[str, list[int]] = {}
+    for value in values:
+        method, _, listed = value.partition("=")
+        if method not in methods or not listed:
+            raise ConfigError(
+                f"--plan_seeds {value!r}: expected METHOD=SEED[,SEED...] with METHOD one of --methods"
+            )
+        if not any(
+            "seed" in accepted_options(METHODS[part]) for part in method.split("+") if part in METHODS
+        ):
+            raise ConfigError(
+                f"--plan_seeds {value!r}: {method!r} draws no plan at random (no part takes a seed)"
+            )
+        try:
+            seeds[method] = [int(seed) for seed in listed.split(",")]
+        except ValueError:
+            raise ConfigError(f"--plan_seeds {value!r}: {listed!r} is not a list of integers") from None
+    return seeds
+
+
+def with_plan_seed(flags: list[str], seed: int | None) -> list[str]:
+    """`flags` with the plan's seed set in --method_options (the run's other options kept)."""
+    if seed is None:
+        return flags
+    options = dict(parse_run_config(flags).method_options)
+    return [*flags, "--method_options", json.dumps({**options, "seed": seed})]
 
 
 def with_evaluation(flags: list[str]) -> list[str]:
@@ -126,25 +186,35 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--num_gpus", type=int, default=None, help="ranks per run (default: all GPUs, or 2 CPU ranks)"
     )
+    parser.add_argument(
+        "--plan_seeds",
+        nargs="*",
+        default=[],
+        help="plan seeds per method that draws its plan (HFT), METHOD=SEED[,SEED...]: one run per seed, "
+        "the spread over them reported",
+    )
     args = parser.parse_args(ours)
     if "--output_dir" in finetune_flags or "--method" in finetune_flags:
         parser.error("--output_dir and --method are set per run by compare.py; pass them before `--`")
     output = Path(args.output_dir)
     methods = args.methods.split(",")
-    lrs = parse_lrs(args.lrs, methods)
-    runs, method_of = {}, {}
+    lrs, seeds = parse_lrs(args.lrs, methods), parse_seeds(args.plan_seeds, methods)
+    runs, method_of, group_of = {}, {}, {}
     for method in methods:  # every run's flags are checked before the first one starts
         for lr in lrs.get(method, [None]):
-            name, folder, extra = method, method, []
-            if lr is not None and len(lrs[method]) > 1:
-                name, folder = f"{method}@{lr}", f"{method}-lr{lr}"
-            if lr is not None:
-                extra = ["--lr", lr]
-            flags = with_evaluation(
-                ["--method", method, "--output_dir", str(output / folder), *finetune_flags, *extra]
-            )
-            runs[name] = (flags, output / folder, previous_run(output / folder, flags))
-            method_of[name] = method
+            for seed in seeds.get(method, [None]):
+                name, folder, extra = method, method, []
+                if lr is not None:
+                    extra = ["--lr", lr]
+                    if len(lrs[method]) > 1:
+                        name, folder = f"{name}@{lr}", f"{folder}-lr{lr}"
+                group = name
+                if seed is not None:
+                    name, folder = f"{name}/seed{seed}", f"{folder}-seed{seed}"
+                flags = ["--method", method, "--output_dir", str(output / folder), *finetune_flags, *extra]
+                flags = with_evaluation(with_plan_seed(flags, seed))
+                runs[name] = (flags, output / folder, previous_run(output / folder, flags))
+                method_of[name], group_of[name] = method, group
     reports = {}
     for name, (flags, run_dir, previous) in runs.items():
         if previous == "finished":
@@ -161,12 +231,16 @@ def main(argv: list[str]) -> None:
     table = comparison_table(reports)
     matched = matched_gain({name: report.get("trajectory") or [] for name, report in reports.items()})
     matched["tuned"] = tuned_view(matched, method_of)
+    if seeds:
+        matched["seed_spread"] = seed_spread(matched, group_of)
     (output / "compare.json").write_text(dumps(reports, indent=2) + "\n")
     (output / "matched.json").write_text(dumps(matched, indent=2) + "\n")
     plot(reports, output / "compare.png")
     print(f"\n{table}\n\n{format_matched(matched)}\n", flush=True)
     if any("@" in name for name in reports):
         print(f"best over each method's learning rates\n{format_matched(matched['tuned'])}\n", flush=True)
+    if seeds:
+        print(f"spread over plan seeds\n{format_spread(matched['seed_spread'])}\n", flush=True)
     print(f"{output / 'compare.json'}, {output / 'matched.json'}, {output / 'compare.png'}", flush=True)
 
 

@@ -114,3 +114,31 @@ def tuned_view(result: Mapping[str, Any], method_of: Mapping[str, str]) -> dict[
             least[measure] = min(values, key=values.get) if values else None
         rows.append({"task_level": level["task_level"], "runs": methods, "least_forgetting": least})
     return {"task_metric": result["task_metric"], "levels": rows}
+
+
+def seed_spread(result: Mapping[str, Any], group_of: Mapping[str, str]) -> dict[str, Any]:
+    """Runs that differ only in a random draw (e.g. HFT's plan seed) grouped: at every level,
+    the mean, lowest and highest forgetting over the group's runs that reach it, and how many."""
+    rows = []
+    for level in result["levels"]:
+        groups: dict[str, dict[str, list[float]]] = {}
+        for name, values in level["runs"].items():
+            seen = groups.setdefault(group_of[name], {measure: [] for measure in MEASURES})
+            for measure, value in values.items():
+                if value is not None:
+                    seen[measure].append(value)
+        rows.append(
+            {
+                "task_level": level["task_level"],
+                "groups": {
+                    group: {
+                        measure: {"mean": sum(v) / len(v), "min": min(v), "max": max(v), "runs": len(v)}
+                        if v
+                        else None
+                        for measure, v in seen.items()
+                    }
+                    for group, seen in groups.items()
+                },
+            }
+        )
+    return {"task_metric": result["task_metric"], "levels": rows}

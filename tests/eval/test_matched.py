@@ -48,3 +48,18 @@ def test_tuned_view_takes_each_methods_best_run_at_each_level() -> None:
     assert set(first["runs"]) == {"a", "b"}
     assert first["runs"]["a"]["fact_recall_lost"] == pytest.approx(0.1)  # A's, not worse_a's 1/6
     assert tuned["levels"][-1]["least_forgetting"]["fact_recall_lost"] == "a"
+
+
+def test_seed_spread_gives_mean_and_range_over_a_groups_draws() -> None:
+    from dsforget.eval.matched import seed_spread
+
+    result = matched_gain({"hft/seed0": A, "hft/seed1": B, "full": A}, count=3)
+    spread = seed_spread(result, {"hft/seed0": "hft", "hft/seed1": "hft", "full": "full"})
+    first = spread["levels"][0]["groups"]["hft"]["fact_recall_lost"]
+    assert first == {
+        "mean": pytest.approx(0.075),
+        "min": pytest.approx(0.05),
+        "max": pytest.approx(0.1),
+        "runs": 2,
+    }
+    assert spread["levels"][0]["groups"]["full"]["fact_recall_lost"]["runs"] == 1

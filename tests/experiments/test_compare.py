@@ -17,8 +17,19 @@ from launcher import REPO
     [
         (["--methods", "full,mofo", "--", "--lr", "0"], r"error: lr=0\.0 must be > 0"),
         (["--methods", "full,mof"], r"error: .*'mof'"),
+        (["--methods", "full,mofo", "--lrs", "mofo=1e-3,x"], r"error: --lrs 'mofo=1e-3,x'"),
+        (["--methods", "full,mofo", "--lrs", "hft=1e-3"], r"error: --lrs 'hft=1e-3': expected METHOD=LR"),
+        (["--methods", "full,mofo", "--plan_seeds", "mofo=1,2"], r"'mofo' draws no plan at random"),
+        (["--methods", "full,hft", "--plan_seeds", "hft=0,a"], r"'0,a' is not a list of integers"),
     ],
-    ids=["bad-finetune-flag", "unknown-method"],
+    ids=[
+        "bad-finetune-flag",
+        "unknown-method",
+        "lr-not-a-number",
+        "lr-of-another-method",
+        "seed-of-mofo",
+        "bad-seed",
+    ],
 )
 def test_bad_input_is_one_line_with_status_2(tmp_path: Path, flags: list[str], message: str) -> None:
     """Catches compare.py starting a DeepSpeed run with flags it could have checked (the run then

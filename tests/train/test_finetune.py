@@ -200,7 +200,9 @@ def test_compare_runs_each_method_and_tabulates(tmp_path: Path, lab_cache: Path)
         "--methods",
         "full,mofo,hft",
         "--lrs",
-        "hft=1e-3,2e-3",
+        "mofo=1e-3,2e-3",
+        "--plan_seeds",
+        "hft=0,1",
         "--output_dir",
         str(tmp_path),
         "--",
@@ -213,7 +215,7 @@ def test_compare_runs_each_method_and_tabulates(tmp_path: Path, lab_cache: Path)
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    runs = ("full", "mofo", "hft@0.001", "hft@0.002")
+    runs = ("full", "mofo@0.001", "mofo@0.002", "hft/seed0", "hft/seed1")
     rows = {
         line.split()[0]: line.split()[1:]
         for line in done.stdout.splitlines()
@@ -221,27 +223,34 @@ def test_compare_runs_each_method_and_tabulates(tmp_path: Path, lab_cache: Path)
     }
     assert set(rows) == set(runs) and all(len(cells) == 7 for cells in rows.values())
     reports = json.loads((tmp_path / "compare.json").read_text())
-    assert reports["hft@0.002"]["train"]["steps"] == 6 and (tmp_path / "hft-lr0.002" / "report.json").exists()
+    assert (
+        reports["mofo@0.002"]["train"]["steps"] == 6 and (tmp_path / "mofo-lr0.002" / "report.json").exists()
+    )
+    configs = [json.loads((tmp_path / f"hft-seed{seed}" / "config.json").read_text()) for seed in (0, 1)]
+    assert [config["method_options"]["seed"] for config in configs] == [0, 1]
+    assert reports["hft/seed0"]["plan_digest"] != reports["hft/seed1"]["plan_digest"]  # two draws
     for report in reports.values():  # --eval_every 3 of 6 steps: the base, step 3 and the end
         assert [point["step"] for point in report["trajectory"]] == [0, 3, 6]
     matched = json.loads((tmp_path / "matched.json").read_text())
-    assert matched["task_metric"] == "task_exact_match" and "levels" in matched and "tuned" in matched
-    assert "at matched task_exact_match" in done.stdout or "no task level" in done.stdout
-    assert reports["full"]["plan_digest"] != reports["mofo"]["plan_digest"]
     assert (
-        reports["mofo"]["drift"]["all"]["changed_fraction"]
+        matched["task_metric"] == "task_exact_match" and {"levels", "tuned", "seed_spread"} <= matched.keys()
+    )
+    assert "at matched task_exact_match" in done.stdout or "no task level" in done.stdout
+    assert reports["full"]["plan_digest"] != reports["mofo@0.001"]["plan_digest"]
+    assert (
+        reports["mofo@0.001"]["drift"]["all"]["changed_fraction"]
         < reports["full"]["drift"]["all"]["changed_fraction"]
     )
     # HFT's frozen half has no master copy and no Adam state: optimizer memory falls with it
     memory = {m: reports[m]["train"]["optimizer_state_mib_per_rank"] for m in reports}
-    assert memory["hft@0.001"] < 0.75 * memory["full"], memory
-    assert reports["hft@0.001"]["trainable_share"] < 0.75
+    assert memory["hft/seed0"] < 0.75 * memory["full"], memory
+    assert reports["hft/seed0"]["trainable_share"] < 0.75
     assert (tmp_path / "compare.png").exists()
 
     # Again: every run is finished with these settings, so each is reused and said to be.
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    for run, folder in (("full", "full"), ("mofo", "mofo"), ("hft@0.001", "hft-lr0.001")):
+    for run, folder in (("full", "full"), ("mofo@0.001", "mofo-lr0.001"), ("hft/seed1", "hft-seed1")):
         assert f"== {run}: reusing the finished run in {tmp_path / folder} (same settings)" in again.stdout
     assert json.loads((tmp_path / "compare.json").read_text()) == reports
     # Other settings: refused before anything runs, naming the key (before issue 15 the runs
