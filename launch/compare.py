@@ -100,6 +100,8 @@ def plot(reports: dict[str, dict], path: Path) -> None:
 
 def format_spread(spread: dict) -> str:
     """Mean [lowest, highest] forgetting over each group's seeds, per level and measure."""
+    if not spread["levels"]:
+        return "no task level that every run reached above the base"
     lines = []
     for measure in MEASURES:
         lines.append(f"{measure}: mean [min, max] over seeds")
