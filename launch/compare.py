@@ -31,6 +31,7 @@ from dsforget.eval.matched import (
     MEASURES,
     forgetting_along,
     format_matched,
+    format_spread,
     matched_gain,
     seed_spread,
     tuned_view,
@@ -98,62 +99,44 @@ def plot(reports: dict[str, dict], path: Path) -> None:
     plt.close(figure)
 
 
-def format_spread(spread: dict) -> str:
-    """Mean [lowest, highest] forgetting over each group's seeds, per level and measure."""
-    if not spread["levels"]:
-        return "no task level that every run reached above the base"
-    lines = []
-    for measure in MEASURES:
-        lines.append(f"{measure}: mean [min, max] over seeds")
-        for row in spread["levels"]:
-            cells = []
-            for group, values in row["groups"].items():
-                value = values[measure]
-                text = (
-                    "-"
-                    if value is None
-                    else f"{value['mean']:+.3f} [{value['min']:+.3f}, {value['max']:+.3f}]"
-                )
-                cells.append(f"{group} {text}")
-            lines.append(f"  task {row['task_level']:.3f}: " + "; ".join(cells))
-    return "\n".join(lines)
+def per_method(
+    flag: str, values: list[str], methods: list[str], item: str, convert, kind: str, refuse=None
+) -> dict:
+    """`flag METHOD=X[,X...] ...` as {method: [convert(X), ...]}, METHOD one of --methods;
+    `refuse(method)`, when given, says why a method cannot take the flag (None: it can)."""
+    found: dict[str, list] = {}
+    for value in values:
+        method, _, listed = value.partition("=")
+        if method not in methods or not listed:
+            raise ConfigError(
+                f"{flag} {value!r}: expected METHOD={item}[,{item}...] with METHOD one of --methods"
+            )
+        reason = refuse(method) if refuse is not None else None
+        if reason:
+            raise ConfigError(f"{flag} {value!r}: {reason}")
+        try:
+            found[method] = [convert(x) for x in listed.split(",")]
+        except ValueError:
+            raise ConfigError(f"{flag} {value!r}: {listed!r} is not a list of {kind}") from None
+    return found
 
 
 def parse_lrs(values: list[str], methods: list[str]) -> dict[str, list[str]]:
     """--lrs full=3e-4,1e-3 mofo=1e-3 as {method: [lr, ...]}; methods not named run once at the
     run's own --lr."""
-    lrs: dict[str, list[str]] = {}
-    for value in values:
-        method, _, listed = value.partition("=")
-        if method not in methods or not listed:
-            raise ConfigError(f"--lrs {value!r}: expected METHOD=LR[,LR...] with METHOD one of --methods")
-        try:
-            lrs[method] = [str(float(lr)) for lr in listed.split(",")]
-        except ValueError:
-            raise ConfigError(f"--lrs {value!r}: {listed!r} is not a list of numbers") from None
-    return lrs
+    return per_method("--lrs", values, methods, "LR", lambda lr: str(float(lr)), "numbers")
+
+
+def draws_nothing(method: str) -> str | None:
+    """Why `method` cannot take plan seeds: no part of it draws its plan at random."""
+    if any("seed" in accepted_options(METHODS[part]) for part in method.split("+") if part in METHODS):
+        return None
+    return f"{method!r} draws no plan at random (no part takes a seed)"
 
 
 def parse_seeds(values: list[str], methods: list[str]) -> dict[str, list[int]]:
     """--plan_seeds hft=0,2,7 as {method: [seed, ...]}: each draws its plan with each seed."""
-    seeds: dict[str, list[int]] = {}
-    for value in values:
-        method, _, listed = value.partition("=")
-        if method not in methods or not listed:
-            raise ConfigError(
-                f"--plan_seeds {value!r}: expected METHOD=SEED[,SEED...] with METHOD one of --methods"
-            )
-        if not any(
-            "seed" in accepted_options(METHODS[part]) for part in method.split("+") if part in METHODS
-        ):
-            raise ConfigError(
-                f"--plan_seeds {value!r}: {method!r} draws no plan at random (no part takes a seed)"
-            )
-        try:
-            seeds[method] = [int(seed) for seed in listed.split(",")]
-        except ValueError:
-            raise ConfigError(f"--plan_seeds {value!r}: {listed!r} is not a list of integers") from None
-    return seeds
+    return per_method("--plan_seeds", values, methods, "SEED", int, "integers", refuse=draws_nothing)
 
 
 def with_plan_seed(flags: list[str], seed: int | None) -> list[str]:

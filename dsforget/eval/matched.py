@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 TASK = "task_exact_match"
+NO_COMMON_LEVEL = "no task level that every run reached above the base"
 # forgetting measures derived from the general metrics at a point and at the base (higher: worse)
 MEASURES = {
     "fact_recall_lost": ("fact_recall", lambda value, base: base - value),
@@ -60,6 +61,12 @@ def common_levels(runs: Mapping[str, Sequence[Mapping[str, float]]], count: int 
     return [start + (reached - start) * (index + 1) / count for index in range(count)]
 
 
+def _least(values: Mapping[str, float | None]) -> str | None:
+    """The name whose value is lowest, ignoring None; None when there is none."""
+    present = {name: value for name, value in values.items() if value is not None}
+    return min(present, key=present.get) if present else None
+
+
 def matched_gain(trajectories: Mapping[str, Sequence[Mapping[str, float]]], count: int = 4) -> dict[str, Any]:
     """The comparison of runs (name: report trajectory): for each common task level, each run's
     forgetting measures there, and the run that forgot least on each measure."""
@@ -72,8 +79,7 @@ def matched_gain(trajectories: Mapping[str, Sequence[Mapping[str, float]]], coun
         for name, points in runs.items():
             row["runs"][name] = {measure: at_level(points, level, measure) for measure in MEASURES}
         for measure in MEASURES:
-            values = {name: v[measure] for name, v in row["runs"].items() if v[measure] is not None}
-            row["least_forgetting"][measure] = min(values, key=values.get) if values else None
+            row["least_forgetting"][measure] = _least({name: v[measure] for name, v in row["runs"].items()})
         rows.append(row)
     return {"task_metric": TASK, "levels": rows}
 
@@ -81,7 +87,7 @@ def matched_gain(trajectories: Mapping[str, Sequence[Mapping[str, float]]], coun
 def format_matched(result: Mapping[str, Any]) -> str:
     """The comparison as text: one block per forgetting measure, a row per task level."""
     if not result["levels"]:
-        return "matched task gain: no task level that every run reached above the base"
+        return f"matched task gain: {NO_COMMON_LEVEL}"
     names = list(result["levels"][0]["runs"])
     lines = []
     for measure in MEASURES:
@@ -108,10 +114,7 @@ def tuned_view(result: Mapping[str, Any], method_of: Mapping[str, str]) -> dict[
             for measure, value in values.items():
                 if value is not None and (best[measure] is None or value < best[measure]):
                     best[measure] = value
-        least = {}
-        for measure in MEASURES:
-            values = {m: v[measure] for m, v in methods.items() if v[measure] is not None}
-            least[measure] = min(values, key=values.get) if values else None
+        least = {measure: _least({m: v[measure] for m, v in methods.items()}) for measure in MEASURES}
         rows.append({"task_level": level["task_level"], "runs": methods, "least_forgetting": least})
     return {"task_metric": result["task_metric"], "levels": rows}
 
@@ -142,3 +145,24 @@ def seed_spread(result: Mapping[str, Any], group_of: Mapping[str, str]) -> dict[
             }
         )
     return {"task_metric": result["task_metric"], "levels": rows}
+
+
+def format_spread(spread: Mapping[str, Any]) -> str:
+    """Mean [lowest, highest] forgetting over each group's seeds, per level and measure."""
+    if not spread["levels"]:
+        return NO_COMMON_LEVEL
+    lines = []
+    for measure in MEASURES:
+        lines.append(f"{measure}: mean [min, max] over seeds")
+        for row in spread["levels"]:
+            cells = []
+            for group, values in row["groups"].items():
+                value = values[measure]
+                text = (
+                    "-"
+                    if value is None
+                    else f"{value['mean']:+.3f} [{value['min']:+.3f}, {value['max']:+.3f}]"
+                )
+                cells.append(f"{group} {text}")
+            lines.append(f"  task {row['task_level']:.3f}: " + "; ".join(cells))
+    return "\n".join(lines)

@@ -8,6 +8,7 @@ safetensors files are memory-mapped (``safe_open``); ``pytorch_model*.bin`` file
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,8 @@ class CheckpointWeights:
         self.prefix = f"{base_model_prefix}." if base_model_prefix else ""
         self._open: dict[str, Any] = {}
         self._file_of = self._weight_map()
-        self._unread: dict[str, int] = {}
-        for file in self._file_of.values():
-            self._unread[file] = self._unread.get(file, 0) + 1
+        self._tensors_in = Counter(self._file_of.values())
+        self._unread = dict(self._tensors_in)
 
     def _weight_map(self) -> dict[str, str]:
         for index in _INDEXES:
@@ -78,6 +78,6 @@ class CheckpointWeights:
                 self._unread[file] -= 1
                 if self._unread[file] == 0:
                     del self._open[file]  # unmapped: a later get of this file maps it again
-                    self._unread[file] = sum(1 for f in self._file_of.values() if f == file)
+                    self._unread[file] = self._tensors_in[file]
                 return tensor
         return None

@@ -24,6 +24,12 @@ from ..optim.params import full_shape
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' default max_shard_size for save_pretrained
 
 
+def _persistent_buffers(module: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """The buffers a state dict holds (not the non-persistent ones, e.g. rotary tables)."""
+    persistent = module.state_dict().keys()  # keys only: nothing is gathered here
+    return ((name, buffer) for name, buffer in module.named_buffers() if name in persistent)
+
+
 def full_tensors(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """Each parameter, then each persistent buffer, of the engine's model in full, one at a time
     on the accelerator; a tensor is valid until the next is asked for. Under ZeRO-3 collective:
@@ -37,10 +43,8 @@ def full_tensors(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
     for name, param in module.named_parameters():
         with deepspeed.zero.GatheredParameters([param], enabled=zero3):
             yield name, param.detach()
-    persistent = module.state_dict().keys()  # keys only: nothing is gathered here
-    for name, buffer in module.named_buffers():
-        if name in persistent:
-            yield name, buffer.detach()
+    for name, buffer in _persistent_buffers(module):
+        yield name, buffer.detach()
 
 
 def _shard_plan(engine: Any, max_shard_size: int | str) -> Any:
@@ -48,15 +52,13 @@ def _shard_plan(engine: Any, max_shard_size: int | str) -> Any:
     from huggingface_hub import split_torch_state_dict_into_shards
 
     module = engine.module
-    persistent = module.state_dict().keys()
     sizes = {
         name: torch.empty(full_shape(param), dtype=param.dtype, device="meta")
         for name, param in module.named_parameters()
     }
     sizes.update(
         (name, torch.empty(buffer.shape, dtype=buffer.dtype, device="meta"))
-        for name, buffer in module.named_buffers()
-        if name in persistent
+        for name, buffer in _persistent_buffers(module)
     )
     return split_torch_state_dict_into_shards(sizes, max_shard_size=max_shard_size)
 

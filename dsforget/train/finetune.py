@@ -346,21 +346,20 @@ class FinetuneJob:
             memory = peak_memory_of_ranks(self.world, self.peaks)  # export and scoring done
             report = None
             if self.rank == 0:
+                before = json.loads(self.before_file.read_text())
                 report = run_report(
                     config=self.config,
                     plan=self.plan,
                     optimizer=self.optimizer,
                     sizes={name: math.prod(full_shape(p)) for name, p in self.model.named_parameters()},
-                    before=json.loads(self.before_file.read_text()),
+                    before=before,
                     after=after,
                     drift=moved,
                     stats=stats,
                     world=self.world,
                     environment=environment(),
                     memory=memory,
-                    trajectory=trajectory(
-                        self.output / "metrics.jsonl", json.loads(self.before_file.read_text())
-                    ),
+                    trajectory=trajectory(self.output / "metrics.jsonl", before),
                 )
                 write_report(report, self.output)
                 print_summary(report, self.output)
