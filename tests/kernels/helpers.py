@@ -23,6 +23,7 @@ from dsforget.kernels import (
     SegmentTable,
     abs_histogram,
     level_bins,
+    masked_adamw,
     refine,
     update_moments,
 )
@@ -128,6 +129,20 @@ def random_state(shard: Shard, seed: int, grad_dtype: torch.dtype = torch.float3
 
 def clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.clone() for name, tensor in state.items()}
+
+
+def masked_adamw_on(state: dict[str, torch.Tensor], table, thresholds, scalars, backend: str, **options):
+    """``masked_adamw`` on a `random_state` dict's param and moments; returns what it returns."""
+    return masked_adamw(
+        state["param"],
+        state["exp_avg"],
+        state["exp_avg_sq"],
+        table,
+        thresholds,
+        scalars,
+        backend=backend,
+        **options,
+    )
 
 
 # ------------------------------------------------------------------------------ assertions

@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 import torch
-from dsforget.kernels import DENSE, SegmentTable, masked_adamw, topk_adamw_step
+from dsforget.kernels import DENSE, SegmentTable, topk_adamw_step
 from dsforget.kernels.masked_update import AdamWScalars, CounterCorrections
 from helpers import (
     BETA1,
@@ -23,6 +23,7 @@ from helpers import (
     build_shard,
     clone,
     fused_backends,
+    masked_adamw_on,
     random_state,
 )
 from test_masked_update import thresholds_with_ties
@@ -70,18 +71,9 @@ def test_masked_adamw_corrects_each_segment_by_its_own_count(backend, device, si
         uniform = AdamWScalars.at_step(count, **HYPER)
         assert uniform == scalars.for_counter(counter)
         part = only_counter(shard.table, counter)
-        args = (expected["exp_avg"], expected["exp_avg_sq"], part, thresholds, uniform)
-        masked_adamw(expected["param"], *args, backend="torch")
+        masked_adamw_on(expected, part, thresholds, uniform, "torch")
     for state, name in ((reference, "torch"), (actual, backend)):
-        masked_adamw(
-            state["param"],
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            shard.table,
-            thresholds,
-            scalars,
-            backend=name,
-        )
+        masked_adamw_on(state, shard.table, thresholds, scalars, name)
     covered = shard.covered
     assert_bitwise(reference["param"], expected["param"], "torch reference, per counter")
     assert_close(actual["param"][covered], expected["param"][covered], "param")
@@ -104,15 +96,7 @@ def test_per_counter_constants_equal_the_scalar_ones_bit_for_bit(backend, device
     per_counter = dataclasses.replace(uniform, per_counter=corrections)
     scalar_path, counter_path = clone(before), clone(before)
     for state, scalars in ((scalar_path, uniform), (counter_path, per_counter)):
-        masked_adamw(
-            state["param"],
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            shard.table,
-            thresholds,
-            scalars,
-            backend=backend,
-        )
+        masked_adamw_on(state, shard.table, thresholds, scalars, backend)
     assert_bitwise(counter_path["param"], scalar_path["param"], "param")
     assert not torch.equal(counter_path["param"], before["param"])
 

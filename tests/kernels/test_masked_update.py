@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dsforget.kernels import DENSE, abs_histogram, level_bins, masked_adamw, update_moments
+from dsforget.kernels import DENSE, abs_histogram, level_bins, update_moments
 from dsforget.kernels.masked_update import DEFER_SHIFT, NO_DEFERRAL, AdamWScalars
 from dsforget.kernels.radix import abs_bits
 from helpers import (
@@ -22,6 +22,7 @@ from helpers import (
     build_shard,
     clone,
     fused_backends,
+    masked_adamw_on,
     random_state,
 )
 
@@ -68,15 +69,7 @@ def test_masked_adamw_matches_reference(backend, device, size, weight_decay, dec
     expected, actual = clone(before), clone(before)
     scalars = AdamWScalars(**UPDATE, weight_decay=weight_decay, decay_selected_only=decay_selected_only)
     for state, name in ((expected, "torch"), (actual, backend)):
-        masked_adamw(
-            state["param"],
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            shard.table,
-            thresholds,
-            scalars,
-            backend=name,
-        )
+        masked_adamw_on(state, shard.table, thresholds, scalars, name)
     covered = shard.covered
     assert_close(actual["param"][covered], expected["param"][covered], "param")
     for name in ("grad", "exp_avg", "exp_avg_sq"):
@@ -122,16 +115,14 @@ def test_masked_adamw_defers_the_bins_it_is_told(backend, device, size):
 
     def update(backend_name: str, capacity: int):
         state = clone(before)
-        deferred = masked_adamw(
-            state["param"],
-            state["exp_avg"],
-            state["exp_avg_sq"],
+        deferred = masked_adamw_on(
+            state,
             shard.table,
             passed,
             scalars,
+            backend_name,
             defer_prefix=defer_prefix,
             defer_capacity=capacity,
-            backend=backend_name,
         )
         return state, deferred
 
@@ -159,14 +150,12 @@ def test_nothing_selected_leaves_param_bit_for_bit(backend, device, size):
     after = clone(before)
     # 0x7f800000 is +inf's bit pattern: no finite |m| reaches it
     thresholds = torch.full((2,), 0x7F800000, dtype=torch.int64, device=device)
-    masked_adamw(
-        after["param"],
-        after["exp_avg"],
-        after["exp_avg_sq"],
+    masked_adamw_on(
+        after,
         shard.table,
         thresholds,
         AdamWScalars(**UPDATE, weight_decay=0.0, decay_selected_only=False),
-        backend=backend,
+        backend,
     )
     assert_bitwise(after["param"], before["param"], "param")
 
@@ -184,14 +173,12 @@ def test_shard_without_topk_blocks(backend, device, size):
         moments = (state["grad"], state["exp_avg"], state["exp_avg_sq"], shard.table)
         update_moments(*moments, beta1=BETA1, beta2=BETA2, histogram=histogram, backend=name)
         abs_histogram(state["exp_avg"], shard.table, no_blocks, 1, histogram[:, :1024], backend=name)
-        masked_adamw(
-            state["param"],
-            state["exp_avg"],
-            state["exp_avg_sq"],
+        masked_adamw_on(
+            state,
             shard.table,
             no_blocks,
             AdamWScalars(**UPDATE, weight_decay=0.1, decay_selected_only=True),
-            backend=name,
+            name,
         )
     for name in ("param", "exp_avg", "exp_avg_sq"):
         assert_close(actual[name][shard.covered], expected[name][shard.covered], name)

@@ -33,6 +33,7 @@ from helpers import (
     assert_padding_untouched,
     clone,
     fused_backends,
+    masked_adamw_on,
     random_state,
     run_ranks,
     select_thresholds,
@@ -115,15 +116,7 @@ def test_hinted_deferring_step_equals_the_three_pass_step(backend, device, defer
         hints = run_ranks(step_on_rank, 2)
         radix = select_thresholds(shards, expected, "torch")
         for shard, state in zip(shards, expected, strict=True):
-            masked_adamw(
-                state["param"],
-                state["exp_avg"],
-                state["exp_avg_sq"],
-                shard.table,
-                radix.threshold,
-                AdamWScalars.at_step(step, **hyper),
-                backend="torch",
-            )
+            masked_adamw_on(state, shard.table, radix.threshold, AdamWScalars.at_step(step, **hyper), "torch")
         for rank in range(2):
             expected_prefix = radix.threshold >> HINT_SHIFT
             assert_bitwise(hints[rank].prefix, expected_prefix, f"step {step} rank {rank} hints")
@@ -176,14 +169,12 @@ def test_three_ops_select_exactly_the_per_block_topk(backend, device):
     levels_seen: list[int] = []
     radix = select_thresholds(shards, states, backend, levels_seen)
     for shard, state in zip(shards, states, strict=True):
-        masked_adamw(
-            state["param"],
-            state["exp_avg"],
-            state["exp_avg_sq"],
+        masked_adamw_on(
+            state,
             shard.table,
             radix.threshold,
             AdamWScalars(**UPDATE, weight_decay=0.0, decay_selected_only=False),
-            backend=backend,
+            backend,
         )
 
     assert levels_seen == [0, 1, 2], "the tied block needs all three levels"
@@ -231,14 +222,12 @@ def test_fraction_one_equals_torch_adamw(backend, device, size):
     }
     reference.step()
     radix = select_thresholds([shard], [state], backend)
-    masked_adamw(
-        state["param"],
-        state["exp_avg"],
-        state["exp_avg_sq"],
+    masked_adamw_on(
+        state,
         table,
         radix.threshold,
         AdamWScalars(**UPDATE, weight_decay=0.1, decay_selected_only=False),
-        backend=backend,
+        backend,
     )
     covered = shard.covered
     assert_close(state["param"][covered], param.detach()[covered], "param vs torch.optim.AdamW", atol=1e-6)
