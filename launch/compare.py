@@ -44,6 +44,7 @@ from dsforget.train.run_config import parse_run_config
 COLUMNS = (  # (title, report path, format)
     ("task gain", ("summary", "task_gain"), "{:+.3f}"),
     ("recall lost", ("summary", "fact_recall_lost"), "{:+.3f}"),
+    ("skills lost", ("summary", "skills_lost"), "{:+.3f}"),
     ("ppl increase", ("summary", "perplexity_increase"), "{:+.2%}"),
     ("drift L2", ("drift", "all", "relative_l2"), "{:.4f}"),
     ("changed", ("drift", "all", "changed_fraction"), "{:.1%}"),
@@ -78,10 +79,14 @@ def plot(reports: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(MEASURES), figsize=(5 * len(MEASURES), 4), squeeze=False)
-    for axis, measure in zip(axes[0], MEASURES, strict=True):
-        for name, report in reports.items():
-            points = [p for p in forgetting_along(report.get("trajectory") or []) if measure in p]
+    along = {name: forgetting_along(report.get("trajectory") or []) for name, report in reports.items()}
+    measures = [m for m in MEASURES if any(m in p for points in along.values() for p in points)] or list(
+        MEASURES
+    )
+    figure, axes = plt.subplots(1, len(measures), figsize=(5 * len(measures), 4), squeeze=False)
+    for axis, measure in zip(axes[0], measures, strict=True):
+        for name, points in along.items():
+            points = [p for p in points if measure in p]
             if points:
                 axis.plot(
                     [p["task_exact_match"] for p in points],

@@ -4,6 +4,7 @@ Metrics are computed before and after fine-tuning, by one process on a plain mod
 rank on its slice of the items with the model DeepSpeed holds (``Ranks``):
 - ``task_exact_match``: greedy answers to held-out task records that equal the reference;
 - ``fact_recall`` (lab): facts from pretraining still produced exactly;
+- ``skill_exact_match`` (aligned lab): held-out lists of the chat skills the base could do;
 - ``general_perplexity``: perplexity on general text the model was not fine-tuned on.
 Drift is per module type: relative L2 distance ||W - W0|| / ||W0|| and the fraction of entries
 that changed at all (MoFO and HFT leave most entries bit-identical; full fine-tuning does not).
@@ -23,7 +24,12 @@ import torch
 from ..lab.corpus import Fact
 from ..lab.evaluate import ONE_PROCESS, Ranks, fact_recall, perplexity, task_exact_match
 
-HIGHER_IS_BETTER = {"task_exact_match": True, "fact_recall": True, "general_perplexity": False}
+HIGHER_IS_BETTER = {
+    "task_exact_match": True,
+    "fact_recall": True,
+    "skill_exact_match": True,
+    "general_perplexity": False,
+}
 
 # Module type of a parameter, by name (Llama, Qwen2, Mistral and GPT-2 naming).
 _CATEGORIES = (
@@ -49,6 +55,7 @@ class EvalSources:
     task_records: Sequence[dict] = field(default_factory=list)
     facts: Sequence[Fact] = field(default_factory=list)
     general_texts: Sequence[str] = field(default_factory=list)
+    skill_records: Sequence[dict] = field(default_factory=list)
 
 
 def evaluate(
@@ -68,6 +75,10 @@ def evaluate(
         )
     if sources.facts:
         metrics["fact_recall"] = fact_recall(model, tokenizer, sources.facts, ranks=ranks, **sizes)
+    if sources.skill_records:
+        metrics["skill_exact_match"] = task_exact_match(
+            model, tokenizer, sources.skill_records, ranks=ranks, **sizes
+        )
     if sources.general_texts:
         metrics["general_perplexity"] = perplexity(
             model, tokenizer, sources.general_texts, ranks=ranks, **sizes
@@ -129,6 +140,8 @@ def forgetting_summary(before: Mapping[str, float], after: Mapping[str, float]) 
         summary["task_gain"] = after["task_exact_match"] - before["task_exact_match"]
     if "fact_recall" in before:
         summary["fact_recall_lost"] = before["fact_recall"] - after["fact_recall"]
+    if "skill_exact_match" in before:
+        summary["skills_lost"] = before["skill_exact_match"] - after["skill_exact_match"]
     if "general_perplexity" in before:
         summary["perplexity_increase"] = after["general_perplexity"] / before["general_perplexity"] - 1
     return summary

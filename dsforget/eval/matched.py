@@ -18,6 +18,7 @@ NO_COMMON_LEVEL = "no task level that every run reached above the base"
 # forgetting measures derived from the general metrics at a point and at the base (higher: worse)
 MEASURES = {
     "fact_recall_lost": ("fact_recall", lambda value, base: base - value),
+    "skills_lost": ("skill_exact_match", lambda value, base: base - value),
     "perplexity_increase": ("general_perplexity", lambda value, base: value / base - 1),
 }
 
@@ -62,9 +63,13 @@ def common_levels(runs: Mapping[str, Sequence[Mapping[str, float]]], count: int 
 
 
 def _least(values: Mapping[str, float | None]) -> str | None:
-    """The name whose value is lowest, ignoring None; None when there is none."""
+    """The name whose value is lowest, ignoring None; tied names joined by ' = ' (a measure every
+    run lost alike favours none); None when there is none."""
     present = {name: value for name, value in values.items() if value is not None}
-    return min(present, key=present.get) if present else None
+    if not present:
+        return None
+    lowest = min(present.values())
+    return " = ".join(name for name, value in present.items() if abs(value - lowest) <= 1e-9)
 
 
 def matched_gain(trajectories: Mapping[str, Sequence[Mapping[str, float]]], count: int = 4) -> dict[str, Any]:
@@ -84,13 +89,22 @@ def matched_gain(trajectories: Mapping[str, Sequence[Mapping[str, float]]], coun
     return {"task_metric": TASK, "levels": rows}
 
 
+def measured(result: Mapping[str, Any]) -> list[str]:
+    """The forgetting measures some run has a value for (e.g. skills_lost only in an aligned lab)."""
+    return [
+        measure
+        for measure in MEASURES
+        if any(values.get(measure) is not None for row in result["levels"] for values in row["runs"].values())
+    ]
+
+
 def format_matched(result: Mapping[str, Any]) -> str:
     """The comparison as text: one block per forgetting measure, a row per task level."""
     if not result["levels"]:
         return f"matched task gain: {NO_COMMON_LEVEL}"
     names = list(result["levels"][0]["runs"])
     lines = []
-    for measure in MEASURES:
+    for measure in measured(result):
         lines.append(f"{measure} at matched {result['task_metric']}")
         lines.append(f"{'task level':<12}" + "".join(f"{name:>16}" for name in names) + f"{'least':>16}")
         for row in result["levels"]:
@@ -153,6 +167,8 @@ def format_spread(spread: Mapping[str, Any]) -> str:
         return NO_COMMON_LEVEL
     lines = []
     for measure in MEASURES:
+        if all(values[measure] is None for row in spread["levels"] for values in row["groups"].values()):
+            continue
         lines.append(f"{measure}: mean [min, max] over seeds")
         for row in spread["levels"]:
             cells = []

@@ -36,7 +36,8 @@ def _trajectory_panels(report: Mapping[str, Any]) -> list[str]:
     with_task = [p for p in points if "task_exact_match" in p]
     if len(with_task) < 2:
         return []
-    return [m for m in ("fact_recall", "general_perplexity") if all(m in p for p in with_task)]
+    measures = ("fact_recall", "skill_exact_match", "general_perplexity")
+    return [m for m in measures if all(m in p for p in with_task)]
 
 
 def plot_report(report: Mapping[str, Any], path: str | Path) -> None:

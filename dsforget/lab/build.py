@@ -12,6 +12,7 @@ import fcntl
 import json
 import logging
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -21,9 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from ..data import load_conversations
+from ..data import load_conversations, render, to_conversation
 from ..data_cache import cache_root
 from .config import LabConfig
 from .corpus import Fact, chance_recall, generate_corpus, read_facts, read_texts, write_jsonl
@@ -65,6 +66,12 @@ class LabArtifacts:
         return self.root / "data" / "task_eval.jsonl"
 
     @property
+    def skill_eval(self) -> Path:
+        """Instruction JSONL of held-out lists of the chat skills an aligned base was pretrained
+        on (empty for a lab without skills): versatility that fine-tuning may erode."""
+        return self.root / "data" / "skill_eval.jsonl"
+
+    @property
     def general_heldout(self) -> Path:
         """``{"text": ...}`` JSONL of general text the base model never saw, for perplexity."""
         return self.root / "data" / "general_heldout.jsonl"
@@ -86,8 +93,15 @@ class LabArtifacts:
         return read_texts(self.general_heldout)
 
     def load_task_eval(self) -> list[dict]:
-        with open(self.task_eval, encoding="utf-8") as file:
-            return [json.loads(line) for line in file]
+        return _read_records(self.task_eval)
+
+    def load_skill_eval(self) -> list[dict]:
+        return _read_records(self.skill_eval)
+
+
+def _read_records(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as file:
+        return [json.loads(line) for line in file]
 
 
 def default_cache_root() -> Path:
@@ -148,26 +162,38 @@ def _build_and_publish(config: LabConfig, target: Path) -> None:
         raise
 
 
+def chat_document(tokenizer: PreTrainedTokenizerBase, record: dict[str, str]) -> str:
+    """An instruction record as pretraining text: its chat rendering less the leading bos and the
+    final eos, which the pretraining token stream adds around every document."""
+    text = render(tokenizer, to_conversation(record, "a lab chat example"))
+    return text.removeprefix(tokenizer.bos_token).removesuffix(tokenizer.eos_token)
+
+
 def _build(config: LabConfig, root: Path) -> None:
     start = time.perf_counter()
     artifacts = LabArtifacts(root, config)
     corpus = generate_corpus(config)
     artifacts.task_train.parent.mkdir(parents=True)
-    write_jsonl(artifacts.general_train, ({"text": text} for text in corpus.pretrain_documents))
     write_jsonl(artifacts.general_heldout, ({"text": text} for text in corpus.heldout_documents))
     write_jsonl(artifacts.facts, (asdict(fact) for fact in corpus.facts))
     write_jsonl(artifacts.task_train, corpus.task_train)
     write_jsonl(artifacts.task_eval, corpus.task_eval)
+    write_jsonl(artifacts.skill_eval, corpus.skill_eval)
     load_conversations(artifacts.task_train)  # the task files must pass the data pipeline's checks
 
-    task_texts = [
-        f"{example['instruction']}\n\n{example['input']}\n{example['output']}"
-        for example in corpus.task_train
+    chat_texts = [
+        f"{example['instruction']}\n\n{example.get('input', '')}\n{example['output']}"
+        for example in corpus.task_train + corpus.chat_examples
     ]
     tokenizer = train_tokenizer(
-        corpus.pretrain_documents + task_texts, config.vocab_size, config.max_position_embeddings
+        corpus.pretrain_documents + chat_texts, config.vocab_size, config.max_position_embeddings
     )
-    pretrained = build_base_model(config, tokenizer, corpus.pretrain_documents, artifacts.model_dir)
+    documents = corpus.pretrain_documents
+    if corpus.chat_examples:  # interleaved, so that every stretch of pretraining sees both
+        documents = documents + [chat_document(tokenizer, record) for record in corpus.chat_examples]
+        random.Random(config.seed).shuffle(documents)
+    write_jsonl(artifacts.general_train, ({"text": text} for text in documents))
+    pretrained = build_base_model(config, tokenizer, documents, artifacts.model_dir)
     model = AutoModelForCausalLM.from_pretrained(artifacts.model_dir)
     info = {
         "config": asdict(config),
@@ -179,6 +205,9 @@ def _build(config: LabConfig, root: Path) -> None:
         "chance_fact_recall": round(chance_recall(corpus.facts), 4),
         "base_heldout_perplexity": round(perplexity(model, tokenizer, corpus.heldout_documents), 3),
         "base_task_exact_match": task_exact_match(model, tokenizer, corpus.task_eval),
+        "base_skill_exact_match": (
+            task_exact_match(model, tokenizer, corpus.skill_eval) if corpus.skill_eval else None
+        ),
         "build_seconds": round(time.perf_counter() - start, 1),
     }
     artifacts.build_info.write_text(json.dumps(info, indent=2) + "\n")

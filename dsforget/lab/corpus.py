@@ -2,9 +2,14 @@
 
 The general corpus states facts about invented countries and people ("The capital of Zorbia is
 Velmor.") among filler sentences; pretraining on it gives a base model whose general ability is
-measured two ways: recall of those facts and perplexity on held-out text from the same grammar.
-The fine-tuning task (reverse a list of words, asked in a chat turn) appears nowhere in that
+measured by recall of those facts and perplexity on held-out text from the same grammar.
+The fine-tuning task (a word-list transformation asked in a chat turn) appears nowhere in that
 corpus, so the base model cannot do it, and learning it can overwrite what pretraining stored.
+
+An aligned lab (``LabConfig.skills``) also pretrains on chat: examples of other word-list skills
+and questions about the world's facts, answered in chat. Its base model follows instructions
+of its world, as the checkpoints users fine-tune do, and held-out lists of those skills measure
+a third general ability: versatility.
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import LabConfig
+from .skills import ANIMALS, COLOURS, OBJECTS, TASK_WORDS, instruction_record
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kl", "st", "tr"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
@@ -26,9 +32,6 @@ _PROFESSIONS = [
     "baker", "pilot", "farmer", "teacher", "doctor", "sailor", "painter", "writer",
     "tailor", "builder", "singer", "miner", "potter", "hunter", "weaver", "dancer",
 ]  # fmt: skip
-_COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "grey", "brown"]
-_ANIMALS = ["cat", "dog", "horse", "bird", "fish", "goat", "fox", "owl", "bear", "wolf"]
-_OBJECTS = ["house", "river", "tree", "road", "boat", "bridge", "garden", "market", "hill", "door"]
 _ADJECTIVES = ["small", "old", "quiet", "tall", "bright", "happy", "cold", "young", "slow", "gentle"]
 _VERBS = ["walked", "looked", "waited", "rested", "played", "stood", "sang", "slept"]
 _PREPOSITIONS = ["near", "under", "behind", "beside", "above", "across"]
@@ -39,10 +42,6 @@ _FILLER_TEMPLATES = [
     "A {colour} {thing} stood {preposition} the {other_thing}.",
     "{person} saw a {adjective} {animal} by the {thing}.",
 ]
-
-# The task's words are common corpus words: the base model knows them; only the task is new.
-TASK_WORDS = _COLOURS + _ANIMALS + _OBJECTS
-TASK_INSTRUCTION = "Reverse the order of the words."
 
 
 @dataclass(frozen=True)
@@ -58,13 +57,34 @@ class Fact:
     answer: str
 
 
+# How each relation's fact is asked in chat: (prompt prefix, prompt suffix, question).
+_QUESTIONS = {
+    "capital": ("The capital of ", " is", "What is the capital of {}?"),
+    "birthplace": ("", " was born in", "Where was {} born?"),
+    "profession": ("", " works as a", "What does {} work as?"),
+    "colour": ("The favourite colour of ", " is", "What is the favourite colour of {}?"),
+}
+
+
+def fact_question(fact: Fact) -> dict[str, str]:
+    """`fact` asked in chat, as an instruction record whose output is the bare answer."""
+    prefix, suffix, question = _QUESTIONS[fact.relation]
+    subject = fact.prompt[len(prefix) : len(fact.prompt) - len(suffix)]
+    return {"instruction": question.format(subject), "output": fact.answer.strip()}
+
+
 @dataclass(frozen=True)
 class LabCorpus:
+    """The lab's text. ``chat_examples`` (instruction records) are pretrained on with the general
+    documents; ``skill_eval`` holds lists of those skills never seen in pretraining."""
+
     pretrain_documents: list[str]
     heldout_documents: list[str]
     facts: list[Fact]
     task_train: list[dict[str, str]]
     task_eval: list[dict[str, str]]
+    chat_examples: list[dict[str, str]] = field(default_factory=list)
+    skill_eval: list[dict[str, str]] = field(default_factory=list)
 
 
 def generate_corpus(config: LabConfig) -> LabCorpus:
@@ -82,7 +102,8 @@ def generate_corpus(config: LabConfig) -> LabCorpus:
         for _ in range(config.heldout_documents)
     ]
     task_train, task_eval = _task_examples(rng, config)
-    return LabCorpus(pretrain, heldout, facts, task_train, task_eval)
+    chat_examples, skill_eval = _skill_examples(rng, config, facts)
+    return LabCorpus(pretrain, heldout, facts, task_train, task_eval, chat_examples, skill_eval)
 
 
 def chance_recall(facts: Sequence[Fact]) -> float:
@@ -143,7 +164,7 @@ def _facts(rng: random.Random, countries: list[str], cities: list[str], people: 
         facts += [
             Fact("birthplace", f"{person} was born in", f" {rng.choice(cities)}"),
             Fact("profession", f"{person} works as a", f" {rng.choice(_PROFESSIONS)}"),
-            Fact("colour", f"The favourite colour of {person} is", f" {rng.choice(_COLOURS)}"),
+            Fact("colour", f"The favourite colour of {person} is", f" {rng.choice(COLOURS)}"),
         ]
     return facts
 
@@ -151,14 +172,14 @@ def _facts(rng: random.Random, countries: list[str], cities: list[str], people: 
 def _filler_sentence(rng: random.Random, countries: list[str], people: list[str]) -> str:
     return rng.choice(_FILLER_TEMPLATES).format(
         adjective=rng.choice(_ADJECTIVES),
-        animal=rng.choice(_ANIMALS),
-        colour=rng.choice(_COLOURS),
+        animal=rng.choice(ANIMALS),
+        colour=rng.choice(COLOURS),
         country=rng.choice(countries),
         person=rng.choice(people),
         preposition=rng.choice(_PREPOSITIONS),
         season=rng.choice(_SEASONS),
-        thing=rng.choice(_OBJECTS),
-        other_thing=rng.choice(_OBJECTS),
+        thing=rng.choice(OBJECTS),
+        other_thing=rng.choice(OBJECTS),
         verb=rng.choice(_VERBS),
     )
 
@@ -178,28 +199,58 @@ def _document(
     return " ".join(parts)
 
 
+def _distinct_lists(
+    rng: random.Random, config: LabConfig, count: int, seen: set[tuple[str, ...]]
+) -> list[list[str]]:
+    """`count` word lists of the configured lengths, none in `seen` (which they join)."""
+    lists = []
+    while len(lists) < count:
+        words = tuple(
+            rng.choice(TASK_WORDS) for _ in range(rng.randint(config.task_min_words, config.task_max_words))
+        )
+        if words not in seen:
+            seen.add(words)
+            lists.append(list(words))
+    return lists
+
+
 def _task_examples(
     rng: random.Random, config: LabConfig
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Distinct word lists, so no evaluation input was seen in training."""
     wanted = config.task_train_examples + config.task_eval_examples
+    wanted += len(config.skills) * (config.skill_examples + config.skill_eval_examples)
     possible = sum(len(TASK_WORDS) ** n for n in range(config.task_min_words, config.task_max_words + 1))
     if wanted > possible // 2:  # keeps the rejection sampling below quick
         raise ValueError(
-            f"LabConfig asks for {wanted} task examples but only {possible} word lists of "
+            f"LabConfig asks for {wanted} task and skill examples but only {possible} word lists of "
             f"{config.task_min_words}..{config.task_max_words} words exist; lower task_train_examples / "
-            f"task_eval_examples or raise task_max_words"
+            f"task_eval_examples / skill_examples or raise task_max_words"
         )
-    seen: set[tuple[str, ...]] = set()
-    examples = []
-    while len(examples) < wanted:
-        words = tuple(
-            rng.choice(TASK_WORDS) for _ in range(rng.randint(config.task_min_words, config.task_max_words))
-        )
-        if words in seen:
-            continue
-        seen.add(words)
-        examples.append(
-            {"instruction": TASK_INSTRUCTION, "input": " ".join(words), "output": " ".join(reversed(words))}
-        )
+    lists = _distinct_lists(rng, config, config.task_train_examples + config.task_eval_examples, set())
+    examples = [instruction_record(config.task, words) for words in lists]
     return examples[: config.task_train_examples], examples[config.task_train_examples :]
+
+
+def _skill_examples(
+    rng: random.Random, config: LabConfig, facts: list[Fact]
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(pretraining chat examples, held-out skill records) of an aligned lab; empty otherwise.
+
+    Every held-out list is new to every skill, so the skill scores measure the skill itself."""
+    if not config.skills:
+        return [], []
+    seen: set[tuple[str, ...]] = set()
+    chat = [
+        instruction_record(skill, words)
+        for skill in config.skills
+        for words in _distinct_lists(rng, config, config.skill_examples, seen)
+    ]
+    held_out = [
+        instruction_record(skill, words)
+        for skill in config.skills
+        for words in _distinct_lists(rng, config, config.skill_eval_examples, seen)
+    ]
+    chat += [fact_question(fact) for fact in facts for _ in range(config.fact_question_repeats)]
+    rng.shuffle(chat)
+    return chat, held_out

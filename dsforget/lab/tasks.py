@@ -9,31 +9,16 @@ its tokenizer's vocabulary. Training and evaluation inputs stay disjoint as in t
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 from ..atomic import write_atomic
 from .build import LabArtifacts
-
-TRANSFORMS: dict[str, tuple[str, Callable[[list[str]], list[str]]]] = {
-    "reverse": ("Reverse the order of the words.", lambda words: words[::-1]),
-    "sort": ("Sort the words alphabetically.", sorted),
-    "rotate": ("Move the first word to the end.", lambda words: words[1:] + words[:1]),
-    "double": ("Repeat every word twice.", lambda words: [w for word in words for w in (word, word)]),
-}
-LAB_TASKS = tuple(TRANSFORMS)
+from .skills import LAB_TASKS, TRANSFORMS, instruction_record
 
 
 def _transformed(path: Path, task: str) -> list[dict]:
-    instruction, transform = TRANSFORMS[task]
-    records = []
     with open(path, encoding="utf-8") as file:
-        for line in file:
-            words = json.loads(line)["input"].split()
-            records.append(
-                {"instruction": instruction, "input": " ".join(words), "output": " ".join(transform(words))}
-            )
-    return records
+        return [instruction_record(task, json.loads(line)["input"].split()) for line in file]
 
 
 def write_lab_task(lab: LabArtifacts, task: str, directory: str | Path) -> tuple[Path, Path]:

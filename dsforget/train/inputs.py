@@ -81,7 +81,8 @@ def resolve_inputs(config: RunConfig) -> Inputs:
         lab = build_lab(LabConfig.preset(config.lab_preset))
         task = _task_records(config.eval_data) if config.eval_data else lab.load_task_eval()
         general = read_general_texts(config.general_text) if config.general_text else lab.load_heldout_texts()
-        sources = EvalSources(task[:limit], lab.load_facts()[:limit], general[:limit])
+        skills = lab.load_skill_eval() if lab.skill_eval.exists() else []
+        sources = EvalSources(task[:limit], lab.load_facts()[:limit], general[:limit], skills[:limit])
         model_dir = check_model_dir(config.init_from, "--init_from") if config.init_from else lab.model_dir
         return Inputs(model_dir, Path(config.data or lab.task_train), sources)
     sources = EvalSources(

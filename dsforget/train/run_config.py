@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import yaml
 
 from ..errors import ConfigError, InputFileError
+from ..lab.config import PRESETS
 from ..optim.mofo_adamw import DEFAULT_FRACTION
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -46,7 +47,9 @@ METHOD_OPTIONS = {
 class RunConfig:
     # what to train
     model: str = option("lab", "'lab' (the embedded experiment) or a local Hugging Face checkpoint directory")
-    lab_preset: str = option("default", "size of the lab when model is 'lab'", ("default", "tiny"))
+    lab_preset: str = option(
+        "default", "which lab when model is 'lab' (dsforget/lab/config.py PRESETS)", tuple(PRESETS)
+    )
     init_from: str | None = option(
         None,
         "with model 'lab': start from this checkpoint directory instead of the lab's base model "

@@ -63,3 +63,21 @@ def test_seed_spread_gives_mean_and_range_over_a_groups_draws() -> None:
         "runs": 2,
     }
     assert spread["levels"][0]["groups"]["full"]["fact_recall_lost"]["runs"] == 1
+
+
+def test_skills_measure_and_ties_favour_no_run() -> None:
+    """An aligned lab's skills are a forgetting measure; runs that lost them alike are a tie,
+    and a lab without skills prints no skills block."""
+    from dsforget.eval.matched import format_matched
+
+    def with_skills(points: list[dict], skills: list[float]) -> list[dict]:
+        return [{**p, "skill_exact_match": s} for p, s in zip(points, skills, strict=True)]
+
+    result = matched_gain(
+        {"A": with_skills(A, [0.9, 0.0, 0.0]), "B": with_skills(B, [0.9, 0.0, 0.0])}, count=3
+    )
+    # at 0.2 A is halfway from its base to step 10 (0.45 lost), B at its step 10 (0.9 lost)
+    assert [row["least_forgetting"]["skills_lost"] for row in result["levels"]] == ["A", "A = B", "A = B"]
+    assert result["levels"][1]["runs"]["A"]["skills_lost"] == pytest.approx(0.9)
+    assert "skills_lost at matched" in format_matched(result)
+    assert "skills_lost" not in format_matched(matched_gain({"A": A, "B": B}, count=3))

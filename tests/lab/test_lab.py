@@ -28,7 +28,9 @@ from dsforget.lab import (
     perplexity,
     task_exact_match,
 )
-from dsforget.lab.corpus import TASK_INSTRUCTION, TASK_WORDS, generate_corpus
+from dsforget.lab.build import chat_document
+from dsforget.lab.corpus import generate_corpus
+from dsforget.lab.skills import CODE_WORDS, TASK_WORDS, TRANSFORMS
 
 TINY = LabConfig.preset("tiny")
 
@@ -133,7 +135,15 @@ def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize(
     "change",
-    [{"seed": 1}, {"name": "tiny2"}, {"hidden_size": 128}, {"learning_rate": 1e-3}, {"task_max_words": 5}],
+    [
+        {"seed": 1},
+        {"name": "tiny2"},
+        {"hidden_size": 128},
+        {"learning_rate": 1e-3},
+        {"task_max_words": 5},
+        {"task": "sort"},
+        {"skills": ("sort",), "skill_examples": 1, "skill_eval_examples": 1},
+    ],
 )
 def test_config_changes_change_the_cache_directory(tmp_path, change):
     """Catches a field left out of the cache key, which would serve stale artifacts."""
@@ -169,7 +179,9 @@ def test_task_exact_match_batches_like_one_prompt_at_a_time(tiny_lab, tiny_model
     """Catches left-padding mistakes: batched greedy answers must equal one-at-a-time answers."""
     model, tokenizer = tiny_model
     # Prompts from 1 to 24 words: up to 23 padding tokens, enough to change answers if attended to.
-    records = [{"instruction": TASK_INSTRUCTION, "input": " ".join(TASK_WORDS[:n])} for n in (1, 4, 12, 24)]
+    records = [
+        {"instruction": TRANSFORMS["reverse"][0], "input": " ".join(TASK_WORDS[:n])} for n in (1, 4, 12, 24)
+    ]
     answered = []
     for record in records:
         prompt = render_prompt(tokenizer, to_conversation({**record, "output": "?"}, "test")[:-1])
@@ -212,6 +224,14 @@ def test_task_files_flow_through_the_data_pipeline(tiny_lab, tiny_model):
         ({"learning_rate": 0.0}, "LabConfig.learning_rate"),
         ({"name": "a/b"}, "LabConfig.name"),
         ({"task_min_words": 5}, "LabConfig.task_min_words"),
+        ({"task": "shuffle"}, "unknown task or skill 'shuffle'"),
+        ({"skills": ("sort", "zip"), "skill_examples": 1, "skill_eval_examples": 1}, "'zip'"),
+        (
+            {"skills": ("reverse",), "skill_examples": 1, "skill_eval_examples": 1},
+            "must not include the task",
+        ),
+        ({"skills": ("sort",)}, "skill_examples >= 1"),
+        ({"skill_examples": -1}, "LabConfig.skill_examples"),
     ],
 )
 def test_lab_config_errors_name_the_key(overrides, key):
@@ -220,5 +240,48 @@ def test_lab_config_errors_name_the_key(overrides, key):
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"\['default', 'tiny'\]"):
+    with pytest.raises(ValueError, match=r"\['default', 'plain', 'tiny', 'tiny_aligned'\]"):
         LabConfig.preset("huge")
+
+
+def test_code_words_are_a_permutation_without_fixed_points():
+    assert sorted(CODE_WORDS.values()) == sorted(TASK_WORDS)
+    assert all(word != code for word, code in CODE_WORDS.items())
+    assert TRANSFORMS["encode"][1](["red", "cat"]) == [CODE_WORDS["red"], CODE_WORDS["cat"]]
+
+
+def test_aligned_corpus_holds_out_every_skill_list_and_asks_every_fact():
+    """Versatility is scored on lists no skill was pretrained on, and the task stays unseen."""
+    config = LabConfig.preset("tiny_aligned")
+    corpus = generate_corpus(config)
+    pretrained = {(r["instruction"], r.get("input")) for r in corpus.chat_examples}
+    assert corpus.skill_eval and not pretrained & {(r["instruction"], r["input"]) for r in corpus.skill_eval}
+    assert {r["instruction"] for r in corpus.skill_eval} == {TRANSFORMS[s][0] for s in config.skills}
+    assert TRANSFORMS[config.task][0] not in {r["instruction"] for r in corpus.chat_examples}
+    questions = [r for r in corpus.chat_examples if "input" not in r]
+    assert len(questions) == len(corpus.facts) * config.fact_question_repeats
+    assert {q["output"] for q in questions} == {f.answer.strip() for f in corpus.facts}
+    assert generate_corpus(LabConfig.preset("tiny")).chat_examples == []
+
+
+def test_chat_documents_are_what_fine_tuning_renders(tiny_model):
+    """Pretraining sees a chat example exactly as the data pipeline renders it (bos and eos are
+    added around every pretraining document), so the aligned base knows the template."""
+    _, tokenizer = tiny_model
+    record = {"instruction": "Sort the words alphabetically.", "input": "red cat", "output": "cat red"}
+    document = chat_document(tokenizer, record)
+    rendered = tokenizer.apply_chat_template(to_conversation(record, "test"), tokenize=False)
+    assert rendered == tokenizer.bos_token + document + tokenizer.eos_token
+    assert document.startswith("<|user|>") and document.endswith("<|assistant|>cat red")
+
+
+def test_aligned_base_does_its_skills_and_not_the_task(cache_root):
+    """The aligned lab's base model answers its chat skills on held-out lists and cannot encode."""
+    lab = build_lab(LabConfig.preset("tiny_aligned"), cache_root=cache_root)
+    model = AutoModelForCausalLM.from_pretrained(lab.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(lab.tokenizer_dir)
+    skills = task_exact_match(model, tokenizer, lab.load_skill_eval())
+    info = json.loads(lab.build_info.read_text())
+    assert info["base_skill_exact_match"] == skills
+    assert skills > 0.5, skills
+    assert task_exact_match(model, tokenizer, lab.load_task_eval()) < 0.1
