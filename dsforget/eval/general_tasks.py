@@ -66,6 +66,7 @@ class GeneralTasks:
     task_dict: dict[str, Any]
     limit: int | None
     smallest: tuple[str, int]  # the task with the fewest documents (after `limit`), and how many
+    warned_unsharded: bool = False  # the WARNING that scoring is not sharded, once per run
 
 
 def _is_path(spec: str) -> bool:
@@ -249,7 +250,8 @@ def score_general_tasks(
     from lm_eval.evaluator import evaluate
 
     sharded = ranks.world > 1 and tasks.smallest[1] >= ranks.world
-    if ranks.world > 1 and not sharded:
+    if ranks.world > 1 and not sharded and not tasks.warned_unsharded and ranks.rank == 0:
+        tasks.warned_unsharded = True
         logger.warning(
             "general task %s has %d documents, fewer than the %d ranks: every rank scores every document of "
             "every general task (correct, not sharded)",
