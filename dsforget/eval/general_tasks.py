@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,6 +259,7 @@ def score_general_tasks(
             *tasks.smallest,
             ranks.world,
         )
+    start = time.perf_counter()
     with evaluating(model) as device:
         # a copy: HFLM may give the tokenizer a pad token, which must not leak into training or export
         tokenizer = copy.deepcopy(tokenizer)
@@ -272,6 +274,10 @@ def score_general_tasks(
             message = [scores]
             torch.distributed.broadcast_object_list(message, src=0)
             scores = message[0]
+    if ranks.rank == 0:
+        logger.info(
+            "general tasks (%s) scored in %.1f s", ", ".join(tasks.names), time.perf_counter() - start
+        )
     return scores
 
 
