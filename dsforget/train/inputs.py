@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,20 +88,22 @@ def resolve_inputs(config: RunConfig) -> Inputs:
         general = read_general_texts(config.general_text) if config.general_text else lab.load_heldout_texts()
         sources = EvalSources(task[:limit], lab.load_facts()[:limit], general[:limit])
         model_dir = check_model_dir(config.init_from, "--init_from") if config.init_from else lab.model_dir
-        tasks = _general_tasks(config, [lab_task_dir(lab)])
+        tasks = _general_tasks(config, lambda: [lab_task_dir(lab)])
         return Inputs(model_dir, Path(config.data or lab.task_train), sources, tasks)
     sources = EvalSources(
         task_records=_task_records(config.eval_data)[:limit] if config.eval_data else [],
         general_texts=read_general_texts(config.general_text)[:limit] if config.general_text else [],
     )
     model_dir = check_model_dir(config.model)
-    return Inputs(model_dir, Path(config.data), sources, _general_tasks(config, []))
+    return Inputs(model_dir, Path(config.data), sources, _general_tasks(config, list))
 
 
-def _general_tasks(config: RunConfig, include_paths: list[Path]) -> GeneralTasks | None:
+def _general_tasks(config: RunConfig, include_paths: Callable[[], list[Path]]) -> GeneralTasks | None:
+    """--general_tasks loaded, task folders from `include_paths` (called only when there are any:
+    the lab writes its task files on first use)."""
     if not config.general_task_specs:
         return None
-    return load_general_tasks(config.general_task_specs, include_paths, limit=config.eval_max_examples)
+    return load_general_tasks(config.general_task_specs, include_paths(), limit=config.eval_max_examples)
 
 
 def _task_records(path: str) -> list[dict]:
