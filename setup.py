@@ -32,6 +32,8 @@ setup(
         "numpy",
         "tensorboard",
         "matplotlib",
+        # general ability on standard benchmarks (--general_tasks); no extras: dsforget hands it the model
+        "lm-eval==0.4.13",
     ],
     extras_require={
         "triton": ["triton>=3.4"],

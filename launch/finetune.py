@@ -20,11 +20,17 @@ SIGUSR1 during training: every rank saves after the current step and exits with 
 
 from __future__ import annotations
 
+import os
 import sys
 
-from dsforget.errors import run_main
-from dsforget.train.finetune import FinetuneJob
-from dsforget.train.run_config import parse_run_config
+# Nothing is downloaded: lm-eval's tasks (--general_tasks) read local files or the Hugging Face
+# cache. Set before the Hugging Face libraries are imported, which read them once.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from dsforget.errors import run_main  # noqa: E402
+from dsforget.train.finetune import FinetuneJob  # noqa: E402
+from dsforget.train.run_config import parse_run_config  # noqa: E402
 
 
 def main(argv: list[str]) -> None:

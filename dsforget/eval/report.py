@@ -13,6 +13,7 @@ import torch
 from ..atomic import write_atomic
 from ..strict_json import dumps
 from .forgetting import HIGHER_IS_BETTER, forgetting_summary
+from .general_tasks import PREFIX, split_scores
 
 
 def format_table(report: Mapping[str, Any]) -> str:
@@ -23,11 +24,46 @@ def format_table(report: Mapping[str, Any]) -> str:
         lines.append(f"{metric:<22}{before:>12.4g}{after:>12.4g}{after - before:>+12.4g}")
     for key, value in report["summary"].items():
         lines.append(f"{key:<22}{'':>12}{'':>12}{value:>+12.4g}")
+    general = report.get("general_tasks")
+    if general:
+        lines.append("")
+        lines.append(f"{'general task (lm-eval)':<40}{'base':>12}{'tuned':>12}{'change':>12}")
+        for task, metrics in general["after"].items():
+            for metric, after in metrics.items():
+                before = general["before"].get(task, {}).get(metric)
+                change = general["delta"].get(task, {}).get(metric)
+                lines.append(
+                    f"{task + ' ' + metric:<40}{_number(before):>12}{_number(after):>12}"
+                    f"{_number(change, '+'):>12}"
+                )
     lines.append("")
     lines.append(f"{'drift':<22}{'rel. L2':>10}{'changed':>10}")
     for category, values in sorted(report["drift"].items()):
         lines.append(f"{category:<22}{values['relative_l2']:>10.4f}{values['changed_fraction']:>10.2%}")
     return "\n".join(lines)
+
+
+def _number(value: float | None, sign: str = "") -> str:
+    """`value` in 4 significant digits; '-' where a run has none (a task added on resume)."""
+    return "-" if value is None else f"{value:{sign}.4g}"
+
+
+def general_tasks_section(
+    before: Mapping[str, float], after: Mapping[str, float]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """report.json's ``general_tasks``: lm-eval scores {task: {metric: value}} before and after,
+    and their ``delta`` (after - before, where both exist; lower is better for perplexities)."""
+    _, general_before = split_scores(dict(before))
+    _, general_after = split_scores(dict(after))
+    delta = {
+        task: {
+            metric: value - general_before[task][metric]
+            for metric, value in metrics.items()
+            if metric in general_before.get(task, {})
+        }
+        for task, metrics in general_after.items()
+    }
+    return {"before": general_before, "after": general_after, "delta": delta}
 
 
 def _trajectory_panels(report: Mapping[str, Any]) -> list[str]:
@@ -96,12 +132,17 @@ def write_report(report: Mapping[str, Any], directory: str | Path) -> None:
 def trajectory(metrics_file: Path, before: Mapping[str, float]) -> list[dict[str, float]]:
     """The evaluation metrics along training: the base model at step 0, then every record of
     metrics.jsonl that holds them (--eval_every, and the end), the last record of a step winning
-    (a resumed run may evaluate a step again)."""
+    (a resumed run may evaluate a step again). The general tasks' scores are flat
+    ``lm_eval/<task>/<metric>`` keys, as in metrics.jsonl."""
     points: dict[int, dict[str, float]] = {0: {"step": 0, **before}}
     if metrics_file.exists():
         for line in metrics_file.read_text().splitlines():
             record = json.loads(line)
-            scores = {key: record[key] for key in HIGHER_IS_BETTER if record.get(key) is not None}
+            scores = {
+                key: value
+                for key, value in record.items()
+                if (key in HIGHER_IS_BETTER or key.startswith(PREFIX)) and value is not None
+            }
             if scores:
                 points[record["step"]] = {"step": record["step"], **scores}
     return [points[step] for step in sorted(points)]
@@ -123,8 +164,9 @@ def run_report(
     trajectory: Sequence[Mapping[str, float]] = (),
 ) -> dict[str, Any]:
     """report.json of a finished run: scores before and after, their ``summary`` (task gain and
-    forgetting), drift, the training's cost and the environment. `sizes`: each parameter's
-    number of entries (the full tensor's under ZeRO-3); `memory`: each rank's peaks
+    forgetting), drift, the training's cost and the environment; the --general_tasks' scores (flat
+    ``lm_eval/...`` keys in `before`/`after`) in their own ``general_tasks`` section. `sizes`: each
+    parameter's number of entries (the full tensor's under ZeRO-3); `memory`: each rank's peaks
     (dsforget.train.memory); `trajectory`: the scores along training (``trajectory``)."""
     optimizer_bytes = sum(
         t.numel() * t.element_size()
@@ -139,8 +181,8 @@ def run_report(
         "trainable_share": optimizer.plan.trainable_share(  # the active draw when HFT resamples
             (name, size) for name, size in sizes.items() if name in plan.rules
         ),
-        "before": dict(before),
-        "after": dict(after),
+        "before": split_scores(dict(before))[0],
+        "after": split_scores(dict(after))[0],
         "drift": dict(drift),
         "train": {
             "steps": stats.steps,
@@ -153,6 +195,9 @@ def run_report(
         },
         "environment": dict(environment),
     }
+    general = general_tasks_section(before, after)
+    if general["before"] or general["after"]:
+        report["general_tasks"] = general
     if memory is not None:
         report["memory"] = dict(memory)
     if trajectory:

@@ -66,7 +66,7 @@ ONE_PROCESS = Ranks()
 
 
 @contextlib.contextmanager
-def _evaluating(model: torch.nn.Module) -> Iterator[torch.device]:
+def evaluating(model: torch.nn.Module) -> Iterator[torch.device]:
     """Eval mode and no autograd for the block, which gets the model's device; mode restored."""
     was_training = model.training
     model.eval()
@@ -106,7 +106,7 @@ def fact_recall(
     the argmax at every answer position is the answer's next token, given the answer so far.
     """
     hits = 0
-    with _evaluating(model) as device:
+    with evaluating(model) as device:
         for batch, counts in ranks.batches(facts, batch_size):
             rows, prompt_lengths = [], []
             for fact in batch:
@@ -140,7 +140,7 @@ def perplexity(
     """exp of the mean negative log-likelihood per predicted token, over all texts together."""
     total_nll, total_tokens = 0.0, 0
     max_length = model.config.max_position_embeddings
-    with _evaluating(model) as device:
+    with evaluating(model) as device:
         for batch, counts in ranks.batches(texts, batch_size):
             rows = tokenizer(batch, truncation=True, max_length=max_length)
             ids, mask = _right_padded(rows["input_ids"], _pad_id(tokenizer), device)
@@ -186,7 +186,7 @@ def task_exact_match(
             + 8
         )
     hits = 0
-    with _evaluating(model) as device:
+    with evaluating(model) as device:
         for batch, counts in ranks.batches(conversations, batch_size):
             rows = [
                 tokenizer(render_prompt(tokenizer, c[:-1]), add_special_tokens=False)["input_ids"]

@@ -26,6 +26,7 @@ from transformers import AutoTokenizer
 from ..atomic import write_atomic
 from ..data import PaddingCollator
 from ..eval.forgetting import DriftSums, evaluate
+from ..eval.general_tasks import score_general_tasks
 from ..eval.report import print_summary, run_report, trajectory, write_report
 from ..integration.checkpoint_weights import CheckpointWeights
 from ..integration.distributed import init_distributed, rank0_decides
@@ -247,11 +248,15 @@ class FinetuneJob:
         return False
 
     def _scores(self) -> dict[str, float]:
-        """Every rank scores its slice with the engine's model; then ZeRO-3 releases what its
-        prefetching left gathered or in flight for a backward pass that does not come. Collective."""
-        scores = evaluate(
-            self.engine.module, self.tokenizer, self.inputs.eval_sources, Ranks.of_engine(self.engine)
-        )
+        """Every rank scores its slice with the engine's model (dsforget's metrics, then the
+        --general_tasks' ``lm_eval/<task>/<metric>``); then ZeRO-3 releases what its prefetching
+        left gathered or in flight for a backward pass that does not come. Collective."""
+        ranks = Ranks.of_engine(self.engine)
+        scores = evaluate(self.engine.module, self.tokenizer, self.inputs.eval_sources, ranks)
+        if self.inputs.general_tasks is not None:
+            scores.update(
+                score_general_tasks(self.engine.module, self.tokenizer, self.inputs.general_tasks, ranks)
+            )
         self.engine.empty_partition_cache()
         return scores
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from ..data import DataConfig, DataError, PreparedData, load_conversations
 from ..data_cache import default_data_cache_dir, prepare_cached
 from ..errors import InputFileError, UserInputError
 from ..eval.forgetting import EvalSources
+from ..eval.general_tasks import GeneralTasks, load_general_tasks
 from . import faults
 from .run_config import RunConfig
 
@@ -31,6 +33,7 @@ class Inputs:
     model_dir: Path
     train_file: Path
     eval_sources: EvalSources
+    general_tasks: GeneralTasks | None = None  # --general_tasks, loaded with their documents
 
 
 def _read_jsonl(path: str | Path, what: str) -> list[dict]:
@@ -71,12 +74,14 @@ def check_model_dir(path: str | Path, flag: str = "--model") -> Path:
 
 
 def resolve_inputs(config: RunConfig) -> Inputs:
-    """The run's files, each checked first, so that a missing one is reported with its flag."""
+    """The run's files, each checked first, so that a missing one is reported with its flag; the
+    --general_tasks are loaded here too, so that a bad one fails before the model is."""
     limit = config.eval_max_examples
     if config.data is not None and not Path(config.data).is_file():
         raise InputFileError(f"data file {config.data} does not exist (--data)")
     if config.uses_lab:
         from ..lab import LabConfig, build_lab
+        from ..lab.lm_eval_tasks import lab_task_dir
 
         lab = build_lab(LabConfig.preset(config.lab_preset))
         task = _task_records(config.eval_data) if config.eval_data else lab.load_task_eval()
@@ -84,12 +89,22 @@ def resolve_inputs(config: RunConfig) -> Inputs:
         skills = lab.load_skill_eval() if lab.skill_eval.exists() else []
         sources = EvalSources(task[:limit], lab.load_facts()[:limit], general[:limit], skills[:limit])
         model_dir = check_model_dir(config.init_from, "--init_from") if config.init_from else lab.model_dir
-        return Inputs(model_dir, Path(config.data or lab.task_train), sources)
+        tasks = _general_tasks(config, lambda: [lab_task_dir(lab)])
+        return Inputs(model_dir, Path(config.data or lab.task_train), sources, tasks)
     sources = EvalSources(
         task_records=_task_records(config.eval_data)[:limit] if config.eval_data else [],
         general_texts=read_general_texts(config.general_text)[:limit] if config.general_text else [],
     )
-    return Inputs(check_model_dir(config.model), Path(config.data), sources)
+    model_dir = check_model_dir(config.model)
+    return Inputs(model_dir, Path(config.data), sources, _general_tasks(config, list))
+
+
+def _general_tasks(config: RunConfig, include_paths: Callable[[], list[Path]]) -> GeneralTasks | None:
+    """--general_tasks loaded, task folders from `include_paths` (called only when there are any:
+    the lab writes its task files on first use)."""
+    if not config.general_task_specs:
+        return None
+    return load_general_tasks(config.general_task_specs, include_paths(), limit=config.eval_max_examples)
 
 
 def _task_records(path: str) -> list[dict]:

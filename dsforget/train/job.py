@@ -32,6 +32,7 @@ def setup_logging(rank: int) -> None:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # six INFO lines per --general_tasks scoring
     # DeepSpeed 0.19 calls torch collectives that torch 2.13 deprecates, once per step and rank.
     warnings.filterwarnings(
         "ignore",

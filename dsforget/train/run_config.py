@@ -116,7 +116,16 @@ class RunConfig:
     general_text: str | None = option(
         None, 'JSONL of {"text"} for general perplexity (default: the lab\'s held-out text)'
     )
-    eval_max_examples: int = option(200, "at most this many records per evaluation metric")
+    eval_max_examples: int = option(
+        200, "at most this many records per evaluation metric (and documents per --general_tasks task)"
+    )
+    general_tasks: str | None = option(
+        None,
+        "comma-separated lm-evaluation-harness tasks scored before, during (--eval_every) and after "
+        "training, offline: lm-eval task, group or tag names (their data in the Hugging Face cache) or task "
+        "YAML files; the lab adds lab_fact_recall, lab_heldout and lab_task (README 'General ability: "
+        "lm-eval tasks')",
+    )
     # optimisation
     lr: float = option(1e-3, "peak learning rate (the lab's default; real checkpoints want ~1e-5)")
     betas: tuple[float, float] = option((0.9, 0.999), "Adam betas")
@@ -254,6 +263,13 @@ class RunConfig:
             "gradient_clipping",
         ):
             _check(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
+        if self.general_tasks is not None:
+            _check(
+                all(self.general_task_specs),
+                "general_tasks",
+                self.general_tasks,
+                "must be comma-separated task names or YAML files, none empty",
+            )
         _check(self.epochs > 0 or self.max_steps > 0, "epochs", self.epochs, "or max_steps must be > 0")
         _check(self.comm_timeout_s > 0, "comm_timeout_s", self.comm_timeout_s, "must be > 0")
         _check(self.eval_timeout_s > 0, "eval_timeout_s", self.eval_timeout_s, "must be > 0")
@@ -287,6 +303,11 @@ class RunConfig:
     @property
     def uses_lab(self) -> bool:
         return self.model == "lab"
+
+    @property
+    def general_task_specs(self) -> list[str]:
+        """--general_tasks as a list (empty when not given)."""
+        return [] if self.general_tasks is None else [spec.strip() for spec in self.general_tasks.split(",")]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dsforget.eval.report import plot_report, trajectory
+from dsforget.eval.report import format_table, general_tasks_section, plot_report, trajectory
 
 BEFORE = {"task_exact_match": 0.0, "fact_recall": 1.0, "general_perplexity": 3.0}
 
@@ -45,3 +45,26 @@ def test_plot_draws_with_and_without_a_trajectory(tmp_path: Path, points: int) -
     }
     plot_report(report, tmp_path / "report.png")
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_general_tasks_get_their_own_section_and_table_rows() -> None:
+    """lm-eval scores arrive as flat lm_eval/<task>/<metric> keys beside dsforget's own: catches
+    them leaking into before/after (which launch/continual.py and cofitune_search read), a delta of
+    the wrong sign, and a task scored only after (added on resume) breaking the table."""
+    before = {**BEFORE, "lm_eval/mmlu/acc": 0.5}
+    after = {**BEFORE, "lm_eval/mmlu/acc": 0.45, "lm_eval/gsm8k/exact_match,strict-match": 0.2}
+    section = general_tasks_section(before, after)
+    assert section["before"] == {"mmlu": {"acc": 0.5}}
+    assert section["delta"] == {"mmlu": {"acc": pytest.approx(-0.05)}, "gsm8k": {}}
+    report = {
+        "before": BEFORE,
+        "after": BEFORE,
+        "summary": {},
+        "drift": {},
+        "general_tasks": section,
+    }
+    table = format_table(report).splitlines()
+    assert any(line.split() == ["mmlu", "acc", "0.5", "0.45", "-0.05"] for line in table), table
+    assert any(line.split() == ["gsm8k", "exact_match,strict-match", "-", "0.2", "-"] for line in table), (
+        table
+    )

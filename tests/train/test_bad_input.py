@@ -22,7 +22,8 @@ import pytest
 from launcher import REPO, RankFailure, free_port, run_ranks
 
 from dsforget.data import DataConfig, DataError, load_conversations
-from dsforget.errors import UserInputError
+from dsforget.errors import ConfigError, InputFileError, UserInputError
+from dsforget.eval.general_tasks import load_general_tasks
 from dsforget.optim.plan import DENSE, MaskPlan, PlanError
 from dsforget.train import checkpoint
 from dsforget.train.inputs import check_model_dir
@@ -35,6 +36,13 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def write_lab_like_tasks(tmp_path: Path) -> Path:
+    """A folder of task YAMLs named like the lab's (the name check needs no data)."""
+    for name in ("lab_fact_recall", "lab_task"):
+        write(tmp_path / "tasks" / f"{name}.yaml", f"task: {name}\ndataset_path: json\n")
+    return tmp_path / "tasks"
 
 
 def config_file(tmp_path: Path, text: str) -> RunConfig:
@@ -221,6 +229,42 @@ CASES = [
         r"ranks x gradient_accumulation 1 = 12\): use fewer ranks, a smaller micro_batch_size",
         id="too-few-examples-for-the-world-size",
     ),
+    pytest.param(
+        lambda tmp: RunConfig(general_tasks="lab_task,,lab_heldout"),
+        ConfigError,
+        r"general_tasks='lab_task,,lab_heldout' must be comma-separated task names or YAML files, none empty",
+        id="general-tasks-empty-name",
+    ),
+    pytest.param(
+        lambda tmp: load_general_tasks(["lab_tsk"], [write_lab_like_tasks(tmp)]),
+        ConfigError,
+        r"--general_tasks: 'lab_tsk' is neither an lm-eval task, group or tag nor a task YAML file; "
+        r"did you mean 'lab_task'\?",
+        id="general-task-unknown-name",
+    ),
+    pytest.param(
+        lambda tmp: load_general_tasks([str(tmp / "absent.yaml")]),
+        InputFileError,
+        r"--general_tasks: task file .*absent\.yaml does not exist",
+        id="general-task-file-missing",
+    ),
+    pytest.param(
+        lambda tmp: load_general_tasks(
+            [
+                str(
+                    write(
+                        tmp / "t.yaml",
+                        "task: t\ndataset_path: json\n"
+                        f"dataset_kwargs: {{data_files: {{test: {tmp}/no.jsonl}}}}\n"
+                        "test_split: test\noutput_type: loglikelihood\n",
+                    )
+                )
+            ]
+        ),
+        ConfigError,
+        r"--general_tasks: task '.*t\.yaml' cannot be loaded offline \(FileNotFoundError: .*no\.jsonl",
+        id="general-task-data-missing",
+    ),
 ]
 
 
@@ -288,6 +332,11 @@ USER_ERRORS = [
         lambda tmp: ["--data", str(write(tmp / "ok.jsonl", GOOD_LINE * 40)), "--lr", "fast"],
         r"error: command line: argument --lr: invalid float value: 'fast'",
         id="flag-of-the-wrong-type",
+    ),
+    pytest.param(
+        lambda tmp: ["--data", str(write(tmp / "ok.jsonl", GOOD_LINE * 40)), "--general_tasks", "gone.yaml"],
+        r"error: --general_tasks: task file gone\.yaml does not exist",
+        id="general-task-file-missing",
     ),
 ]
 
