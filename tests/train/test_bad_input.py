@@ -289,6 +289,22 @@ USER_ERRORS = [
         r"error: command line: argument --lr: invalid float value: 'fast'",
         id="flag-of-the-wrong-type",
     ),
+    pytest.param(
+        lambda tmp: [
+            *("--data", str(write(tmp / "ok.jsonl", GOOD_LINE * 40)), "--method", "freeze"),
+            *("--method_options", '{"trainable_patterns": ["mlp", "^nothing"]}'),
+        ],
+        r"error: freeze option trainable_patterns: '\^nothing' matches no parameter name",
+        id="freeze-regex-matching-nothing",
+    ),
+    pytest.param(
+        lambda tmp: [
+            *("--data", str(write(tmp / "ok.jsonl", GOOD_LINE * 40)), "--method", "l2+mofo"),
+            *("--method_options", '{"strength": -1}'),
+        ],
+        r"error: l2 option strength=-1 must be >= 0 \(0 is full fine-tuning\)",
+        id="negative-l2-strength",
+    ),
 ]
 
 
