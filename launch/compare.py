@@ -3,12 +3,15 @@
     python launch/compare.py --methods full,mofo                          # the lab, 2 CPU ranks or all GPUs
     python launch/compare.py --methods full,mofo --lrs full=3e-4,1e-3 mofo=1e-3,3e-3 -- --max_steps 300
     python launch/compare.py --methods full,hft --plan_seeds hft=0,2,7 -- --max_steps 300
+    python launch/compare.py --methods full,freeze,l2,mofo --method_options l2='{"strength": 30}' \
+        freeze='{"trainable_layers": 1}' -- --max_steps 300
     python launch/compare.py --methods full,mofo --num_gpus 8 -- --model /ckpt/llama --data sft.jsonl
 
 Each method (at each of its --lrs learning rates) runs launch/finetune.py under DeepSpeed's
 launcher into <output_dir>/<method>/ (<method>-lr<lr>/ when it has several learning rates,
 -seed<s> for each --plan_seeds draw of a method whose plan is drawn at random) with the flags after
-`--`, evaluating every --eval_every steps (default: a tenth of --max_steps). Printed and written:
+`--` and its own --method_options, evaluating every --eval_every steps (default: a tenth of
+--max_steps). Printed and written:
 the end-of-run table and compare.json (each run's report), and matched.json: every run's
 forgetting at the task levels all runs reach, interpolated along its trajectory (dsforget.eval.
 matched), the run that forgot least at each level, and each method's best over its learning
@@ -25,6 +28,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from dsforget.errors import ConfigError, run_main
 from dsforget.eval.matched import (
@@ -105,51 +109,94 @@ def plot(reports: dict[str, dict], path: Path) -> None:
 
 
 def per_method(
-    flag: str, values: list[str], methods: list[str], item: str, convert, kind: str, refuse=None
+    flag: str, values: list[str], methods: list[str], form: str, parse, kind: str, refuse=None
 ) -> dict:
-    """`flag METHOD=X[,X...] ...` as {method: [convert(X), ...]}, METHOD one of --methods;
-    `refuse(method)`, when given, says why a method cannot take the flag (None: it can)."""
-    found: dict[str, list] = {}
+    """`flag METHOD=VALUE ...` as {method: parse(VALUE)}, METHOD one of --methods (parse raises
+    ValueError on a VALUE that is not `kind`); `refuse(method, parsed)`, when given, says why a
+    method cannot take it (None: it can)."""
+    found: dict[str, Any] = {}
     for value in values:
-        method, _, listed = value.partition("=")
-        if method not in methods or not listed:
-            raise ConfigError(
-                f"{flag} {value!r}: expected METHOD={item}[,{item}...] with METHOD one of --methods"
-            )
-        reason = refuse(method) if refuse is not None else None
+        method, _, text = value.partition("=")
+        if method not in methods or not text:
+            raise ConfigError(f"{flag} {value!r}: expected METHOD={form} with METHOD one of --methods")
+        try:
+            parsed = parse(text)
+        except ValueError:
+            raise ConfigError(f"{flag} {value!r}: {text!r} is not {kind}") from None
+        reason = refuse(method, parsed) if refuse is not None else None
         if reason:
             raise ConfigError(f"{flag} {value!r}: {reason}")
-        try:
-            found[method] = [convert(x) for x in listed.split(",")]
-        except ValueError:
-            raise ConfigError(f"{flag} {value!r}: {listed!r} is not a list of {kind}") from None
+        found[method] = parsed
     return found
 
 
 def parse_lrs(values: list[str], methods: list[str]) -> dict[str, list[str]]:
     """--lrs full=3e-4,1e-3 mofo=1e-3 as {method: [lr, ...]}; methods not named run once at the
     run's own --lr."""
-    return per_method("--lrs", values, methods, "LR", lambda lr: str(float(lr)), "numbers")
+    return per_method(
+        "--lrs",
+        values,
+        methods,
+        "LR[,LR...]",
+        lambda text: [str(float(lr)) for lr in text.split(",")],
+        "a list of numbers",
+    )
 
 
-def draws_nothing(method: str) -> str | None:
+def draws_nothing(method: str, _seeds: list[int]) -> str | None:
     """Why `method` cannot take plan seeds: no part of it draws its plan at random."""
-    if any("seed" in accepted_options(METHODS[part]) for part in method.split("+") if part in METHODS):
+    if any("seed" in accepted_options(builder) for builder in builders_of(method)):
         return None
     return f"{method!r} draws no plan at random (no part takes a seed)"
 
 
 def parse_seeds(values: list[str], methods: list[str]) -> dict[str, list[int]]:
     """--plan_seeds hft=0,2,7 as {method: [seed, ...]}: each draws its plan with each seed."""
-    return per_method("--plan_seeds", values, methods, "SEED", int, "integers", refuse=draws_nothing)
+    return per_method(
+        "--plan_seeds",
+        values,
+        methods,
+        "SEED[,SEED...]",
+        lambda text: [int(s) for s in text.split(",")],
+        "a list of integers",
+        refuse=draws_nothing,
+    )
 
 
-def with_plan_seed(flags: list[str], seed: int | None) -> list[str]:
-    """`flags` with the plan's seed set in --method_options (the run's other options kept)."""
-    if seed is None:
+def builders_of(method: str) -> list:
+    """The plan builders of `method`'s registered parts."""
+    return [METHODS[part] for part in method.split("+") if part in METHODS]
+
+
+def json_object(text: str) -> dict:
+    options = json.loads(text)  # a JSONDecodeError is a ValueError
+    if not isinstance(options, dict):
+        raise ValueError(text)
+    return options
+
+
+def unknown_option(method: str, options: dict) -> str | None:
+    """Why `method` cannot take `options`: one that no part of it takes (values: the run checks)."""
+    accepted = set().union(*(accepted_options(builder) for builder in builders_of(method)))
+    unknown = sorted(set(options) - accepted)
+    if not unknown:
+        return None
+    return f"{method!r} has no option {unknown[0]!r}; its options: {', '.join(sorted(accepted)) or 'none'}"
+
+
+def parse_options(values: list[str], methods: list[str]) -> dict[str, dict]:
+    """--method_options l2='{"strength": 30}' ... as {method: options}."""
+    return per_method(
+        "--method_options", values, methods, "JSON", json_object, "a JSON object", refuse=unknown_option
+    )
+
+
+def with_options(flags: list[str], extra: dict) -> list[str]:
+    """`flags` with `extra` set in --method_options (the run's other options kept)."""
+    if not extra:
         return flags
     options = dict(parse_run_config(flags).method_options)
-    return [*flags, "--method_options", json.dumps({**options, "seed": seed})]
+    return [*flags, "--method_options", json.dumps({**options, **extra})]
 
 
 def with_evaluation(flags: list[str]) -> list[str]:
@@ -183,12 +230,20 @@ def main(argv: list[str]) -> None:
         help="plan seeds per method that draws its plan (HFT), METHOD=SEED[,SEED...]: one run per seed, "
         "the spread over them reported",
     )
+    parser.add_argument(
+        "--method_options",
+        nargs="*",
+        default=[],
+        help="a method's own plan options, METHOD=JSON (e.g. l2='{\"strength\": 30}'); they join the "
+        "--method_options after `--`",
+    )
     args = parser.parse_args(ours)
     if "--output_dir" in finetune_flags or "--method" in finetune_flags:
         parser.error("--output_dir and --method are set per run by compare.py; pass them before `--`")
     output = Path(args.output_dir)
     methods = args.methods.split(",")
     lrs, seeds = parse_lrs(args.lrs, methods), parse_seeds(args.plan_seeds, methods)
+    own_options = parse_options(args.method_options, methods)
     runs, method_of, group_of = {}, {}, {}
     for method in methods:  # every run's flags are checked before the first one starts
         for lr in lrs.get(method, [None]):
@@ -202,7 +257,8 @@ def main(argv: list[str]) -> None:
                 if seed is not None:
                     name, folder = f"{name}/seed{seed}", f"{folder}-seed{seed}"
                 flags = ["--method", method, "--output_dir", str(output / folder), *finetune_flags, *extra]
-                flags = with_evaluation(with_plan_seed(flags, seed))
+                plan_options = {**own_options.get(method, {}), **({} if seed is None else {"seed": seed})}
+                flags = with_evaluation(with_options(flags, plan_options))
                 runs[name] = (flags, output / folder, previous_run(output / folder, flags))
                 method_of[name], group_of[name] = method, group
     reports = {}

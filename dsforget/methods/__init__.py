@@ -15,8 +15,10 @@ from torch import nn
 from ..optim.plan import MaskPlan, PlanError
 from .cofitune.plan import cofitune_plan
 from .compose import compose
+from .freeze import freeze_plan
 from .full import full_plan
 from .hft import hft_plan
+from .l2 import l2_plan
 from .mofo import mofo_plan
 
 METHODS: dict[str, Callable[..., MaskPlan]] = {
@@ -24,6 +26,8 @@ METHODS: dict[str, Callable[..., MaskPlan]] = {
     "mofo": mofo_plan,
     "hft": hft_plan,
     "cofitune": cofitune_plan,
+    "freeze": freeze_plan,
+    "l2": l2_plan,
 }
 
 

@@ -23,6 +23,13 @@ from ..optim.plan import PlanError
 _LAYER_PARAM = re.compile(r"^(?:.*\.)?(?:layers|h)\.(?P<layer>\d+)\.(?P<module>.+)\.(?P<leaf>[^.]+)$")
 
 
+def layer_position(name: str) -> tuple[int, str] | None:
+    """(layer index, module path inside the layer) of a parameter of a numbered transformer
+    layer ("model.layers.3.self_attn.q_proj.weight" -> (3, "self_attn.q_proj")), else None."""
+    match = _LAYER_PARAM.match(name)
+    return None if match is None else (int(match["layer"]), match["module"])
+
+
 @dataclass(frozen=True)
 class Family:
     """Module paths, relative to one layer, of each category (in the family's canonical order)."""
@@ -106,12 +113,12 @@ def anatomy(model: nn.Module) -> Anatomy:
     in_layers: dict[int, dict[str, list[tuple[str, nn.Module]]]] = {}
     outside: list[tuple[str, nn.Module]] = []
     for name, _, module in entries:
-        match = _LAYER_PARAM.match(name)
-        if match is None:
+        position = layer_position(name)
+        if position is None:
             outside.append((name, module))
             continue
-        layer_modules = in_layers.setdefault(int(match["layer"]), {})
-        layer_modules.setdefault(match["module"], []).append((name, module))
+        layer, path = position
+        in_layers.setdefault(layer, {}).setdefault(path, []).append((name, module))
     if not in_layers:
         raise PlanError(f"{model_class} has no numbered transformer layers ('layers.N.' or 'h.N.')")
     if sorted(in_layers) != list(range(len(in_layers))):

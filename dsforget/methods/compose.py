@@ -3,8 +3,9 @@
 The methods act on different axes, so their rules compose without ambiguity:
 - frozen wins (HFT's or CoFiTune's choice of what trains);
 - top-k applies to whatever still trains (MoFO's momentum filter);
-- a row scale (CoFiTune's importance) scales the gradient of a dense or top-k rule.
-Two plans that both set a fraction or both set row scales for one parameter disagree: an error.
+- a row scale (CoFiTune's importance) scales the gradient of a dense or top-k rule;
+- a pull towards the initial weights (l2) applies to whatever still trains, top-k or dense.
+Two plans that both set a fraction, row scales or a pull for one parameter disagree: an error.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ def _merge(name: str, rules: Sequence[tuple[str, ParamRule]]) -> ParamRule:
         raise PlanError(f"{name}: methods {sorted(m for m, _ in fractions)} set different top-k fractions")
     if len(scales) > 1:
         raise PlanError(f"{name}: methods {[m for m, _ in scales]} both set row scales")
+    pulls = [(method, rule.pull) for method, rule in rules if rule.pull]
+    if len(pulls) > 1:
+        raise PlanError(f"{name}: methods {[m for m, _ in pulls]} both set a pull")
     return ParamRule(
         "topk" if fractions else "dense",
         fraction=next(iter(fractions))[1] if fractions else None,
         row_scale=scales[0][1] if scales else None,
+        pull=pulls[0][1] if pulls else 0.0,
     )
 
 

@@ -12,6 +12,12 @@ Per flat shard and step (see dsforget.kernels for the fused ops):
 Weight decay is decoupled (AdamW). Its scope for top-k parameters is ``decay_scope``:
 ``"all"`` (default, the MoFO reference code) decays every entry each step, selected or not;
 ``"selected"`` decays only the entries that are updated.
+
+A rule's ``pull`` (l2, L2-SP) is decoupled the same way, applied before the fused step:
+w ← w − lr·pull·(w − w0) on every entry of the parameter, selected by top-k or not, whatever the
+decay scope. w0 is the shard's value at its first step (the pretrained weights: nothing has
+updated the master copy before it), kept as the shard's state["initial"], so it is partitioned
+like the master weights and checkpointed with the moments.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ DECAY_SCOPES = ("all", "selected")
 BACKENDS = ("auto", "torch", "cpu", "triton")
 # state key: per parameter of a shard's group, how many moment updates it has seen (its Adam step)
 PARAM_STEPS = "param_steps"
+# state key: the shard's values at its first step, w0 of the rules' pull (l2)
+INITIAL = "initial"
 
 ParamsArg = Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Iterable[Mapping[str, Any]]
 
@@ -134,6 +142,14 @@ class ForgetAdamW(torch.optim.Optimizer):
             raise PlanError(f"the plan ({plan.method}) freezes every parameter given to the optimizer")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(groups, defaults)
+        for group in self.param_groups:
+            for tensor in group["params"]:
+                pull = plan[self._names[id(tensor)]].pull
+                if pull * group["lr"] > 1:  # the step would overshoot w0 and diverge
+                    raise PlanError(
+                        f"pull {pull} (l2 strength) x lr {group['lr']} of {self._names[id(tensor)]!r} is "
+                        "above 1: each step would move it past its initial value; lower the strength"
+                    )
         # Names of each group's parameters in order: under ZeRO-1/2 a group becomes one flat
         # partition and these are its blocks.
         self.group_param_names: list[list[str]] = [[self._names[id(p)] for p in g["params"]] for g in groups]
@@ -146,6 +162,7 @@ class ForgetAdamW(torch.optim.Optimizer):
         self._layouts: dict[int, ShardLayout] = {}
         self._tables: dict[int, SegmentTable] = {}
         self._hints: dict[int, ThresholdHint] = {}  # per shard: topk_adamw_step's threshold hints
+        self._pulls: dict[int, list[tuple[int, int, float]]] = {}  # per shard: _pull_runs
         self._dp_group: Any = None
         self._backends: dict[str, str] = {}  # device type -> the backend resolved for it
 
@@ -251,6 +268,7 @@ class ForgetAdamW(torch.optim.Optimizer):
     def _forget_tables(self) -> None:
         self._tables.clear()
         self._hints.clear()
+        self._pulls.clear()
 
     def _table(self, tensor: torch.Tensor) -> SegmentTable:
         table = self._tables.get(id(tensor))
@@ -294,6 +312,30 @@ class ForgetAdamW(torch.optim.Optimizer):
             counters.append(counter_of[seg.name])
         rowscale = torch.cat(scales) if scales else None
         return SegmentTable.build(rows, rowscale, block_k, device=device, counters=counters)
+
+    def _pull_runs(self, tensor: torch.Tensor) -> list[tuple[int, int, float]]:
+        """(start, stop, pull) of the shard's ranges pulled towards w0 under the active plan:
+        adjacent segments with the same pull merged, so ZeRO-1/2's flat shard of one method
+        takes one op per run of parameters, not per parameter."""
+        runs = self._pulls.get(id(tensor))
+        if runs is None:
+            runs = []
+            for seg in self._layout(tensor).segments:
+                pull = self.plan[seg.name].pull
+                if not pull:
+                    continue
+                stop = seg.shard_offset + seg.length
+                if runs and runs[-1][1] == seg.shard_offset and runs[-1][2] == pull:
+                    runs[-1] = (runs[-1][0], stop, pull)
+                else:
+                    runs.append((seg.shard_offset, stop, pull))
+            self._pulls[id(tensor)] = runs
+        return runs
+
+    def _keeps_initial(self, tensor: torch.Tensor) -> bool:
+        """Whether any parameter of the shard may be pulled (under the membership plan, so a
+        parameter HFT resampling holds now still has its w0 when drawn later)."""
+        return any(self.membership_plan[seg.name].pull for seg in self._layout(tensor).segments)
 
     # -- the step --------------------------------------------------------------------------
 
@@ -366,8 +408,14 @@ class ForgetAdamW(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state[PARAM_STEPS] = [0] * len(self._layout(param).group_params)
+            if self._keeps_initial(param):  # the first step: the master copy is still the base model
+                state[INITIAL] = param.detach().clone()
         state[PARAM_STEPS] = self._param_steps(state, self._layout(param))
         state["step"] += 1
+        # l2's pull as its own pass before the fused step: torch.lerp_ is one fused op on every
+        # device (w += lr·pull·(w0 − w), 12 B/element), and strength 0 leaves no run at all.
+        for start, stop, pull in self._pull_runs(param):
+            param.view(-1)[start:stop].lerp_(state[INITIAL].view(-1)[start:stop], group["lr"] * pull)
         # Threshold hints change only the work a step does, never its result, so they are kept
         # out of the state dict (and checkpoints); they are equal on all ranks like the thresholds.
         self._hints[id(param)] = topk_adamw_step(

@@ -9,6 +9,9 @@ once and every rank can prove it applies the same one. Rules:
   the top ``fraction`` of the parameter (MoFO). k = max(1, floor(fraction * numel)).
 - ``row_scale`` (combines with dense or topk): row r of the gradient (output unit r of an
   ``nn.Linear`` weight, i.e. dim 0) is multiplied by ``row_scale[r]`` before the moments.
+- ``pull`` (combines with dense or topk; L2-SP): each step, before the Adam update, every entry
+  moves towards the parameter's value at the first step, w ← w − lr·pull·(w − w0), decoupled
+  like AdamW's weight decay. 0 (the default) is no pull and keeps no copy of w0.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class ParamRule:
     mode: str
     fraction: float | None = None
     row_scale: tuple[float, ...] | None = None
+    pull: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -50,6 +54,10 @@ class ParamRule:
                 raise PlanError("row_scale cannot combine with mode 'frozen'")
             if not all(math.isfinite(s) for s in self.row_scale):
                 raise PlanError("row_scale values must be finite")
+        if not (math.isfinite(self.pull) and self.pull >= 0):
+            raise PlanError(f"pull must be a finite number >= 0, got {self.pull!r}")
+        if self.pull and self.mode == "frozen":
+            raise PlanError("pull cannot combine with mode 'frozen'")
 
     @property
     def trains(self) -> bool:
@@ -66,13 +74,17 @@ class ParamRule:
             out["fraction"] = self.fraction
         if self.row_scale is not None:
             out["row_scale"] = list(self.row_scale)
+        if self.pull:  # absent when 0, so plans without a pull keep their digests
+            out["pull"] = self.pull
         return out
 
     @staticmethod
     def from_dict(data: Mapping[str, Any], where: str) -> ParamRule:
-        unknown = set(data) - {"mode", "fraction", "row_scale"}
+        unknown = set(data) - {"mode", "fraction", "row_scale", "pull"}
         if unknown:
-            raise PlanError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: mode, fraction, row_scale")
+            raise PlanError(
+                f"{where}: unknown key(s) {sorted(unknown)}; allowed: mode, fraction, row_scale, pull"
+            )
         if "mode" not in data:
             raise PlanError(f"{where}: missing key 'mode'")
         row_scale = data.get("row_scale")
@@ -81,6 +93,7 @@ class ParamRule:
                 mode=data["mode"],
                 fraction=None if data.get("fraction") is None else float(data["fraction"]),
                 row_scale=None if row_scale is None else tuple(float(s) for s in row_scale),
+                pull=float(data.get("pull", 0.0)),
             )
         except PlanError as err:
             raise PlanError(f"{where}: {err}") from None

@@ -21,6 +21,18 @@ from launcher import REPO
         (["--methods", "full,mofo", "--lrs", "hft=1e-3"], r"error: --lrs 'hft=1e-3': expected METHOD=LR"),
         (["--methods", "full,mofo", "--plan_seeds", "mofo=1,2"], r"'mofo' draws no plan at random"),
         (["--methods", "full,hft", "--plan_seeds", "hft=0,a"], r"'0,a' is not a list of integers"),
+        (
+            ["--methods", "full,l2", "--method_options", "l2={strength: 3}"],
+            r"error: --method_options 'l2=\{strength: 3\}': '\{strength: 3\}' is not a JSON object",
+        ),
+        (
+            ["--methods", "full,freeze", "--method_options", 'freeze={"layers": 2}'],
+            r"'freeze' has no option 'layers'; its options: extra_modules, trainable_layers",
+        ),
+        (
+            ["--methods", "full", "--method_options", 'l2={"strength": 1}'],
+            r"expected METHOD=JSON with METHOD",
+        ),
     ],
     ids=[
         "bad-finetune-flag",
@@ -29,6 +41,9 @@ from launcher import REPO
         "lr-of-another-method",
         "seed-of-mofo",
         "bad-seed",
+        "options-not-json",
+        "unknown-option",
+        "options-of-another-method",
     ],
 )
 def test_bad_input_is_one_line_with_status_2(tmp_path: Path, flags: list[str], message: str) -> None:

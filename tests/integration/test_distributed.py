@@ -44,6 +44,10 @@ class Config:
 
 # every q/k/v/up/down matrix trains with row scales 1 - importance (all layers: both of TinyLM's)
 COFITUNE = {"layers": "all", "modules": "both", "importance": "random"}
+# TinyLM's last layer's FFN and the LM head train; the rest (embeddings, layer 0, norms) is frozen
+FREEZE = {"trainable_layers": 1, "trainable_modules": "mlp", "extra_modules": "lm_head"}
+# strong enough (lr 1e-2 x 20 = a fifth of the distance per step) that a wrong w0 would show
+L2 = {"strength": 20.0}
 
 MATRIX = [
     Config("no-zero", stage=0),
@@ -68,6 +72,12 @@ MATRIX = [
     Config("zero3-cofitune-rowscale", stage=3, method="cofitune", options=COFITUNE, weight_decay=0.1),
     Config("zero2-cofitune+mofo", stage=2, method="cofitune+mofo", options={**COFITUNE, "fraction": 0.3}),
     Config("zero3-offload-cofitune+mofo", stage=3, offload=True, method="cofitune+mofo", options=COFITUNE),
+    Config("zero2-freeze", stage=2, method="freeze", options=FREEZE, weight_decay=0.1),
+    Config("zero3-freeze+mofo", stage=3, method="freeze+mofo", options={**FREEZE, "fraction": 0.3}),
+    Config("zero1-l2", stage=1, method="l2", options=L2, weight_decay=0.1),
+    Config("zero2-l2", stage=2, method="l2", options=L2),
+    Config("zero3-l2", stage=3, method="l2", options=L2, weight_decay=0.1),
+    Config("zero3-offload-l2+mofo", stage=3, offload=True, method="l2+mofo", options={**L2, "fraction": 0.3}),
 ]
 
 
@@ -215,11 +225,21 @@ def test_rank_with_other_plan_fails_fast(tmp_path: Path) -> None:
     assert not (tmp_path / "out.pt").exists()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_checkpoint_resumes_bit_identically(stage: int, tmp_path: Path) -> None:
+RESUMED = [
+    Config("zero2-resume", stage=2, weight_decay=0.1),
+    Config("zero3-resume", stage=3, weight_decay=0.1),
+    Config("zero2-l2-resume", stage=2, method="l2", options=L2),
+    Config("zero3-l2-resume", stage=3, method="l2", options=L2, weight_decay=0.1),
+    Config("zero3-freeze-resume", stage=3, method="freeze", options=FREEZE),
+]
+
+
+@pytest.mark.parametrize("config", RESUMED, ids=[c.name for c in RESUMED])
+def test_deepspeed_checkpoint_resumes_bit_identically(config: Config, tmp_path: Path) -> None:
     """DeepSpeed's own save/load_checkpoint must carry ForgetAdamW's moments and step count
-    through every ZeRO layout: resuming after step 2 of 4 gives the uninterrupted parameters."""
-    config = Config(f"zero{stage}-resume", stage=stage, weight_decay=0.1)
+    through every ZeRO layout: resuming after step 2 of 4 gives the uninterrupted parameters.
+    For l2 it must carry w0 too: a resumed run that pulled towards the weights it resumed from
+    (step 2's) would end elsewhere."""
     checkpoints = tmp_path / "checkpoints"
     straight = run_config(config, tmp_path, save_after=2, checkpoint_dir=str(checkpoints))
     resumed = run_config(config, tmp_path, resume_from=str(checkpoints))

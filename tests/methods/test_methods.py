@@ -291,7 +291,7 @@ def test_cofitune_plus_mofo_keeps_row_scales_under_topk() -> None:
 
 def test_method_names_and_combinations_are_checked() -> None:
     with pytest.raises(
-        PlanError, match=r"method 'hft\+lora': unknown 'lora'; available: cofitune, full, hft, mofo"
+        PlanError, match=r"method 'hft\+lora': unknown 'lora'; available: cofitune, freeze, full, hft, l2"
     ):
         dsforget.plan_for(llama(2), "hft+lora")
     with pytest.raises(PlanError, match="a part repeats"):

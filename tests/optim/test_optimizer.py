@@ -12,6 +12,7 @@ from torch import nn
 
 import dsforget
 from dsforget import ForgetAdamW, MaskPlan, MoFOAdamW, ParamRule, PlanError
+from dsforget.optim.optimizer import INITIAL
 
 # Every backend that runs on CPU tensors here: the references and, with a compiler, the C++ path.
 BACKENDS = [b for b in available_backends("cpu") if b != "triton"]
@@ -271,6 +272,122 @@ def test_resume_while_resampling_keeps_each_parameters_step(backend: str) -> Non
     assert opt.state[straight[3].weight]["param_steps"] == [5]
 
 
+class PulledAdamW(torch.optim.AdamW):
+    """The hand-written L2-SP reference: torch's AdamW, each step preceded by an explicit decoupled
+    pull w <- w - lr * strength * (w - w0) towards the values the parameters had at construction."""
+
+    def __init__(self, params, strength: float, **hyper) -> None:
+        super().__init__(params, **hyper)
+        self.strength = strength
+        self.initial = [p.detach().clone() for g in self.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"]]
+        lrs = [g["lr"] for g in self.param_groups for _ in g["params"]]
+        for p, w0, lr in zip(params, self.initial, lrs, strict=True):
+            p.sub_(lr * self.strength * (p - w0))
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_l2_matches_adamw_with_an_explicit_pull(backend: str) -> None:
+    """l2 must be AdamW plus the decoupled pull towards the initial weights: catches a pull taken
+    towards the current (not initial) weights, scaled without lr, coupled into the gradient, or
+    applied after the Adam update; per-group learning rates must scale it too."""
+    model = make_model()
+    reference = copy.deepcopy(model)
+    initial = [p.detach().clone() for p in model.parameters()]
+    plan = dsforget.plan_for(model, "l2", strength=5.0)
+    head, tail = list(model.named_parameters())[:2], list(model.named_parameters())[2:]
+    ours = ForgetAdamW(
+        [{"params": head, "lr": 3e-3}, {"params": tail}],
+        plan=plan,
+        lr=1e-2,
+        weight_decay=0.05,
+        backend=backend,
+    )
+    ref_params = list(reference.parameters())
+    theirs = PulledAdamW(
+        [{"params": ref_params[:2], "lr": 3e-3}, {"params": ref_params[2:]}], 5.0, lr=1e-2, weight_decay=0.05
+    )
+    run(model, ours, steps=60)
+    run(reference, theirs, steps=60)
+    assert_close_params(model, reference)
+    pulled = make_model()  # without the pull the run ends elsewhere: the test can fail
+    run(pulled, ForgetAdamW(pulled.named_parameters(), plan=dsforget.plan_for(pulled, "full"), lr=1e-2), 60)
+    assert all(
+        (a - w0).norm() < 0.9 * (b - w0).norm()
+        for a, b, w0 in zip(model.parameters(), pulled.parameters(), initial, strict=True)
+    )
+
+
+def test_l2_at_strength_zero_is_full_fine_tuning_bit_for_bit() -> None:
+    """Strength 0 must cost nothing and change nothing: no copy of w0, the same bits as full."""
+    results = []
+    for method, options in (("full", {}), ("l2", {"strength": 0.0})):
+        model = make_model()
+        plan = dsforget.plan_for(model, method, **options)
+        optimizer = ForgetAdamW(model.named_parameters(), plan=plan, lr=1e-2, weight_decay=0.1)
+        run(model, optimizer, steps=10)
+        assert all(INITIAL not in state for state in optimizer.state.values())
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_l2_with_mofo_pulls_every_entry_of_a_filtered_parameter(backend: str) -> None:
+    """l2+mofo is MoFO's masked step preceded by the pull on every entry, selected or not (an
+    entry MoFO leaves alone still drifts back towards w0)."""
+    model = make_model()
+    reference = copy.deepcopy(model)
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    hyper = dict(lr=1e-2, weight_decay=0.1, backend=backend)
+    ours = ForgetAdamW(
+        model.named_parameters(),
+        plan=dsforget.plan_for(model, "l2+mofo", strength=4.0, fraction=0.3),
+        **hyper,
+    )
+    mofo = ForgetAdamW(
+        reference.named_parameters(), plan=dsforget.plan_for(reference, "mofo", fraction=0.3), **hyper
+    )
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        x = torch.randn(8, 13, generator=generator)
+        for net, optimizer in ((model, ours), (reference, mofo)):
+            optimizer.zero_grad()
+            net(x).pow(2).mean().backward()
+        with torch.no_grad():
+            for name, p in reference.named_parameters():
+                p.lerp_(initial[name], 1e-2 * 4.0)
+        ours.step()
+        mofo.step()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_l2_resume_pulls_towards_the_pretrained_weights_not_the_resumed_ones() -> None:
+    """save -> load into a fresh optimizer (built on the trained weights) -> more steps equals an
+    uninterrupted run: w0 must come from the checkpoint, not from the weights at resume."""
+    straight = make_model()
+    initial = [p.detach().clone() for p in straight.parameters()]
+    plan = dsforget.plan_for(straight, "l2", strength=5.0)
+    opt = ForgetAdamW(straight.named_parameters(), plan=plan, lr=1e-2, backend="torch")
+    run(straight, opt, steps=5, seed=1)
+    resumed = copy.deepcopy(straight)
+    saved = copy.deepcopy(opt.state_dict())
+    run(straight, opt, steps=3, seed=9)
+    fresh = ForgetAdamW(resumed.named_parameters(), plan=plan, lr=1e-2, backend="torch")
+    fresh.load_state_dict(saved)
+    assert all(
+        torch.equal(fresh.state[p][INITIAL], w0) for p, w0 in zip(resumed.parameters(), initial, strict=True)
+    )
+    run(resumed, fresh, steps=3, seed=9)
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_state_dict_from_another_plan_is_refused() -> None:
     model = make_model()
     opt = ForgetAdamW(model.named_parameters(), plan=dsforget.plan_for(model, "mofo", fraction=0.3))
@@ -425,6 +542,12 @@ def test_active_plan_cannot_train_what_the_optimizer_dropped() -> None:
                 m.named_parameters(), plan=MaskPlan({n: ParamRule("frozen") for n, _ in m.named_parameters()})
             ),
             r"freezes every parameter",
+        ),
+        (
+            lambda m: ForgetAdamW(
+                m.named_parameters(), plan=dsforget.plan_for(m, "l2", strength=200.0), lr=0.01
+            ),
+            r"pull 200.0 \(l2 strength\) x lr 0.01 of '0.weight' is above 1",
         ),
     ],
 )

@@ -96,7 +96,7 @@ def test_plan_checked_against_the_model() -> None:
 
 
 def test_unknown_method_lists_the_known_ones() -> None:
-    with pytest.raises(PlanError, match="unknown 'moffo'; available: cofitune, full, hft, mofo"):
+    with pytest.raises(PlanError, match="unknown 'moffo'; available: cofitune, freeze, full, hft, l2, mofo"):
         dsforget.plan_for(model(), "moffo")
     with pytest.raises(PlanError, match="method 'mofo' has no option 'fractoin'; its options: filter_biases"):
         dsforget.plan_for(model(), "mofo", fractoin=0.1)

@@ -338,6 +338,22 @@ USER_ERRORS = [
         r"error: --general_tasks: task file gone\.yaml does not exist",
         id="general-task-file-missing",
     ),
+    pytest.param(
+        lambda tmp: [
+            *("--data", str(write(tmp / "ok.jsonl", GOOD_LINE * 40)), "--method", "freeze"),
+            *("--method_options", '{"trainable_patterns": ["mlp", "^nothing"]}'),
+        ],
+        r"error: freeze option trainable_patterns: '\^nothing' matches no parameter name",
+        id="freeze-regex-matching-nothing",
+    ),
+    pytest.param(
+        lambda tmp: [
+            *("--data", str(write(tmp / "ok.jsonl", GOOD_LINE * 40)), "--method", "l2+mofo"),
+            *("--method_options", '{"strength": -1}'),
+        ],
+        r"error: l2 option strength=-1 must be >= 0 \(0 is full fine-tuning\)",
+        id="negative-l2-strength",
+    ),
 ]
 
 
