@@ -18,9 +18,10 @@ $(VENV)/.installed: setup.py
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-# All local GPUs, or 2 CPU ranks (gloo) without one.
+# Full fine-tuning, MoFO and HFT on the lab, compared at matched task gain along training
+# (README "What make demo shows"); all local GPUs per run, or 2 CPU ranks (gloo) without one.
 demo: venv
-	$(BIN)/deepspeed $(if $(filter cpu,$(DS_ACCELERATOR)),--num_gpus 2,) launch/finetune.py
+	$(BIN)/python launch/compare.py --methods full,mofo,hft --output_dir runs/demo -- --max_steps 150 --no-export
 
 # SLURM and munge for the cluster tests where apt-get and root allow (a no-op with a message elsewhere)
 test: venv

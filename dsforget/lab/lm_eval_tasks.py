@@ -12,6 +12,8 @@ YAML file with ``dataset_path: json`` and absolute ``data_files``, so nothing is
 - ``lab_task``: generate_until on the task records' prompts rendered with the model's chat template,
   ``exact_match`` of the answer with surrounding whitespace ignored, at most as many new tokens as
   ``task_exact_match`` allows: the same score as ``task_exact_match`` on the same records.
+- ``lab_skills`` (an aligned lab only): ``lab_task``'s scoring on the held-out chat-skill records,
+  the same score as ``skill_exact_match``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .corpus import write_jsonl
 
 LAB_TASKS = ("lab_fact_recall", "lab_heldout", "lab_task")
 # in the name of the lab's task folder: a change to the files written here writes a new folder
-FORMAT = 1
+FORMAT = 2
 
 # task_exact_match's comparison: both sides stripped of surrounding whitespace
 _STRIP = [r"^\s+", r"\s+$"]
@@ -146,6 +148,9 @@ def _write_lab_tasks(lab: LabArtifacts, directory: Path, read_from: Path) -> Non
     )
     tokenizer = AutoTokenizer.from_pretrained(lab.tokenizer_dir)
     write_exact_match_task("lab_task", lab.load_task_eval(), tokenizer, directory, read_from)
+    skills = lab.load_skill_eval() if lab.skill_eval.exists() else []
+    if skills:
+        write_exact_match_task("lab_skills", skills, tokenizer, directory, read_from)
 
 
 def lab_task_dir(lab: LabArtifacts) -> Path:

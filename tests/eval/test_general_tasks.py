@@ -19,8 +19,8 @@ NEW_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
-def lab():
-    return build_lab(LabConfig.preset("tiny"))  # cached across sessions (~/.cache/dsforget/lab)
+def lab(lab_cache):
+    return build_lab(LabConfig.preset("tiny"), cache_root=lab_cache / "lab")  # shared with the job tests
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +92,17 @@ def test_lab_tasks_are_written_once_and_load_offline(lab) -> None:
     tasks = load_general_tasks(LAB_TASKS, [first], limit=5)
     assert tasks.names == list(LAB_TASKS)
     assert tasks.smallest[1] == 5
+
+
+def test_aligned_labs_skills_task_equals_skill_exact_match(lab_cache) -> None:
+    """An aligned lab's held-out chat skills are an lm-eval task too, scored as the job scores
+    them; a lab without skills has no such task file."""
+    aligned = build_lab(LabConfig.preset("tiny_aligned"), cache_root=lab_cache / "lab")
+    model = AutoModelForCausalLM.from_pretrained(aligned.model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(aligned.model_dir)
+    tasks = load_general_tasks(["lab_skills"], [lab_task_dir(aligned)])
+    own = task_exact_match(model, tokenizer, aligned.load_skill_eval())
+    assert own > 0.5, own  # the base does its skills: the comparison is not 0 == 0
+    assert score_general_tasks(model, tokenizer, tasks)["lm_eval/lab_skills/exact_match"] == own
+    plain = build_lab(LabConfig.preset("tiny"), cache_root=lab_cache / "lab")
+    assert not (lab_task_dir(plain) / "lab_skills.yaml").exists()
