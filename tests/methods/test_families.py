@@ -5,7 +5,9 @@ are frozen exactly by the optimizer; mixture-of-experts models are refused."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +72,13 @@ MIXTURES_OF_EXPERTS = {
     ),
     "qwen3moe": _decoder("Qwen3MoeConfig", "Qwen3MoeForCausalLM", num_experts=4, moe_intermediate_size=16),
 }
+
+
+def test_the_readme_table_lists_exactly_the_tested_families() -> None:
+    """Catches a README row no test backs, or a tested family the README does not list."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Model families", 1)[1].split("\n- ", 1)[0]
+    assert re.findall(r"^\| `(\w+)` \|", section, flags=re.M) == list(FAMILIES)
 
 
 def trains(plan: MaskPlan, body: Anatomy, matrix: Matrix) -> bool:
