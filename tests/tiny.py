@@ -33,23 +33,34 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**{**values, **overrides})
 
 
+def tiny_phi3():
+    """A Phi-3 of TinyLM's widths: fused qkv_proj of 56 + 2·28 rows and gate_up_proj of 2·98."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(**{**tiny_llama_config().to_diff_dict(), "pad_token_id": 0})
+    return Phi3ForCausalLM(config)
+
+
 class TinyLM(nn.Module):
-    def __init__(self) -> None:
+    """The tiny Llama (or, with family="phi3", Phi-3), registered under the family's name."""
+
+    def __init__(self, family: str = "llama") -> None:
         super().__init__()
         from transformers import LlamaForCausalLM
 
-        self.llama = LlamaForCausalLM(tiny_llama_config())
+        self.family = family
+        self.add_module(family, LlamaForCausalLM(tiny_llama_config()) if family == "llama" else tiny_phi3())
         self.logit_scale = nn.Parameter(torch.ones(1))
         self.never_used = nn.Parameter(torch.randn(3, 7))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        logits = self.llama(input_ids=input_ids).logits * self.logit_scale
+        logits = getattr(self, self.family)(input_ids=input_ids).logits * self.logit_scale
         return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), input_ids[:, 1:].reshape(-1))
 
 
-def initial_state(seed: int = 0) -> dict[str, torch.Tensor]:
+def initial_state(seed: int = 0, family: str = "llama") -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    return {k: v.clone() for k, v in TinyLM().state_dict().items()}
+    return {k: v.clone() for k, v in TinyLM(family).state_dict().items()}
 
 
 def batches(steps: int, world: int, micro_batch: int, seed: int = 1) -> torch.Tensor:

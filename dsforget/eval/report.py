@@ -153,7 +153,7 @@ def run_report(
     config: Any,
     plan: Any,
     optimizer: Any,
-    sizes: Mapping[str, int],
+    shapes: Mapping[str, tuple[int, ...]],
     before: Mapping[str, float],
     after: Mapping[str, float],
     drift: Mapping[str, Mapping[str, float]],
@@ -165,8 +165,8 @@ def run_report(
 ) -> dict[str, Any]:
     """report.json of a finished run: scores before and after, their ``summary`` (task gain and
     forgetting), drift, the training's cost and the environment; the --general_tasks' scores (flat
-    ``lm_eval/...`` keys in `before`/`after`) in their own ``general_tasks`` section. `sizes`: each
-    parameter's number of entries (the full tensor's under ZeRO-3); `memory`: each rank's peaks
+    ``lm_eval/...`` keys in `before`/`after`) in their own ``general_tasks`` section. `shapes`: each
+    parameter's shape (the full tensor's under ZeRO-3); `memory`: each rank's peaks
     (dsforget.train.memory); `trajectory`: the scores along training (``trajectory``)."""
     optimizer_bytes = sum(
         t.numel() * t.element_size()
@@ -179,7 +179,7 @@ def run_report(
         "model": config.model,
         "plan_digest": plan.digest,
         "trainable_share": optimizer.plan.trainable_share(  # the active draw when HFT resamples
-            (name, size) for name, size in sizes.items() if name in plan.rules
+            (name, shape) for name, shape in shapes.items() if name in plan.rules
         ),
         "before": split_scores(dict(before))[0],
         "after": split_scores(dict(after))[0],

@@ -8,7 +8,12 @@ Per transformer layer, the rule of METHODS.md (Llama naming):
 - embeddings and LM head train (``embeddings``), the final norm trains (``final_norm``).
 In general a category of c matrices trains fraction·c of them per layer, with the fractional
 part spread over shuffled layers. GPT-2's fused QKV makes the attention category 2 matrices
-(c_attn, c_proj): 1 of 2 trains. Under grouped-query attention k and v are smaller than q and
+(c_attn, c_proj): 1 of 2 trains. Phi-3's fused qkv_proj and gate_up_proj count as their row
+blocks (q, k, v; gate, up), so its categories are Llama's: 2 of {q, k, v, o}, 1 or 2 of
+{gate, up, down}; a fused parameter with some blocks chosen trains with the others' rows frozen
+(it keeps a gradient and Adam state: only a fused parameter none of whose blocks train saves
+memory). Gemma 2/3 and OLMo 2 have more norms per layer (up to six): half of them train. Under
+grouped-query attention k and v are smaller than q and
 o, so 2 of 4 matrices is not half the attention parameters: ``balance="params"`` picks, per
 layer, among the subsets whose parameter share is closest to the fraction.
 
@@ -26,7 +31,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..optim.plan import DENSE, FROZEN, MaskPlan, PlanError
+from ..optim.plan import DENSE, FROZEN, MaskPlan, ParamRule, PlanError
 from .architecture import Anatomy, Matrix, anatomy
 
 SWITCHES = ("train", "freeze")
@@ -96,12 +101,12 @@ def hft_plan(
         _choice(key, value, SWITCHES)
     body = anatomy(model)
     rng = random.Random(seed)
-    trained: set[str] = set()
+    chosen_matrices: list[Matrix] = []
     choices: dict[str, dict[str, list[str]]] = {str(i): {} for i in range(len(body.layers))}
     for category in ("attention", "ffn", "norm"):
         if category == "norm" and norms != "half":
             if norms == "train":
-                trained.update(n for m in body.matrices("norm") for n in m.params)
+                chosen_matrices += body.matrices("norm")
             continue
         per_layer = [[m for m in layer if m.category == category] for layer in body.layers]
         counts = per_layer_counts(len(per_layer), len(per_layer[0]), trainable_fraction, rng)
@@ -110,13 +115,15 @@ def hft_plan(
                 continue
             chosen = _pick(matrices, min(count, len(matrices)), trainable_fraction, balance, rng)
             choices[str(index)][category] = sorted(m.module for m in chosen)
-            trained.update(name for m in chosen for name in m.params)
+            chosen_matrices += chosen
+    rules: dict[str, ParamRule] = {name: FROZEN for name in body.shapes}
+    for name, frozen_rows in body.frozen_rows(chosen_matrices).items():
+        rules[name] = DENSE if frozen_rows is None else ParamRule("dense", frozen_rows=frozen_rows)
     switched = {"embeddings": (embeddings, body.embeddings), "final_norm": (final_norm, body.final_norms)}
     switched["other"] = (other, body.other)
     for setting, names in switched.values():
         if setting == "train":
-            trained.update(names)
-    rules = {name: DENSE if name in trained else FROZEN for name in body.numels}
+            rules.update(dict.fromkeys(names, DENSE))
     options = {
         "trainable_fraction": trainable_fraction,
         "seed": seed,
@@ -126,19 +133,18 @@ def hft_plan(
         "other": other,
         "balance": balance,
     }
-    return MaskPlan(rules=rules, method="hft", meta=_meta(body, trained, options, choices))
+    return MaskPlan(rules=rules, method="hft", meta=_meta(body, rules, options, choices))
 
 
-def _meta(body: Anatomy, trained: set[str], options: dict, choices: dict) -> dict:
-    layer_params = [n for layer in body.layers for m in layer for n in m.params]
-    total = sum(body.numels.values())
-    in_layers = sum(body.numels[n] for n in layer_params)
+def _meta(body: Anatomy, rules: dict[str, ParamRule], options: dict, choices: dict) -> dict:
+    layer_params = {n for layer in body.layers for m in layer for n in m.params}
+    plan = MaskPlan(rules)  # its trainable_share counts the trained rows of fused matrices
     return {
         **options,
         "family": body.family.name,
         "trained_per_layer": choices,
-        "share_of_all_parameters": round(sum(body.numels[n] for n in trained) / total, 6),
+        "share_of_all_parameters": round(plan.trainable_share(body.shapes.items()), 6),
         "share_of_layer_parameters": round(
-            sum(body.numels[n] for n in layer_params if n in trained) / max(in_layers, 1), 6
+            plan.trainable_share((n, shape) for n, shape in body.shapes.items() if n in layer_params), 6
         ),
     }

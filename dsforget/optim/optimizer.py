@@ -30,10 +30,10 @@ import torch
 
 from ..kernels import DENSE, NO_ROWSCALE, SegmentTable, ThresholdHint, resolve_backend, topk_adamw_step
 from .comm import release_shared_memory_names, sum_counts, verify_plan_agreement
-from .layout import ShardLayout
-from .params import full_shape
+from .layout import Segment, ShardLayout
+from .params import full_shape, row_length
 from .partitions import discover_layouts
-from .plan import MaskPlan, PlanError
+from .plan import MaskPlan, ParamRule, PlanError
 
 logger = logging.getLogger("dsforget")
 
@@ -52,6 +52,28 @@ def _choose(key: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{key}={value!r} is not supported; allowed: {', '.join(allowed)}")
     return value
+
+
+def _trained_numel(rule: ParamRule, shape: tuple[int, ...]) -> int:
+    """Entries of a parameter of `shape` that train under `rule` (all but its frozen rows)."""
+    rows, row_len = (shape[0] if shape else 1), row_length(shape)
+    return sum(stop - start for start, stop in rule.trained_rows(rows)) * row_len
+
+
+def _trained_pieces(seg: Segment, rule: ParamRule, param_numel: int) -> list[Segment]:
+    """The parts of `seg` that train under `rule`: the whole segment, nothing (frozen), or the
+    pieces of it outside the rule's frozen rows, so the kernels never touch a frozen row."""
+    if rule.frozen_rows is None:
+        return [seg] if rule.trains else []
+    pieces = []
+    seg_stop = seg.param_offset + seg.length
+    for start_row, stop_row in rule.trained_rows(param_numel // seg.row_len):
+        start = max(seg.param_offset, start_row * seg.row_len)
+        stop = min(seg_stop, stop_row * seg.row_len)
+        if start < stop:
+            shard_offset = seg.shard_offset + start - seg.param_offset
+            pieces.append(Segment(seg.name, start, shard_offset, stop - start, seg.row_len))
+    return pieces
 
 
 def named_groups(params: ParamsArg) -> tuple[list[dict[str, Any]], dict[int, str]]:
@@ -208,6 +230,13 @@ class ForgetAdamW(torch.optim.Optimizer):
             rule = plan[name]
             if rule.trains:
                 self._check_rule(name, tensor, plan)
+            if rule.frozen_rows != self.membership_plan[name].frozen_rows:
+                raise PlanError(
+                    f"the plan ({plan.method}) holds rows {[list(r) for r in rule.frozen_rows or ()]} of "
+                    f"{name!r} that the optimizer's membership plan does not: a parameter has one Adam step "
+                    "count, so part of it cannot be held while the rest trains (HFT resampling of a fused "
+                    "qkv_proj/gate_up_proj is not supported)"
+                )
         self.plan = plan
         self._forget_tables()
 
@@ -217,6 +246,11 @@ class ForgetAdamW(torch.optim.Optimizer):
         if rule.row_scale is not None and len(rule.row_scale) != rows:
             raise PlanError(
                 f"params[{name!r}].row_scale has {len(rule.row_scale)} values, the parameter {rows} rows"
+            )
+        if rule.frozen_rows and rule.frozen_rows[-1][1] > rows:
+            raise PlanError(
+                f"params[{name!r}].frozen_rows reach row {rule.frozen_rows[-1][1]}, "
+                f"the parameter has {rows} rows"
             )
 
     # -- binding to DeepSpeed's partitions -------------------------------------------------
@@ -278,29 +312,32 @@ class ForgetAdamW(torch.optim.Optimizer):
         return table
 
     def _build_table(self, layout: ShardLayout, device: torch.device) -> SegmentTable:
+        numels = dict(layout.group_params)
         block_k: list[int] = []
         block_of: dict[str, int] = {}
         if self.topk == "exact":
-            for name, numel in layout.group_params:
+            for name, _ in layout.group_params:
                 rule = self.plan[name]
-                if rule.mode == "topk":
+                if rule.mode == "topk":  # k of the parameter's trained entries
+                    shape = full_shape(self.trained_parameters[name])
                     block_of[name] = len(block_k)
-                    block_k.append(rule.top_k(numel))
+                    block_k.append(rule.top_k(_trained_numel(rule, shape)))
         rows, scales, scale_start = [], [], {}
         counters: list[int] = []
         counter_of = {name: index for index, (name, _) in enumerate(layout.group_params)}
         scale_total = 0
         for seg in layout.segments:
             rule = self.plan[seg.name]
-            if not rule.trains:
+            pieces = _trained_pieces(seg, rule, numels[seg.name])
+            if not pieces:
                 continue
             block = DENSE
             if rule.mode == "topk":
                 if self.topk == "exact":
                     block = block_of[seg.name]
-                else:
+                else:  # the segment's trained entries are one block, however many pieces they make
                     block = len(block_k)
-                    block_k.append(rule.top_k(seg.length))
+                    block_k.append(rule.top_k(sum(piece.length for piece in pieces)))
             rowscale_start = NO_ROWSCALE
             if rule.row_scale is not None:
                 if seg.name not in scale_start:
@@ -308,8 +345,10 @@ class ForgetAdamW(torch.optim.Optimizer):
                     scales.append(torch.tensor(rule.row_scale, dtype=torch.float32))
                     scale_total += len(rule.row_scale)
                 rowscale_start = scale_start[seg.name]
-            rows.append((seg.shard_offset, seg.length, seg.param_offset, seg.row_len, block, rowscale_start))
-            counters.append(counter_of[seg.name])
+            rows += [
+                (p.shard_offset, p.length, p.param_offset, p.row_len, block, rowscale_start) for p in pieces
+            ]
+            counters += [counter_of[seg.name]] * len(pieces)
         rowscale = torch.cat(scales) if scales else None
         return SegmentTable.build(rows, rowscale, block_k, device=device, counters=counters)
 
@@ -320,15 +359,18 @@ class ForgetAdamW(torch.optim.Optimizer):
         runs = self._pulls.get(id(tensor))
         if runs is None:
             runs = []
-            for seg in self._layout(tensor).segments:
-                pull = self.plan[seg.name].pull
-                if not pull:
+            layout = self._layout(tensor)
+            numels = dict(layout.group_params)
+            for seg in layout.segments:
+                rule = self.plan[seg.name]
+                if not rule.pull:
                     continue
-                stop = seg.shard_offset + seg.length
-                if runs and runs[-1][1] == seg.shard_offset and runs[-1][2] == pull:
-                    runs[-1] = (runs[-1][0], stop, pull)
-                else:
-                    runs.append((seg.shard_offset, stop, pull))
+                for piece in _trained_pieces(seg, rule, numels[seg.name]):
+                    stop = piece.shard_offset + piece.length
+                    if runs and runs[-1][1] == piece.shard_offset and runs[-1][2] == rule.pull:
+                        runs[-1] = (runs[-1][0], stop, rule.pull)
+                    else:
+                        runs.append((piece.shard_offset, stop, rule.pull))
             self._pulls[id(tensor)] = runs
         return runs
 

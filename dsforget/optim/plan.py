@@ -12,6 +12,11 @@ once and every rank can prove it applies the same one. Rules:
 - ``pull`` (combines with dense or topk; L2-SP): each step, before the Adam update, every entry
   moves towards the parameter's value at the first step, w ← w − lr·pull·(w − w0), decoupled
   like AdamW's weight decay. 0 (the default) is no pull and keeps no copy of w0.
+- ``frozen_rows`` (combines with dense or topk): row ranges [start, stop) of dim 0 that are never
+  touched — no moments, no decay, no pull, no update — while the other rows train. It is how a
+  fused matrix (Phi-3's ``qkv_proj``, ``gate_up_proj``) freezes some of the matrices it holds;
+  the parameter still has a gradient and optimizer state, so only a whole frozen parameter saves
+  memory. A top-k block is the parameter's trained rows: k counts only their entries.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class ParamRule:
     fraction: float | None = None
     row_scale: tuple[float, ...] | None = None
     pull: float = 0.0
+    frozen_rows: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -58,10 +64,34 @@ class ParamRule:
             raise PlanError(f"pull must be a finite number >= 0, got {self.pull!r}")
         if self.pull and self.mode == "frozen":
             raise PlanError("pull cannot combine with mode 'frozen'")
+        if self.frozen_rows is not None:
+            if self.mode == "frozen":
+                raise PlanError("frozen_rows cannot combine with mode 'frozen' (every row is frozen)")
+            end = 0
+            for start, stop in self.frozen_rows:
+                if not start < stop or start < end:
+                    raise PlanError(
+                        f"frozen_rows must be sorted, non-empty, non-overlapping [start, stop) ranges, "
+                        f"got {[list(r) for r in self.frozen_rows]}"
+                    )
+                end = stop
 
     @property
     def trains(self) -> bool:
         return self.mode != "frozen"
+
+    def trained_rows(self, rows: int) -> list[tuple[int, int]]:
+        """The [start, stop) row ranges of a `rows`-row parameter that train, in order."""
+        if not self.trains:
+            return []
+        ranges, start = [], 0
+        for frozen_start, frozen_stop in self.frozen_rows or ():
+            if start < frozen_start:
+                ranges.append((start, frozen_start))
+            start = frozen_stop
+        if start < rows:
+            ranges.append((start, rows))
+        return ranges
 
     def top_k(self, numel: int) -> int:
         """Entries selected per step in a block of `numel` entries (never 0: a tiny block still learns)."""
@@ -76,26 +106,32 @@ class ParamRule:
             out["row_scale"] = list(self.row_scale)
         if self.pull:  # absent when 0, so plans without a pull keep their digests
             out["pull"] = self.pull
+        if self.frozen_rows is not None:
+            out["frozen_rows"] = [list(r) for r in self.frozen_rows]
         return out
 
     @staticmethod
     def from_dict(data: Mapping[str, Any], where: str) -> ParamRule:
-        unknown = set(data) - {"mode", "fraction", "row_scale", "pull"}
+        unknown = set(data) - {"mode", "fraction", "row_scale", "pull", "frozen_rows"}
         if unknown:
             raise PlanError(
-                f"{where}: unknown key(s) {sorted(unknown)}; allowed: mode, fraction, row_scale, pull"
+                f"{where}: unknown key(s) {sorted(unknown)}; allowed: mode, fraction, row_scale, pull, "
+                "frozen_rows"
             )
         if "mode" not in data:
             raise PlanError(f"{where}: missing key 'mode'")
-        row_scale = data.get("row_scale")
+        row_scale, frozen_rows = data.get("row_scale"), data.get("frozen_rows")
         try:
             return ParamRule(
                 mode=data["mode"],
                 fraction=None if data.get("fraction") is None else float(data["fraction"]),
                 row_scale=None if row_scale is None else tuple(float(s) for s in row_scale),
                 pull=float(data.get("pull", 0.0)),
+                frozen_rows=None
+                if frozen_rows is None
+                else tuple((int(start), int(stop)) for start, stop in frozen_rows),
             )
-        except PlanError as err:
+        except (TypeError, ValueError) as err:
             raise PlanError(f"{where}: {err}") from None
 
 
@@ -193,9 +229,18 @@ class MaskPlan:
                     f"params[{name!r}].row_scale has {len(rule.row_scale)} values "
                     f"but the parameter has {rows} rows"
                 )
+            if rule.frozen_rows and rule.frozen_rows[-1][1] > rows:
+                raise PlanError(
+                    f"params[{name!r}].frozen_rows reach row {rule.frozen_rows[-1][1]} "
+                    f"but the parameter has {rows} rows"
+                )
 
-    def trainable_share(self, named_numels: Iterable[tuple[str, int]]) -> float:
-        """Fraction of all parameter entries that are not frozen."""
-        numels = dict(named_numels)
-        total = sum(numels.values())
-        return sum(n for name, n in numels.items() if self[name].trains) / max(total, 1)
+    def trainable_share(self, named_shapes: Iterable[tuple[str, tuple[int, ...]]]) -> float:
+        """Fraction of all parameter entries that train (frozen rows of a fused matrix excluded)."""
+        total = trained = 0
+        for name, shape in named_shapes:
+            numel, rows = math.prod(shape), shape[0] if shape else 1
+            total += numel
+            trained_rows = sum(stop - start for start, stop in self[name].trained_rows(rows))
+            trained += trained_rows * numel // max(rows, 1)
+        return trained / max(total, 1)

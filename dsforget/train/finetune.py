@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -356,7 +355,7 @@ class FinetuneJob:
                     config=self.config,
                     plan=self.plan,
                     optimizer=self.optimizer,
-                    sizes={name: math.prod(full_shape(p)) for name, p in self.model.named_parameters()},
+                    shapes={name: full_shape(p) for name, p in self.model.named_parameters()},
                     before=before,
                     after=after,
                     drift=moved,

@@ -40,6 +40,7 @@ class Config:
     backend: str = "auto"  # the C++ path on CPU tensors; "torch" = references; "triton" = interpreter
     plain: bool = False  # built by deepspeed.initialize: the optimizer finds its layouts itself
     resample_every: int = 0  # HFT redrawn every N steps (dsforget.methods.resampling)
+    family: str = "llama"  # "phi3": fused qkv_proj / gate_up_proj, HFT freezes row blocks of them
 
 
 # every q/k/v/up/down matrix trains with row scales 1 - importance (all layers: both of TinyLM's)
@@ -78,6 +79,10 @@ MATRIX = [
     Config("zero2-l2", stage=2, method="l2", options=L2),
     Config("zero3-l2", stage=3, method="l2", options=L2, weight_decay=0.1),
     Config("zero3-offload-l2+mofo", stage=3, offload=True, method="l2+mofo", options={**L2, "fraction": 0.3}),
+    # seed 3 freezes [0, 56) and [84, 112) of layer 0's qkv_proj (q and v), odd rows cut mid-shard
+    Config("zero2-phi3-hft", stage=2, method="hft", options={"seed": 3}, weight_decay=0.1, family="phi3"),
+    Config("zero3-phi3-hft", stage=3, method="hft", options={"seed": 3}, weight_decay=0.1, family="phi3"),
+    Config("zero3-phi3-hft+mofo", stage=3, method="hft+mofo", options={"seed": 1}, family="phi3"),
 ]
 
 
@@ -101,7 +106,7 @@ def method_options(config: Config, directory: Path) -> dict:
 
 
 def run_config(config: Config, tmp_path: Path, steps: int = STEPS, **extra) -> dict:
-    torch.save(initial_state(), tmp_path / "init.pt")
+    torch.save(initial_state(family=config.family), tmp_path / "init.pt")
     torch.save(batches(steps, WORLD, MICRO_BATCH), tmp_path / "data.pt")
     spec = {
         **asdict(config),
@@ -120,8 +125,8 @@ def run_config(config: Config, tmp_path: Path, steps: int = STEPS, **extra) -> d
 
 
 def dense_reference(config: Config, directory: Path, steps: int = STEPS) -> TinyLM:
-    model = TinyLM()
-    model.load_state_dict(initial_state())
+    model = TinyLM(config.family)
+    model.load_state_dict(initial_state(family=config.family))
     hyper = dict(lr=config.lr, weight_decay=config.weight_decay)
     if config.method == "full":
         optimizer = torch.optim.AdamW(model.parameters(), **hyper)
@@ -168,7 +173,7 @@ def test_sharded_run_equals_dense_single_process(config: Config, tmp_path: Path)
     configurations the optimizer silently mis-binds."""
     result = run_config(config, tmp_path)
     assert_same_parameters(dense_reference(config, tmp_path), result["params"], config.lr)
-    initial = initial_state()
+    initial = initial_state(family=config.family)
     moved = [name for name, p in result["params"].items() if not torch.equal(p, initial[name])]
     if config.resample_every:  # what trains in any of the run's draws
         from dsforget.methods.resampling import Resampler
@@ -178,10 +183,13 @@ def test_sharded_run_equals_dense_single_process(config: Config, tmp_path: Path)
         )
         plans = [resampler.plan_of_draw(draw) for draw in range(-(-STEPS // config.resample_every))]
     else:
-        plans = [dsforget.plan_for(TinyLM(), config.method, **method_options(config, tmp_path))]
-    names = [name for name, _ in TinyLM().named_parameters()]
+        plans = [dsforget.plan_for(TinyLM(config.family), config.method, **method_options(config, tmp_path))]
+    names = [name for name, _ in TinyLM(config.family).named_parameters()]
     frozen = [name for name in names if not any(plan[name].trains for plan in plans)]
     assert not set(frozen) & set(moved), "frozen parameters must stay bit-identical to the base"
+    for name, rule in plans[0].rules.items():  # the frozen row blocks of a fused matrix too
+        for start, stop in rule.frozen_rows or ():
+            assert torch.equal(result["params"][name][start:stop], initial[name][start:stop]), name
     trained = [name for name in names if name not in frozen and name != "never_used"]
     assert set(trained) <= set(moved), "every trained parameter with a gradient must move"
     assert ("never_used" in moved) == (config.weight_decay > 0 and "never_used" not in frozen), (

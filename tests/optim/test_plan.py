@@ -12,6 +12,7 @@ from torch import nn
 
 import dsforget
 from dsforget import MaskPlan, ParamRule, PlanError
+from dsforget.methods import compose
 
 
 class ScaleNorm(nn.Module):
@@ -70,6 +71,15 @@ def test_plan_json_round_trip_keeps_digest() -> None:
         (lambda d: d["params"]["1.weight"].update(colour=1), r"unknown key\(s\) \['colour'\]"),
         (lambda d: d["params"]["1.bias"].pop("mode"), r"params\['1.bias'\]: missing key 'mode'"),
         (lambda d: d.update(format_version=7), r"format_version 7 is not supported"),
+        (
+            lambda d: d["params"]["1.weight"].update(frozen_rows=[[2, 4], [3, 5]]),
+            r"params\['1.weight'\]: frozen_rows must be sorted, non-empty, non-overlapping",
+        ),
+        (
+            lambda d: d["params"]["1.bias"].update(mode="frozen", frozen_rows=[[0, 1]]),
+            r"frozen_rows cannot combine with mode 'frozen'",
+        ),
+        (lambda d: d["params"]["1.weight"].update(frozen_rows=[[0]]), r"params\['1.weight'\]: not enough"),
     ],
 )
 def test_bad_plan_files_name_the_parameter_and_key(edit, message: str, tmp_path) -> None:
@@ -93,6 +103,27 @@ def test_plan_checked_against_the_model() -> None:
         PlanError, match=r"params\['1.weight'\].row_scale has 2 values but the parameter has 6 rows"
     ):
         MaskPlan({**plan.rules, "1.weight": ParamRule("dense", row_scale=(1.0, 1.0))}).check_parameters(named)
+    with pytest.raises(
+        PlanError, match=r"params\['1.weight'\].frozen_rows reach row 7 but the parameter has 6"
+    ):
+        MaskPlan({**plan.rules, "1.weight": ParamRule("dense", frozen_rows=((5, 7),))}).check_parameters(
+            named
+        )
+
+
+def test_frozen_rows_round_trip_compose_and_count_in_the_trainable_share() -> None:
+    """Catches frozen rows lost in plan.json (a resumed run would train them), dropped when HFT
+    composes with MoFO or CoFiTune, or counted as trained."""
+    rules = {"0.weight": ParamRule("dense", frozen_rows=((0, 2), (4, 6))), "1.weight": ParamRule("frozen")}
+    plan = MaskPlan(rules, method="hft")
+    again = MaskPlan.from_json(plan.to_json())
+    assert again == plan and again.digest == plan.digest
+    other = MaskPlan(
+        {"0.weight": ParamRule("topk", 0.5, frozen_rows=((1, 3),)), "1.weight": ParamRule("dense")}
+    )
+    merged = compose([plan, other])["0.weight"]
+    assert merged == ParamRule("topk", 0.5, frozen_rows=((0, 3), (4, 6)))
+    assert plan.trainable_share([("0.weight", (8, 3)), ("1.weight", (8, 3))]) == 4 / 16
 
 
 def test_unknown_method_lists_the_known_ones() -> None:

@@ -37,7 +37,7 @@ def main() -> None:
     spec = json.loads(open(sys.argv[1]).read())
     deepspeed.init_distributed(dist_backend="gloo")
     rank = deepspeed.comm.get_rank()
-    model = TinyLM()
+    model = TinyLM(spec.get("family", "llama"))
     model.load_state_dict(torch.load(spec["init"]))
     hyper = dict(lr=spec["lr"], weight_decay=spec.get("weight_decay", 0.0))
     if spec.get("dropin"):

@@ -10,6 +10,9 @@ scale 1 − importance of its output units — up_proj rows by FFN-neuron import
 rows by hidden-dimension importance, q/k/v rows by head importance repeated head_dim times
 (under grouped-query attention a k/v head takes the mean over the query heads that share it).
 The optimizer applies it to each rank's own gradient shard: no collective per step.
+
+Phi-3's fused modules: ``mha`` trains all of qkv_proj; ``ffn`` trains the up rows of gate_up_proj
+(its gate rows are frozen rows of the rule, so they never move) and down_proj.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ...optim.plan import DENSE, FROZEN, MaskPlan, ParamRule, PlanError
+from ...optim.plan import FROZEN, MaskPlan, ParamRule, PlanError
 from ..architecture import LAYER_RANGES, Anatomy, Matrix, anatomy, layer_range
 
 if TYPE_CHECKING:
@@ -52,16 +55,15 @@ def _load_importance(importance: str | Path | UnitImportance) -> UnitImportance:
 def row_scales(matrix: Matrix, importance: UnitImportance, body: Anatomy) -> torch.Tensor:
     """1 − importance of each output row (dim 0, nn.Linear's output unit) of one trained matrix."""
     layer = matrix.layer
-    rows = body.shapes[matrix.params[0]][0]
-    if matrix.module.endswith("up_proj"):
+    rows = _rows(matrix, body)
+    if matrix.role == "up":
         unit = importance.intermediate[layer]
-    elif matrix.module.endswith("down_proj"):
+    elif matrix.role == "down":
         unit = importance.hidden[layer]
-    elif matrix.module.endswith(("q_proj", "k_proj", "v_proj")):
+    elif matrix.role in ("q", "k", "v"):
         heads = importance.heads[layer]
         n_heads = heads.numel()
-        q_proj = next(m for m in body.layers[layer] if m.module.endswith("q_proj"))
-        q_rows = body.shapes[q_proj.params[0]][0]
+        q_rows = _rows(next(m for m in body.layers[layer] if m.role == "q"), body)
         if q_rows % n_heads:
             raise PlanError(f"importance has {n_heads} heads but q_proj has {q_rows} rows")
         head_dim = q_rows // n_heads
@@ -86,6 +88,13 @@ def row_scales(matrix: Matrix, importance: UnitImportance, body: Anatomy) -> tor
     return 1.0 - unit.float()
 
 
+def _rows(matrix: Matrix, body: Anatomy) -> int:
+    """Output rows of a matrix (of its block, for a fused module's row block)."""
+    if matrix.rows is not None:
+        return matrix.rows[1] - matrix.rows[0]
+    return body.shapes[matrix.params[0]][0]
+
+
 def _check_importance(importance: UnitImportance, body: Anatomy) -> None:
     n_layers = len(body.layers)
     for unit in ("heads", "intermediate", "hidden"):
@@ -108,18 +117,19 @@ def cofitune_plan(
     chosen_layers = layer_range(layers, len(body.layers))
     paths = trainable_modules(body, modules)
     trained = [m for i in chosen_layers for m in body.layers[i] if m.module in paths]
-    scales = None
+    scales: dict[str, torch.Tensor] = {}
     if importance is not None:
         importance = _load_importance(importance)
         _check_importance(importance, body)
-        scales = {m: row_scales(m, importance, body) for m in trained}
+        for matrix in trained:  # a fused parameter's rows outside the trained blocks are frozen: 1 there
+            start, stop = matrix.rows or (0, _rows(matrix, body))
+            for name in matrix.params:
+                full = scales.setdefault(name, torch.ones(body.shapes[name][0]))
+                full[start:stop] = row_scales(matrix, importance, body)
     rules: dict[str, ParamRule] = {name: FROZEN for name in body.shapes}
-    for matrix in trained:
-        for name in matrix.params:
-            if scales is None:
-                rules[name] = DENSE
-            else:
-                rules[name] = ParamRule("dense", row_scale=tuple(scales[matrix].tolist()))
+    for name, frozen_rows in body.frozen_rows(trained).items():
+        row_scale = tuple(scales[name].tolist()) if name in scales else None
+        rules[name] = ParamRule("dense", row_scale=row_scale, frozen_rows=frozen_rows)
     meta = {
         "layers": layers,
         "layer_indices": [chosen_layers.start, chosen_layers.stop],
