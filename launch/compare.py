@@ -276,7 +276,7 @@ def main(argv: list[str]) -> None:
         reports[name] = json.loads((run_dir / "report.json").read_text())
     table = comparison_table(reports)
     matched = matched_gain({name: report.get("trajectory") or [] for name, report in reports.items()})
-    matched["tuned"] = tuned_view(matched, method_of)
+    matched["tuned"] = tuned_view(matched, method_of, group_of)
     if seeds:
         matched["seed_spread"] = seed_spread(matched, group_of)
     (output / "compare.json").write_text(dumps(reports, indent=2) + "\n")

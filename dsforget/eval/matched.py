@@ -74,9 +74,19 @@ def _least(values: Mapping[str, float | None]) -> str | None:
 
 def matched_gain(trajectories: Mapping[str, Sequence[Mapping[str, float]]], count: int = 4) -> dict[str, Any]:
     """The comparison of runs (name: report trajectory): for each common task level, each run's
-    forgetting measures there, and the run that forgot least on each measure."""
+    forgetting measures there, and the run that forgot least on each measure.
+
+    A run that never improved on its base's task score has no level to be read at; it is left
+    out of the levels (else it would leave none for the others) and listed in ``not_improved``
+    with its best task score."""
     runs = {name: forgetting_along(trajectory) for name, trajectory in trajectories.items()}
     runs = {name: points for name, points in runs.items() if points}
+    not_improved = {
+        name: max(point[TASK] for point in points)
+        for name, points in runs.items()
+        if max(point[TASK] for point in points) <= points[0][TASK]
+    }
+    runs = {name: points for name, points in runs.items() if name not in not_improved}
     levels = common_levels(runs, count) if runs else []
     rows = []
     for level in levels:
@@ -86,7 +96,7 @@ def matched_gain(trajectories: Mapping[str, Sequence[Mapping[str, float]]], coun
         for measure in MEASURES:
             row["least_forgetting"][measure] = _least({name: v[measure] for name, v in row["runs"].items()})
         rows.append(row)
-    return {"task_metric": TASK, "levels": rows}
+    return {"task_metric": TASK, "levels": rows, "not_improved": not_improved}
 
 
 def measured(result: Mapping[str, Any]) -> list[str]:
@@ -99,9 +109,17 @@ def measured(result: Mapping[str, Any]) -> list[str]:
 
 
 def format_matched(result: Mapping[str, Any]) -> str:
-    """The comparison as text: one block per forgetting measure, a row per task level."""
+    """The comparison as text: one block per forgetting measure, a row per task level, and the
+    runs left out because they never improved on the task."""
+    left_out = result.get("not_improved") or {}
+    note = (
+        "left out, never above the base's task score: "
+        + ", ".join(f"{name} (best {best:.3f})" for name, best in left_out.items())
+        if left_out
+        else ""
+    )
     if not result["levels"]:
-        return f"matched task gain: {NO_COMMON_LEVEL}"
+        return "\n".join(filter(None, [f"matched task gain: {NO_COMMON_LEVEL}", note]))
     names = list(result["levels"][0]["runs"])
     lines = []
     for measure in measured(result):
@@ -114,23 +132,50 @@ def format_matched(result: Mapping[str, Any]) -> str:
             )
             lines.append(f"{row['task_level']:<12.3f}{cells}{row['least_forgetting'][measure] or '-':>16}")
         lines.append("")
-    return "\n".join(lines).rstrip()
+    return "\n".join([*lines, note]).rstrip()
 
 
-def tuned_view(result: Mapping[str, Any], method_of: Mapping[str, str]) -> dict[str, Any]:
+def tuned_view(
+    result: Mapping[str, Any], method_of: Mapping[str, str], group_of: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Each method's frontier over its runs (e.g. learning rates): at every level, the least
-    forgetting any of its runs shows there, and the method that forgot least."""
+    forgetting any of its settings shows there, and the method that forgot least.
+
+    With `group_of` (run -> its setting, runs of one setting differing only in a random draw such
+    as HFT's plan seed), a setting counts with its mean over the draws that reach the level: the
+    best lucky draw is not a setting a user can choose."""
     rows = []
     for level in result["levels"]:
-        methods: dict[str, dict[str, float | None]] = {}
+        settings: dict[str, dict[str, list[float]]] = {}
         for name, values in level["runs"].items():
-            best = methods.setdefault(method_of[name], dict.fromkeys(MEASURES))
+            seen = settings.setdefault(
+                (group_of or {}).get(name, name), {measure: [] for measure in MEASURES}
+            )
             for measure, value in values.items():
+                if value is not None:
+                    seen[measure].append(value)
+        methods: dict[str, dict[str, float | None]] = {}
+        for setting, seen in settings.items():
+            best = methods.setdefault(
+                method_of[_a_run_of(setting, group_of, level["runs"])], dict.fromkeys(MEASURES)
+            )
+            for measure, values in seen.items():
+                value = sum(values) / len(values) if values else None
                 if value is not None and (best[measure] is None or value < best[measure]):
                     best[measure] = value
         least = {measure: _least({m: v[measure] for m, v in methods.items()}) for measure in MEASURES}
         rows.append({"task_level": level["task_level"], "runs": methods, "least_forgetting": least})
-    return {"task_metric": result["task_metric"], "levels": rows}
+    in_levels = {method for row in rows for method in row["runs"]}
+    not_improved: dict[str, float] = {}
+    for name, best in (result.get("not_improved") or {}).items():
+        if method_of[name] not in in_levels:
+            not_improved[method_of[name]] = max(best, not_improved.get(method_of[name], best))
+    return {"task_metric": result["task_metric"], "levels": rows, "not_improved": not_improved}
+
+
+def _a_run_of(setting: str, group_of: Mapping[str, str] | None, runs: Mapping[str, Any]) -> str:
+    """A run of `setting` (itself when runs are not grouped)."""
+    return next(name for name in runs if (group_of or {}).get(name, name) == setting)
 
 
 def seed_spread(result: Mapping[str, Any], group_of: Mapping[str, str]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dsforget.eval.matched import at_level, forgetting_along, matched_gain, tuned_view
+from dsforget.eval.matched import at_level, forgetting_along, format_matched, matched_gain, tuned_view
 
 
 def point(step: int, task: float, recall: float, ppl: float) -> dict:
@@ -37,7 +37,13 @@ def test_a_level_never_reached_has_no_value_and_no_common_level_is_said() -> Non
     points = forgetting_along(B)
     assert at_level(points, 0.7, "fact_recall_lost") is None
     flat = [point(0, 0.0, 1.0, 2.0), point(10, 0.0, 0.5, 4.0)]
-    assert matched_gain({"A": A, "flat": flat})["levels"] == []
+    assert matched_gain({"flat": flat})["levels"] == []
+    # a run that never learns the task is left out and named, not allowed to empty the comparison
+    result = matched_gain({"A": A, "flat": flat}, count=2)
+    assert [row["task_level"] for row in result["levels"]] == pytest.approx([0.4, 0.8])
+    assert set(result["levels"][0]["runs"]) == {"A"} and result["not_improved"] == {"flat": 0.0}
+    assert "flat (best 0.000)" in format_matched(result)
+    assert tuned_view(result, {"A": "a", "flat": "f"})["not_improved"] == {"f": 0.0}
 
 
 def test_tuned_view_takes_each_methods_best_run_at_each_level() -> None:
@@ -68,7 +74,6 @@ def test_seed_spread_gives_mean_and_range_over_a_groups_draws() -> None:
 def test_skills_measure_and_ties_favour_no_run() -> None:
     """An aligned lab's skills are a forgetting measure; runs that lost them alike are a tie,
     and a lab without skills prints no skills block."""
-    from dsforget.eval.matched import format_matched
 
     def with_skills(points: list[dict], skills: list[float]) -> list[dict]:
         return [{**p, "skill_exact_match": s} for p, s in zip(points, skills, strict=True)]
@@ -81,3 +86,16 @@ def test_skills_measure_and_ties_favour_no_run() -> None:
     assert result["levels"][1]["runs"]["A"]["skills_lost"] == pytest.approx(0.9)
     assert "skills_lost at matched" in format_matched(result)
     assert "skills_lost" not in format_matched(matched_gain({"A": A, "B": B}, count=3))
+
+
+def test_tuned_view_counts_a_setting_by_its_mean_over_draws() -> None:
+    """Two plan seeds at one lr are one setting: the tuned view takes their mean (0.075 at the
+    first level: A's 0.1 and B's 0.05), not the luckier draw."""
+    lucky = [point(0, 0.0, 1.0, 2.0), point(10, 0.6, 0.99, 2.0)]
+    result = matched_gain({"h@1/seed0": A, "h@1/seed1": B, "full": lucky}, count=3)
+    groups = {"h@1/seed0": "h@1", "h@1/seed1": "h@1", "full": "full"}
+    tuned = tuned_view(result, {"h@1/seed0": "h", "h@1/seed1": "h", "full": "full"}, groups)
+    assert tuned["levels"][0]["runs"]["h"]["fact_recall_lost"] == pytest.approx(0.075)
+    assert tuned_view(result, {"h@1/seed0": "h", "h@1/seed1": "h", "full": "full"})["levels"][0]["runs"]["h"][
+        "fact_recall_lost"
+    ] == pytest.approx(0.05)
