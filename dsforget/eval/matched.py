@@ -124,13 +124,13 @@ def format_matched(result: Mapping[str, Any]) -> str:
     lines = []
     for measure in measured(result):
         lines.append(f"{measure} at matched {result['task_metric']}")
-        lines.append(f"{'task level':<12}" + "".join(f"{name:>16}" for name in names) + f"{'least':>16}")
+        lines.append(f"{'task level':<12}" + "".join(f"{name:>16}" for name in names) + "  least")
         for row in result["levels"]:
             cells = "".join(
                 f"{'-' if row['runs'][n][measure] is None else format(row['runs'][n][measure], '+.3f'):>16}"
                 for n in names
             )
-            lines.append(f"{row['task_level']:<12.3f}{cells}{row['least_forgetting'][measure] or '-':>16}")
+            lines.append(f"{row['task_level']:<12.3f}{cells}  {row['least_forgetting'][measure] or '-'}")
         lines.append("")
     return "\n".join([*lines, note]).rstrip()
 
