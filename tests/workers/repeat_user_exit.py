@@ -2,7 +2,8 @@
 count the runs that do not exit 0: the reproduction of issue 15 item 13 (an intermittent abort,
 "terminate called without an active exception", at interpreter exit after ZeRO-3 on CPU ranks).
 
-Usage: .venv/bin/python tests/workers/repeat_user_exit.py [N]   (default 8; prints each failure's tail)
+Usage: .venv/bin/python tests/workers/repeat_user_exit.py [N [DIR]]   (default 8; prints each failure's
+tail without faulthandler's list of extension modules; DIR keeps each failure's whole output)
 
 Not a test: with dsforget.initialize's exit hook the abort became rare (0 of 40 in one series,
 1 of 8 in a fresh clone's suite run), and a test that fails one run in several would only make
@@ -20,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def main(runs: int) -> int:
+def main(runs: int, keep: Path | None = None) -> int:
     sys.path.insert(0, str(HERE.parent))
     from launcher import free_port
 
@@ -36,12 +37,17 @@ def main(runs: int) -> int:
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
             if done.returncode != 0 or not result.exists():
                 failed += 1
-                print(
-                    f"run {run}: status {done.returncode}\n{(done.stdout + done.stderr)[-1500:]}", flush=True
-                )
+                output = done.stdout + done.stderr
+                if keep is not None:
+                    keep.mkdir(parents=True, exist_ok=True)
+                    (keep / f"run{run}.log").write_text(output)
+                lines = [line for line in output.splitlines() if not line.startswith("Extension modules:")]
+                print(f"run {run}: status {done.returncode}\n" + "\n".join(lines)[-3000:], flush=True)
     print(f"{failed} of {runs} runs did not exit 0")
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 8))
+    sys.exit(
+        main(int(sys.argv[1]) if len(sys.argv) > 1 else 8, Path(sys.argv[2]) if len(sys.argv) > 2 else None)
+    )
