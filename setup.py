@@ -34,6 +34,9 @@ setup(
         "matplotlib",
         # general ability on standard benchmarks (--general_tasks); no extras: dsforget hands it the model
         "lm-eval==0.4.13",
+        # the lora baseline; dsforget calls peft's inject_adapter_in_model itself, because transformers'
+        # own add_adapter (5.25) asks for peft>=0.22, which this registry does not have yet
+        "peft>=0.21.2,<0.22",
     ],
     extras_require={
         "triton": ["triton>=3.4"],

@@ -30,10 +30,11 @@ from ..eval.general_tasks import score_general_tasks
 from ..eval.report import print_summary, run_report, trajectory, write_report
 from ..integration.checkpoint_weights import CheckpointWeights
 from ..integration.distributed import init_distributed, rank0_decides
-from ..integration.export import full_tensors, save_hf_checkpoint
+from ..integration.export import full_tensors, save_adapter, save_hf_checkpoint
 from ..integration.initialize import initialize
 from ..lab.evaluate import Ranks
 from ..methods.coordinator import build_plan
+from ..methods.lora import add_adapters
 from ..methods.resampling import Resampler
 from ..optim.optimizer import ForgetAdamW
 from ..optim.params import full_shape
@@ -67,6 +68,7 @@ RUN_OUTPUTS = (
     "report.json",
     "report.png",
     "hf_model",
+    "adapter",
 )
 
 
@@ -155,6 +157,8 @@ class FinetuneJob:
         self.model = load_model(
             self.inputs.model_dir, ds_config, config.attn_implementation, config.gradient_checkpointing
         )
+        if "lora" in config.method.split("+"):  # every rank, before the plan and DeepSpeed's partitions
+            add_adapters(self.model, config.method_options, seed=config.seed)
         self.peaks.mark("load")
         self.run = run_identity(config, self.model)  # what a resume must match (checkpoint.check_resume)
         self.resume_from = resume_source(config, self.output)
@@ -343,6 +347,9 @@ class FinetuneJob:
                     self.engine, self.tokenizer, self.output / "hf_model", self.config.export_max_shard_size
                 )
             self.peaks.mark("export")
+        if self.config.export_adapter:
+            with faults.collective_phase("writing adapter", timeout):
+                save_adapter(self.engine, self.output / "adapter")
         with faults.collective_phase("scoring the tuned model (report.json)", timeout):
             after = stats.scores if stats.scores is not None else self._scores()
             self.peaks.mark("score_tuned")
