@@ -54,6 +54,7 @@ from .job import (
 )
 from .memory import PeakMarks, peak_memory_of_ranks, return_freed_memory
 from .run_config import RunConfig
+from .tracking import Trackers, parse_report_to
 from .trainer import LoopConfig, Trainer, TrainStats, steps_per_epoch
 
 logger = logging.getLogger("dsforget")
@@ -64,6 +65,7 @@ RUN_OUTPUTS = (
     "checkpoints",
     "metrics.jsonl",
     "tensorboard",
+    "wandb",
     "before.json",
     "report.json",
     "report.png",
@@ -316,6 +318,11 @@ class FinetuneJob:
             def before_step(step: int) -> None:
                 resampler.before_step(step, optimizer)
 
+        self.trackers = (
+            Trackers(parse_report_to(config.report_to), self.output, config.to_dict())
+            if self.rank == 0
+            else None
+        )
         trainer = Trainer(
             self.engine,
             self.data.train,
@@ -325,10 +332,13 @@ class FinetuneJob:
             save=save,
             before_step=before_step,
             score=self._scores,
+            trackers=self.trackers,
         )
         stats = trainer.fit(position)
         self.peaks.mark("train")
         if stats.preempted:  # a checkpoint is saved; the same command resumes from it
+            if self.trackers is not None:
+                self.trackers.close()
             faults.exit_preempted()  # status faults.PREEMPTED_EXIT_CODE (75)
         return stats
 
@@ -375,6 +385,8 @@ class FinetuneJob:
                 )
                 write_report(report, self.output)
                 print_summary(report, self.output)
+                self.trackers.summary(report)  # rank 0 holds the trackers
+                self.trackers.close()
             deepspeed.comm.barrier()
         return report
 

@@ -20,6 +20,7 @@ import yaml
 from ..errors import ConfigError, InputFileError
 from ..lab.config import PRESETS
 from ..optim.mofo_adamw import DEFAULT_FRACTION
+from .tracking import parse_report_to
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -190,6 +191,12 @@ class RunConfig:
         "perplexity: report.json's trajectory, metrics.jsonl, TensorBoard); 0: only at the end",
     )
     log_every: int = option(10, "metrics line every N steps")
+    report_to: str = option(
+        "tensorboard",
+        "where metrics and the forgetting report's numbers go besides metrics.jsonl and report.json: "
+        "comma-separated tensorboard, wandb, mlflow, or none; wandb and mlflow are extras (pip install "
+        "'dsforget[wandb]'), configured by their usual environment (WANDB_MODE=offline, MLFLOW_TRACKING_URI)",
+    )
     resume: str = option(
         "auto",
         "auto: continue from output_dir's newest checkpoint; never: start from the base model, moving "
@@ -234,6 +241,7 @@ class RunConfig:
             check_combination(parts)
         except PlanError as error:
             raise ConfigError(str(error)) from None
+        parse_report_to(self.report_to)
         if self.export_adapter and "lora" not in parts:
             raise ConfigError(f"export_adapter: method {self.method!r} trains no adapter (use method lora)")
         for key, (part, default) in METHOD_OPTIONS.items():
