@@ -54,7 +54,7 @@ from .job import (
 )
 from .memory import PeakMarks, peak_memory_of_ranks, return_freed_memory
 from .run_config import RunConfig
-from .tracking import Trackers, parse_report_to
+from .tracking import open_trackers, parse_report_to
 from .trainer import LoopConfig, Trainer, TrainStats, steps_per_epoch
 
 logger = logging.getLogger("dsforget")
@@ -318,11 +318,7 @@ class FinetuneJob:
             def before_step(step: int) -> None:
                 resampler.before_step(step, optimizer)
 
-        self.trackers = (
-            Trackers(parse_report_to(config.report_to), self.output, config.to_dict())
-            if self.rank == 0
-            else None
-        )
+        self.trackers = open_trackers(parse_report_to(config.report_to), self.output, config.to_dict())
         trainer = Trainer(
             self.engine,
             self.data.train,

@@ -136,6 +136,27 @@ class MLflow:
         self.mlflow.end_run()
 
 
+class TrackerError(ConfigError):
+    """A tracker that could not start with this environment."""
+
+
+def open_trackers(names: list[str], output_dir: Path, config: Mapping[str, Any]) -> Trackers | None:
+    """The trackers on rank 0 (None elsewhere); a tracker that cannot start is an error on every
+    rank (rank 0's error broadcast), not a crash of rank 0 that the others wait out. Collective."""
+    from deepspeed import comm
+
+    trackers, message = None, [None]
+    if comm.get_rank() == 0:
+        try:
+            trackers = Trackers(names, output_dir, config)
+        except TrackerError as error:
+            message = [str(error)]
+    comm.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise TrackerError(message[0])
+    return trackers
+
+
 class Trackers:
     """Every tracker --report_to names (build on rank 0 only)."""
 
@@ -145,7 +166,16 @@ class Trackers:
             "wandb": lambda: WandB(output_dir, config),
             "mlflow": lambda: MLflow(output_dir, config),
         }
-        self.trackers: list[Tracker] = [makers[name]() for name in names]
+        self.trackers: list[Tracker] = []
+        for name in names:
+            try:
+                self.trackers.append(makers[name]())
+            except Exception as error:  # a tracker's own errors (login, store, server) vary by package
+                self.close()
+                raise TrackerError(
+                    f"report_to: {name} did not start ({type(error).__name__}: {error}); see README "
+                    "'Experiment tracking' for its environment"
+                ) from error
 
     def log(self, record: Mapping[str, Any]) -> None:
         """A metrics.jsonl record: its numbers at its step."""

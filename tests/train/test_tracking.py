@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from launcher import REPO, RankFailure, run_ranks
 from test_finetune import finetune
 
 from dsforget.errors import ConfigError
@@ -110,3 +111,23 @@ def test_the_job_reports_to_every_tracker_from_rank_0(offline: Path, lab_cache: 
     assert all(key.encode() in log for key in expected if key.startswith(("summary/", "before/", "after/")))
     scalars = tensorboard_scalars(run / "tensorboard")
     assert scalars["loss"][0][0] == 1 and scalars["summary/task_gain"] == [(2, expected["summary/task_gain"])]
+
+
+@pytest.mark.distributed
+def test_a_tracker_that_cannot_start_stops_every_rank_in_one_line(
+    tmp_path: Path, tiny_model: Path, monkeypatch
+) -> None:
+    """MLflow 3 refuses a file store without MLFLOW_ALLOW_FILE_STORE: rank 0's error reaches both
+    ranks (status 2, one 'error:' line) instead of rank 1 waiting out the collective timeout."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    data = tmp_path / "ok.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n' * 40)
+    argv = [str(REPO / "launch" / "finetune.py"), "--model", str(tiny_model), "--data", str(data)]
+    argv += ["--max_steps", "1", "--report_to", "mlflow", "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(RankFailure) as failure:
+        run_ranks(argv, world_size=2, timeout=300)
+    everything = "\n".join(failure.value.outputs)
+    assert failure.value.ranks == [0, 1] and everything.count("error:") == 1, everything[-3000:]
+    assert "error: report_to: mlflow did not start (MlflowException: " in failure.value.outputs[0]
+    assert "Traceback" not in everything, everything[-3000:]
