@@ -35,7 +35,7 @@ def _persistent_buffers(module: Any) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _lora_layers(module: Any) -> dict[str, Any]:
-    """peft's LoRA layers in `module`, by path (none when peft is not installed or not used)."""
+    """peft's LoRA layers in `module`, by path (none when the model carries no peft adapter)."""
     if not hasattr(module, "peft_config"):  # what peft's inject_adapter_in_model leaves on a model
         return {}
     from peft.tuners.lora import LoraLayer
@@ -60,12 +60,16 @@ def _exported_parameters(module: Any) -> Iterator[tuple[str, torch.nn.Parameter,
             yield base_name, param, layers[path] if local[1:] == ["weight"] else None
 
 
+def _adapter_parameters(layer: Any) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """A LoRA layer's own parameters (lora_A, lora_B, ...), not those of the layer it wraps."""
+    return ((name, param) for name, param in layer.named_parameters() if not name.startswith("base_layer."))
+
+
 @torch.no_grad()
 def _merged(layer: Any, weight: torch.Tensor) -> torch.Tensor:
     """`weight` plus the deltas of the layer's active adapters (peft's get_delta_weight:
-    (alpha/rank)·B·A), as peft's unsafe merge adds them, in the weight's dtype."""
-    if layer.merged:
-        return weight
+    (alpha/rank)·B·A), as peft's unsafe merge adds them, in the weight's dtype. The job never
+    merges in place (peft's merge), so `weight` is the base weight."""
     merged = weight.clone()
     for adapter in layer.active_adapters:
         merged += layer.get_delta_weight(adapter).to(merged.dtype)
@@ -83,11 +87,7 @@ def full_tensors(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
     if zero3:  # prefetching leaves parameters gathered or in flight after a forward outside a step
         engine.empty_partition_cache()  # (seen: GatheredParameters "Cannot partition a param in flight")
     for name, param, layer in _exported_parameters(module):
-        adapters = (
-            []
-            if layer is None
-            else [p for n, p in layer.named_parameters() if not n.startswith("base_layer.")]
-        )
+        adapters = [] if layer is None else [param for _, param in _adapter_parameters(layer)]
         with deepspeed.zero.GatheredParameters([param, *adapters], enabled=zero3):
             yield name, param.detach() if layer is None else _merged(layer, param.detach())
     for name, buffer in _persistent_buffers(module):
@@ -105,10 +105,9 @@ def adapter_tensors(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
     if zero3:
         engine.empty_partition_cache()
     for path, layer in layers.items():
-        for local, param in layer.named_parameters():
-            if not local.startswith("base_layer."):
-                with deepspeed.zero.GatheredParameters([param], enabled=zero3):
-                    yield f"{path}.{local}", param.detach()
+        for local, param in _adapter_parameters(layer):
+            with deepspeed.zero.GatheredParameters([param], enabled=zero3):
+                yield f"{path}.{local}", param.detach()
 
 
 def _shard_plan(engine: Any, max_shard_size: int | str) -> Any:
