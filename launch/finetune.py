@@ -11,7 +11,8 @@ cached), fine-tuned with MoFO under ZeRO-3, with task gain against forgetting pr
 
 It also runs under torchrun, srun (launch/slurm/) and mpirun (rank discovery:
 dsforget/integration/distributed.py). Outputs in --output_dir: config.json, plan.json,
-metrics.jsonl, tensorboard/, checkpoints/, hf_model/ (safetensors), report.json and report.png.
+metrics.jsonl, tensorboard/ (and wandb/ with --report_to wandb), checkpoints/, hf_model/
+(safetensors; lora: merged), adapter/ (--export_adapter), report.json and report.png.
 A rerun with the same output_dir resumes (a finished one says so and trains nothing;
 --resume never starts over, moving the old run to output_dir/superseded-<time>/). SIGTERM or
 SIGUSR1 during training: every rank saves after the current step and exits with status 75

@@ -2,7 +2,11 @@
 
 Under ZeRO-3 each parameter is gathered on its own (``deepspeed.zero.GatheredParameters``) while
 the caller uses it, so no rank holds more than one full parameter beyond its partitions; under
-ZeRO-0/1/2 every rank already holds the full (16-bit or fp32) parameters. The export streams
+ZeRO-0/1/2 every rank already holds the full (16-bit or fp32) parameters. A model carrying LoRA
+adapters (peft) yields each adapted weight merged, W + (alpha/rank)·B·A, under the base model's
+name (its W, A and B gathered together, one layer at a time), and its adapters not at all: the
+export is a plain checkpoint of the base architecture and drift compares it with the base by
+name. The export streams
 them into size-bounded safetensors shards written by rank 0, so rank 0's host memory holds one
 shard at most, never the model.
 """
@@ -30,21 +34,80 @@ def _persistent_buffers(module: Any) -> Iterator[tuple[str, torch.Tensor]]:
     return ((name, buffer) for name, buffer in module.named_buffers() if name in persistent)
 
 
+def _lora_layers(module: Any) -> dict[str, Any]:
+    """peft's LoRA layers in `module`, by path (none when the model carries no peft adapter)."""
+    if not hasattr(module, "peft_config"):  # what peft's inject_adapter_in_model leaves on a model
+        return {}
+    from peft.tuners.lora import LoraLayer
+
+    return {path: layer for path, layer in module.named_modules() if isinstance(layer, LoraLayer)}
+
+
+def _exported_parameters(module: Any) -> Iterator[tuple[str, torch.nn.Parameter, Any]]:
+    """(name in the base model, parameter, its LoRA layer when the parameter is an adapted weight)
+    for every parameter the export writes: a LoRA layer's ``base_layer.weight`` under the layer's
+    own name, its other base parameters (bias) likewise, its adapters left out."""
+    layers = _lora_layers(module)
+    for name, param in module.named_parameters():
+        parts = name.split(".")
+        owner = next((i for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in layers), None)
+        if owner is None:
+            yield name, param, None
+            continue
+        path, local = ".".join(parts[:owner]), parts[owner:]
+        if local[0] == "base_layer":  # peft: the wrapped module's own parameters
+            base_name = ".".join([path, *local[1:]])
+            yield base_name, param, layers[path] if local[1:] == ["weight"] else None
+
+
+def _adapter_parameters(layer: Any) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """A LoRA layer's own parameters (lora_A, lora_B, ...), not those of the layer it wraps."""
+    return ((name, param) for name, param in layer.named_parameters() if not name.startswith("base_layer."))
+
+
+@torch.no_grad()
+def _merged(layer: Any, weight: torch.Tensor) -> torch.Tensor:
+    """`weight` plus the deltas of the layer's active adapters (peft's get_delta_weight:
+    (alpha/rank)·B·A), as peft's unsafe merge adds them, in the weight's dtype. The job never
+    merges in place (peft's merge), so `weight` is the base weight."""
+    merged = weight.clone()
+    for adapter in layer.active_adapters:
+        merged += layer.get_delta_weight(adapter).to(merged.dtype)
+    return merged
+
+
 def full_tensors(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """Each parameter, then each persistent buffer, of the engine's model in full, one at a time
-    on the accelerator; a tensor is valid until the next is asked for. Under ZeRO-3 collective:
-    every rank must run the iteration to its end."""
+    on the accelerator, under the base model's names (LoRA merged); a tensor is valid until the
+    next is asked for. Under ZeRO-3 collective: every rank must run the iteration to its end."""
     import deepspeed
 
     module = engine.module
     zero3 = engine.zero_optimization_stage() == 3
     if zero3:  # prefetching leaves parameters gathered or in flight after a forward outside a step
         engine.empty_partition_cache()  # (seen: GatheredParameters "Cannot partition a param in flight")
-    for name, param in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], enabled=zero3):
-            yield name, param.detach()
+    for name, param, layer in _exported_parameters(module):
+        adapters = [] if layer is None else [param for _, param in _adapter_parameters(layer)]
+        with deepspeed.zero.GatheredParameters([param, *adapters], enabled=zero3):
+            yield name, param.detach() if layer is None else _merged(layer, param.detach())
     for name, buffer in _persistent_buffers(module):
         yield name, buffer.detach()
+
+
+def adapter_tensors(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each LoRA adapter parameter of the engine's model in full, under its own name
+    (``...q_proj.lora_A.default.weight``), one at a time. Collective under ZeRO-3."""
+    import deepspeed
+
+    module = engine.module
+    layers = _lora_layers(module)
+    zero3 = engine.zero_optimization_stage() == 3
+    if zero3:
+        engine.empty_partition_cache()
+    for path, layer in layers.items():
+        for local, param in _adapter_parameters(layer):
+            with deepspeed.zero.GatheredParameters([param], enabled=zero3):
+                yield f"{path}.{local}", param.detach()
 
 
 def _shard_plan(engine: Any, max_shard_size: int | str) -> Any:
@@ -54,7 +117,7 @@ def _shard_plan(engine: Any, max_shard_size: int | str) -> Any:
     module = engine.module
     sizes = {
         name: torch.empty(full_shape(param), dtype=param.dtype, device="meta")
-        for name, param in module.named_parameters()
+        for name, param, _ in _exported_parameters(module)
     }
     sizes.update(
         (name, torch.empty(buffer.shape, dtype=buffer.dtype, device="meta"))
@@ -118,6 +181,41 @@ def save_hf_checkpoint(
             (staging / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2) + "\n")
         _write_config(module, dtype or torch.float32, staging)
         tokenizer.save_pretrained(staging)
+        replace_directory(staging, directory)
+    comm.barrier()
+    return directory if rank0 else None
+
+
+# PeftModel wraps the model as base_model (the tuner) -> model: adapter files name tensors so.
+PEFT_PREFIX = "base_model.model."
+
+
+def save_adapter(engine: Any, directory: str | Path, adapter_name: str = "default") -> Path | None:
+    """The engine's LoRA adapter in peft's format (adapter_config.json, adapter_model.safetensors),
+    loadable with ``PeftModel.from_pretrained(base, directory)``, written by rank 0 into `directory`
+    and swapped in whole. Rank 0 holds the adapter (rank x (in + out) per adapted layer), never the
+    base weights. Returns the path on rank 0. Collective."""
+    from deepspeed import comm
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    rank0 = comm.get_rank() == 0
+    module = engine.module
+    if not _lora_layers(module):
+        raise ValueError("save_adapter: the model carries no LoRA adapter")
+    tensors = {}
+    for name, tensor in adapter_tensors(engine):  # every rank: each takes part in every gather
+        if rank0:
+            tensors[name] = tensor.to("cpu", copy=True).contiguous()
+    directory = Path(directory)
+    if rank0:
+        staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        adapter = get_peft_model_state_dict(module, state_dict=tensors, adapter_name=adapter_name)
+        adapter = {PEFT_PREFIX + name: tensor for name, tensor in adapter.items()}
+        save_file(adapter, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+        module.peft_config[adapter_name].save_pretrained(staging)
         replace_directory(staging, directory)
     comm.barrier()
     return directory if rank0 else None

@@ -19,6 +19,7 @@ from .freeze import freeze_plan
 from .full import full_plan
 from .hft import hft_plan
 from .l2 import l2_plan
+from .lora import check_combination, lora_plan
 from .mofo import mofo_plan
 
 METHODS: dict[str, Callable[..., MaskPlan]] = {
@@ -28,6 +29,7 @@ METHODS: dict[str, Callable[..., MaskPlan]] = {
     "cofitune": cofitune_plan,
     "freeze": freeze_plan,
     "l2": l2_plan,
+    "lora": lora_plan,
 }
 
 
@@ -39,6 +41,7 @@ def _builders(method: str) -> list[tuple[str, Callable[..., MaskPlan]]]:
             f"method {method!r}: {'unknown ' + repr(unknown[0]) if unknown else 'a part repeats'}; "
             f"available: {', '.join(sorted(METHODS))}, or a '+' combination such as hft+mofo"
         )
+    check_combination(parts)
     return [(part, METHODS[part]) for part in parts]
 
 

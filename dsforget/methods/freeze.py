@@ -29,25 +29,14 @@ from torch import nn
 from ..optim.params import full_numel, named_parameters_with_modules
 from ..optim.plan import DENSE, FROZEN, MaskPlan, PlanError
 from .architecture import layer_position
+from .options import name_list
 
 # LLaMA-Factory's default freeze_trainable_layers: the last two layers train.
 DEFAULT_LAYERS = 2
 
 
 def _names(key: str, value: str | Sequence[str] | None, split: bool = True) -> list[str]:
-    """An option holding names: a list of strings, or one string (comma-separated when `split`)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        items = value.split(",") if split else [value]
-    elif isinstance(value, Sequence) and all(isinstance(item, str) for item in value):
-        items = list(value)
-    else:
-        raise PlanError(f"freeze option {key}={value!r} must be a string or a list of strings")
-    items = [item.strip() for item in items]
-    if not items or not all(items):
-        raise PlanError(f"freeze option {key}={value!r} holds an empty name")
-    return items
+    return name_list("freeze", key, value, split)
 
 
 def _layers(value: int | Sequence[int], n_layers: int) -> list[int]:

@@ -29,10 +29,11 @@ from ..eval.general_tasks import score_general_tasks
 from ..eval.report import print_summary, run_report, trajectory, write_report
 from ..integration.checkpoint_weights import CheckpointWeights
 from ..integration.distributed import init_distributed, rank0_decides
-from ..integration.export import full_tensors, save_hf_checkpoint
+from ..integration.export import full_tensors, save_adapter, save_hf_checkpoint
 from ..integration.initialize import initialize
 from ..lab.evaluate import Ranks
 from ..methods.coordinator import build_plan
+from ..methods.lora import add_adapters
 from ..methods.resampling import Resampler
 from ..optim.optimizer import ForgetAdamW
 from ..optim.params import full_shape
@@ -52,6 +53,7 @@ from .job import (
 )
 from .memory import PeakMarks, peak_memory_of_ranks, return_freed_memory
 from .run_config import RunConfig
+from .tracking import open_trackers, parse_report_to
 from .trainer import LoopConfig, Trainer, TrainStats, steps_per_epoch
 
 logger = logging.getLogger("dsforget")
@@ -62,10 +64,12 @@ RUN_OUTPUTS = (
     "checkpoints",
     "metrics.jsonl",
     "tensorboard",
+    "wandb",
     "before.json",
     "report.json",
     "report.png",
     "hf_model",
+    "adapter",
 )
 
 
@@ -154,6 +158,8 @@ class FinetuneJob:
         self.model = load_model(
             self.inputs.model_dir, ds_config, config.attn_implementation, config.gradient_checkpointing
         )
+        if "lora" in config.method.split("+"):  # every rank, before the plan and DeepSpeed's partitions
+            add_adapters(self.model, config.method_options, seed=config.seed)
         self.peaks.mark("load")
         self.run = run_identity(config, self.model)  # what a resume must match (checkpoint.check_resume)
         self.resume_from = resume_source(config, self.output)
@@ -311,6 +317,7 @@ class FinetuneJob:
             def before_step(step: int) -> None:
                 resampler.before_step(step, optimizer)
 
+        self.trackers = open_trackers(parse_report_to(config.report_to), self.output, config.to_dict())
         trainer = Trainer(
             self.engine,
             self.data.train,
@@ -320,10 +327,13 @@ class FinetuneJob:
             save=save,
             before_step=before_step,
             score=self._scores,
+            trackers=self.trackers,
         )
         stats = trainer.fit(position)
         self.peaks.mark("train")
         if stats.preempted:  # a checkpoint is saved; the same command resumes from it
+            if self.trackers is not None:
+                self.trackers.close()
             faults.exit_preempted()  # status faults.PREEMPTED_EXIT_CODE (75)
         return stats
 
@@ -342,6 +352,9 @@ class FinetuneJob:
                     self.engine, self.tokenizer, self.output / "hf_model", self.config.export_max_shard_size
                 )
             self.peaks.mark("export")
+        if self.config.export_adapter:
+            with faults.collective_phase("writing adapter", timeout):
+                save_adapter(self.engine, self.output / "adapter")
         with faults.collective_phase("scoring the tuned model (report.json)", timeout):
             after = stats.scores if stats.scores is not None else self._scores()
             self.peaks.mark("score_tuned")
@@ -367,6 +380,8 @@ class FinetuneJob:
                 )
                 write_report(report, self.output)
                 print_summary(report, self.output)
+                self.trackers.summary(report)  # rank 0 holds the trackers
+                self.trackers.close()
             deepspeed.comm.barrier()
         return report
 

@@ -20,6 +20,7 @@ import yaml
 from ..errors import ConfigError, InputFileError
 from ..lab.config import PRESETS
 from ..optim.mofo_adamw import DEFAULT_FRACTION
+from .tracking import parse_report_to
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -55,7 +56,11 @@ class RunConfig:
         "with model 'lab': start from this checkpoint directory instead of the lab's base model "
         "(continual stages; the lab's data and metrics stay)",
     )
-    method: str = option("mofo", "full, mofo, hft, cofitune, or a '+' combination such as hft+mofo")
+    method: str = option(
+        "mofo",
+        "full, mofo, hft, cofitune, or a '+' combination such as hft+mofo; baselines: freeze, l2, lora "
+        "(README 'Baselines')",
+    )
     fraction: float | None = option(
         None,
         f"mofo (and combinations with it): share of each parameter's entries updated per step, in (0, 1]; "
@@ -186,6 +191,12 @@ class RunConfig:
         "perplexity: report.json's trajectory, metrics.jsonl, TensorBoard); 0: only at the end",
     )
     log_every: int = option(10, "metrics line every N steps")
+    report_to: str = option(
+        "tensorboard",
+        "where metrics and the forgetting report's numbers go besides metrics.jsonl and report.json: "
+        "comma-separated tensorboard, wandb, mlflow, or none; wandb and mlflow are extras (pip install "
+        "'dsforget[wandb]'), configured by their usual environment (WANDB_MODE=offline, MLFLOW_TRACKING_URI)",
+    )
     resume: str = option(
         "auto",
         "auto: continue from output_dir's newest checkpoint; never: start from the base model, moving "
@@ -193,7 +204,16 @@ class RunConfig:
         "the checkpoints after it are deleted once this run saves). Resuming unpickles DeepSpeed's "
         "files: it trusts the checkpoint's author as much as running their code",
     )
-    export: bool = option(True, "write a Hugging Face (safetensors) checkpoint at the end")
+    export: bool = option(
+        True,
+        "write a Hugging Face (safetensors) checkpoint at the end (lora: the adapters merged into the base "
+        "weights)",
+    )
+    export_adapter: bool = option(
+        False,
+        "lora: also write the adapter in peft's format to output_dir/adapter (adapter_config.json and "
+        "adapter_model.safetensors, loadable with PeftModel.from_pretrained)",
+    )
     export_max_shard_size: str = option(
         "5GB",
         "largest safetensors file of hf_model/, as transformers' max_shard_size (e.g. 500MB, 5GB): rank 0 "
@@ -207,6 +227,8 @@ class RunConfig:
             if choices and value is not None and value not in choices:
                 raise ConfigError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
         from ..methods import METHODS
+        from ..methods.lora import check_combination
+        from ..optim.plan import PlanError
 
         parts = self.method.split("+")
         _check(
@@ -215,6 +237,13 @@ class RunConfig:
             self.method,
             f"must be one of {', '.join(sorted(METHODS))} or a '+' combination of distinct ones",
         )
+        try:
+            check_combination(parts)
+        except PlanError as error:
+            raise ConfigError(str(error)) from None
+        parse_report_to(self.report_to)
+        if self.export_adapter and "lora" not in parts:
+            raise ConfigError(f"export_adapter: method {self.method!r} trains no adapter (use method lora)")
         for key, (part, default) in METHOD_OPTIONS.items():
             if part in parts:
                 if getattr(self, key) is None:

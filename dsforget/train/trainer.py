@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from ..strict_json import dumps
 from . import faults
 from .checkpoint import TrainerState
+from .tracking import Trackers
 
 logger = logging.getLogger("dsforget")
 
@@ -126,6 +127,7 @@ class Trainer:
         save: Callable[[TrainerState], None],
         before_step: Callable[[int], None] | None = None,
         score: Callable[[], dict[str, float]] | None = None,
+        trackers: Trackers | None = None,
     ) -> None:
         from deepspeed import comm
 
@@ -137,11 +139,7 @@ class Trainer:
         self.guard: faults.NonFiniteGuard | None = None  # set while fit runs where DeepSpeed has no skip
         self.per_epoch = steps_per_epoch(len(train), config.micro_batch, self.world, config.accumulation)
         self.metrics_file = config.output_dir / "metrics.jsonl"
-        self.writer = None
-        if self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(config.output_dir / "tensorboard"))
+        self.trackers = trackers  # --report_to, on rank 0 (the caller closes them)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's micro-batches of `epoch`, as lists of example indices."""
@@ -209,10 +207,8 @@ class Trainer:
             return
         with open(self.metrics_file, "a") as file:
             file.write(dumps(record) + "\n")
-        for key, value in record.items():
-            if key != "step" and isinstance(value, float | int):
-                self.writer.add_scalar(key, value, record["step"])
-        self.writer.flush()
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def _step_skipped(self) -> bool:
         """Whether the optimizer step just taken was skipped for inf/NaN gradients (same on every rank)."""
@@ -346,8 +342,6 @@ class Trainer:
                 self._log({"step": stats.steps, **record})
         if stats.steps > state.step:  # else the checkpoint it started from already holds this state
             self.save(position)
-        if self.writer is not None:
-            self.writer.close()
 
     def _nonfinite_step(self, step: int, total: int, in_a_row: int) -> None:
         """Log a skipped step; raise on every rank once `max_nonfinite_steps` came in a row."""

@@ -291,8 +291,9 @@ def test_cofitune_plus_mofo_keeps_row_scales_under_topk() -> None:
 
 def test_method_names_and_combinations_are_checked() -> None:
     with pytest.raises(
-        PlanError, match=r"method 'hft\+lora': unknown 'lora'; available: cofitune, freeze, full, hft, l2"
+        PlanError,
+        match=r"method 'hft\+dora': unknown 'dora'; available: cofitune, freeze, full, hft, l2, lora",
     ):
-        dsforget.plan_for(llama(2), "hft+lora")
+        dsforget.plan_for(llama(2), "hft+dora")
     with pytest.raises(PlanError, match="a part repeats"):
         dsforget.plan_for(llama(2), "mofo+mofo")

@@ -354,6 +354,29 @@ USER_ERRORS = [
         r"error: l2 option strength=-1 must be >= 0 \(0 is full fine-tuning\)",
         id="negative-l2-strength",
     ),
+    pytest.param(
+        lambda tmp: [
+            *("--data", str(write(tmp / "ok.jsonl", GOOD_LINE * 40)), "--method", "lora"),
+            *("--method_options", '{"rank": 0}'),
+        ],
+        r"error: lora option rank=0 must be an integer >= 1",
+        id="lora-rank-0",
+    ),
+    pytest.param(
+        lambda tmp: [
+            *("--data", str(write(tmp / "ok.jsonl", GOOD_LINE * 40)), "--method", "lora"),
+            *("--method_options", '{"target_modules": ["q_proj", "qkv"]}'),
+        ],
+        r"error: lora option target_modules: no module 'qkv' in LlamaForCausalLM; linear modules: "
+        r"down_proj, gate_proj, .*, or all-linear",
+        id="lora-unknown-target-module",
+    ),
+    pytest.param(
+        lambda tmp: ["--data", str(write(tmp / "ok.jsonl", GOOD_LINE * 40)), "--method", "lora+hft"],
+        r"error: method 'lora\+hft': lora combines only with mofo .*; hft chooses or pulls base weights, "
+        r"which lora keeps frozen",
+        id="lora-with-hft",
+    ),
 ]
 
 
