@@ -22,12 +22,16 @@ from typing import Any
 
 import torch
 
+# Why Triton could not be imported (the ImportError's text), for the fallback WARNING and the
+# error of an explicit backend="triton"; None when it imported.
+TRITON_IMPORT_ERROR: str | None = None
 try:
     import triton
     import triton.language as tl
-except ImportError:  # Triton is an optional extra (`pip install dsforget[triton]`)
+except ImportError as error:  # Triton is an optional extra (`pip install dsforget[triton]`)
     triton = None
     tl = None
+    TRITON_IMPORT_ERROR = str(error)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
