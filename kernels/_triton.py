@@ -7,8 +7,10 @@ backend check refuses "triton" first.
 Interpreter (TRITON_INTERPRET=1, the kernels run on CPU tensors through numpy). Triton reads
 the variable when a kernel is decorated, so it must be set before dsforget.kernels is first
 imported. Constraints the kernels respect so they run there as well as compiled:
-- no `tl.histogram` (known interpreter bugs): histograms are `tl.atomic_add` of ones at
-  `block * bins + digit`;
+- `tl.histogram` with a mask, its lanes held in range (masked ones at bin 0) and its int32
+  result cast before use: older interpreters returned int64 (silently corrupting int32 stores)
+  and counted a value equal to the bin count in the last bin; seen exact on Triton 3.9, and
+  tested against the references (tests/kernels, including blocks of 90% exact zeros);
 - an atomic's mask must be a block-shaped comparison: `mask & scalar_bool` reaches the
   interpreter's atomic with an unsupported mask dtype (Triton 3.9), so per-tile conditions are
   folded into the bound instead (`offsets < where(active, end, start)`).
@@ -22,12 +24,16 @@ from typing import Any
 
 import torch
 
+# Why Triton could not be imported (the ImportError's text), for the fallback WARNING and the
+# error of an explicit backend="triton"; None when it imported.
+TRITON_IMPORT_ERROR: str | None = None
 try:
     import triton
     import triton.language as tl
-except ImportError:  # Triton is an optional extra (`pip install dsforget[triton]`)
+except ImportError as error:  # Triton is an optional extra (`pip install dsforget[triton]`)
     triton = None
     tl = None
+    TRITON_IMPORT_ERROR = str(error)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -5,8 +5,9 @@
 - "triton": the Triton kernels, for CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
 
 A fused backend that is wanted but cannot run is never dropped silently: `resolve_backend("auto")`
-and `default_backend` log a WARNING (logger "dsforget", once per process and reason) naming why
-and that the slower references run instead.
+and `default_backend` log a WARNING (logger "dsforget", once per process and reason) naming the
+backend wanted, the one used instead ("torch") and why (the compiler's or importer's message).
+A backend the caller asked for by name is honoured or refused with that reason, never replaced.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import torch
 
 from ._cpu import CpuBuildError, compiler_available, cpu_ops, no_compiler_message
-from ._triton import triton, triton_usable
+from ._triton import TRITON_IMPORT_ERROR, triton, triton_usable
 
 BACKENDS = ("torch", "cpu", "triton")
 
@@ -32,18 +33,23 @@ def _warn_once(message: str) -> None:
 
 
 def _falling_back(device: torch.device, backend: str, reason: str) -> None:
+    # Once per process and reason: every optimizer (and every step) resolves its backend again,
+    # and one line per construction would bury the reason under repeats.
     _warn_once(
-        f"dsforget kernels: the {backend!r} backend cannot run on {device.type} tensors here ({reason}); "
-        'the slower plain-PyTorch references (backend "torch") run instead'
+        f'dsforget kernels: backend "auto" wanted {backend!r} for {device.type} tensors, but it cannot '
+        f"run here ({reason}); the slower plain-PyTorch references (backend 'torch') run instead"
     )
 
 
 def _triton_missing_reason(device: torch.device) -> str:
+    """Why the Triton kernels cannot run on `device` (only asked when `triton_usable` is False)."""
     if triton is None:
-        return "Triton is not installed: pip install dsforget[triton]"
+        return f"Triton cannot be imported ({TRITON_IMPORT_ERROR}): pip install dsforget[triton]"
     if device.type == "cuda" and not torch.cuda.is_available():
-        return "CUDA is not available"
-    return f"Triton kernels do not run on {device.type} tensors"
+        if torch.version.cuda is None:
+            return f"CUDA is not available: torch {torch.__version__} was built without CUDA"
+        return f"CUDA is not available: torch (CUDA {torch.version.cuda}) finds no usable device or driver"
+    return f"Triton kernels do not run on {device.type} tensors (set TRITON_INTERPRET=1 for the interpreter)"
 
 
 def available_backends(device: torch.device | str) -> list[str]:
@@ -109,7 +115,8 @@ def check_backend(op: str, backend: str, device: torch.device) -> None:
     available = available_backends(device)
     if backend not in available:
         known = "" if backend in BACKENDS else f" (known backends: {list(BACKENDS)})"
+        why = f" ({_triton_missing_reason(device)})" if backend == "triton" else ""
         raise ValueError(
-            f"{op}: backend {backend!r} is not available for {device.type} tensors{known}; "
+            f"{op}: backend {backend!r} is not available for {device.type} tensors{known}{why}; "
             f"available here: {available}"
         )

@@ -160,17 +160,34 @@ def _update_moments_kernel(
         counted = offsets < tl.where(block >= 0, segment_end, tile_start)
         bits = tl.abs(exp_avg).to(tl.int32, bitcast=True)
         digit = (bits >> DIGIT_SHIFT) & (BINS - 1)
-        ones = tl.full([TILE], 1, tl.int64)
         row = tl.maximum(block, 0)
         window_start = tl.load(window_start_ptr + row, mask=HINT & (block >= 0), other=-1)
+        # Counts are the tile's own histogram (shared memory), merged with one relaxed atomic per
+        # non-empty bin: a tile lies in one block, so a block of exact zeros costs one atomic per
+        # tile on its zero bin, not one per element.
         if window_start >= 0:
             window_width = tl.minimum(tl.maximum(tl.load(window_width_ptr + row), 0), HINT_WINDOW)
             in_window = (bits >> HINT_SHIFT) - window_start  # [TILE] int64
             inside = counted & (in_window >= 0) & (in_window < window_width)
-            tl.atomic_add(hint_histogram_ptr + row * HINT_WINDOW + in_window, ones, mask=inside)
-            tl.atomic_add(hint_above_ptr + row, tl.sum((counted & (in_window >= window_width)).to(tl.int64)))
+            # [HINT_WINDOW] int32; entries outside the window are masked and held at bin 0
+            window_counts = tl.histogram(
+                tl.where(inside, in_window, 0).to(tl.int32), HINT_WINDOW, mask=inside
+            )
+            window_bins = row * HINT_WINDOW + tl.arange(0, HINT_WINDOW)
+            tl.atomic_add(
+                hint_histogram_ptr + window_bins,
+                window_counts.to(tl.int64),
+                mask=window_counts > 0,
+                sem="relaxed",
+            )
+            above = tl.sum((counted & (in_window >= window_width)).to(tl.int64))
+            tl.atomic_add(hint_above_ptr + row, above, sem="relaxed")
         elif HISTOGRAM:
-            tl.atomic_add(histogram_ptr + row * BINS + digit, ones, mask=counted)
+            digit_counts = tl.histogram(digit, BINS, mask=counted)  # [BINS] int32
+            bins = row * BINS + tl.arange(0, BINS)
+            tl.atomic_add(
+                histogram_ptr + bins, digit_counts.to(tl.int64), mask=digit_counts > 0, sem="relaxed"
+            )
 
 
 def _update_moments_triton(

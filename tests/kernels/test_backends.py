@@ -1,10 +1,14 @@
 """Backends: the choice per device, errors for unknown or unusable backends and wrong buffers,
 imports without Triton or a GPU, the top-level `kernels` name, and the CPU extension's build
-(`resolve_backend`: missing compiler, failing build, stale build lock).
+(`resolve_backend`: missing compiler, failing build, stale build lock), and the fallbacks of
+"auto" on CUDA tensors without Triton or CUDA.
 
 Shared helpers: tests/kernels/helpers.py."""
 
 from __future__ import annotations
+
+import logging
+import re
 
 import pytest
 import torch
@@ -233,3 +237,44 @@ def test_resolve_backend_on_a_working_machine():
     assert resolve_backend("torch", "cpu") == "torch"
     with pytest.raises(ValueError, match="resolve_backend: backend 'cuda' is not available"):
         resolve_backend("cuda", "cpu")
+
+
+def _triton_not_importable(monkeypatch) -> str:
+    from dsforget.kernels import backends
+
+    monkeypatch.setattr(backends, "triton", None)
+    monkeypatch.setattr(backends, "TRITON_IMPORT_ERROR", "No module named 'triton'")
+    return "Triton cannot be imported (No module named 'triton'): pip install dsforget[triton]"
+
+
+def _cuda_absent(monkeypatch) -> str:
+    from dsforget.kernels import backends
+
+    monkeypatch.setattr(backends, "triton", object())  # imported fine; CUDA is what is missing
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return "CUDA is not available"
+
+
+@pytest.mark.parametrize("break_triton", [_triton_not_importable, _cuda_absent], ids=["no-triton", "no-cuda"])
+def test_auto_on_cuda_falls_back_with_one_warning_and_explicit_triton_names_the_reason(
+    monkeypatch, caplog, break_triton
+):
+    """Catches "auto" on CUDA tensors dropping to the references with an INFO line or a WARNING
+    without the importer's message, repeated per resolution, and an explicit backend="triton"
+    being replaced instead of refused with the same reason."""
+    from dsforget.kernels import backends
+
+    reason = break_triton(monkeypatch)
+    monkeypatch.setattr(backends, "triton_usable", lambda device: False)
+    monkeypatch.setattr(backends, "_WARNED", set())
+    with caplog.at_level(logging.INFO, logger="dsforget"):
+        for _ in range(3):
+            assert resolve_backend("auto", "cuda") == "torch"
+        assert default_backend("cuda") == "torch"
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            resolve_backend("triton", "cuda")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert reason in warnings[0], warnings
+    assert "backend \"auto\" wanted 'triton' for cuda tensors" in warnings[0], warnings
+    assert "(backend 'torch') run instead" in warnings[0], warnings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import pytest
@@ -609,3 +610,63 @@ def test_backend_cpu_without_a_compiler_fails_before_the_first_step(monkeypatch)
     optimizer = MoFOAdamW([("w", weight)], backend="cpu")
     with pytest.raises(RuntimeError, match="no-such-compiler-dsforget"):
         optimizer.bind([(weight, ShardLayout.whole("w", (4, 4)))])
+
+
+def _fail_the_build(monkeypatch) -> str:
+    """The compiler reports an error: torch's cpp_extension.load raises what a failed g++ run raises."""
+    import torch.utils.cpp_extension
+
+    def load(**_):
+        raise RuntimeError(
+            "Error building extension:\nkernels/csrc/radix.cpp:7:3: error: 'boom' was not declared"
+        )
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
+    return "radix.cpp:7:3: error: 'boom' was not declared"
+
+
+def _remove_the_compiler(monkeypatch) -> str:
+    monkeypatch.setenv("CXX", "no-such-compiler-for-auto")
+    return "'no-such-compiler-for-auto' ($CXX, default c++) is not on PATH"
+
+
+@pytest.mark.parametrize(
+    "break_cpu_kernels", [_fail_the_build, _remove_the_compiler], ids=["build-fails", "no-compiler"]
+)
+def test_auto_falling_back_is_one_warning_with_the_reason(monkeypatch, caplog, break_cpu_kernels) -> None:
+    """Catches a fallback from the C++ kernels to the slow references that only an INFO line (or
+    nothing) reports, a WARNING that omits the compiler's message, and one repeated for every
+    optimizer built or step taken: three optimizers x three steps give exactly one WARNING naming
+    the backend wanted, the one used and the reason, and the steps still train."""
+    from dsforget.kernels import _cpu, backends
+
+    reason = break_cpu_kernels(monkeypatch)
+    monkeypatch.setattr(_cpu, "_OPS", None)
+    monkeypatch.setattr(_cpu, "_FAILURE", None)
+    monkeypatch.setattr(backends, "_WARNED", set())
+    with caplog.at_level(logging.INFO, logger="dsforget"):
+        for seed in range(3):
+            model = make_model(seed)
+            before = [p.detach().clone() for p in model.parameters()]
+            run(model, MoFOAdamW(model.named_parameters(), lr=1e-2, fraction=0.3), steps=3)
+            assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert reason in warnings[0], warnings[0]
+    assert "backend \"auto\" wanted 'cpu'" in warnings[0] and "(backend 'torch') run instead" in warnings[0]
+
+
+def test_an_explicit_torch_backend_is_honoured_quietly(monkeypatch, caplog) -> None:
+    """Catches the references the user asked for being reported as a fallback (a WARNING where
+    nothing went wrong): backend="torch" is one INFO line, even where the C++ kernels cannot build."""
+    from dsforget.kernels import _cpu, backends
+
+    _remove_the_compiler(monkeypatch)
+    monkeypatch.setattr(_cpu, "_OPS", None)
+    monkeypatch.setattr(_cpu, "_FAILURE", None)
+    monkeypatch.setattr(backends, "_WARNED", set())
+    with caplog.at_level(logging.INFO, logger="dsforget"):
+        model = make_model()
+        run(model, MoFOAdamW(model.named_parameters(), fraction=0.3, backend="torch"), steps=2)
+    assert [r.levelno for r in caplog.records] == [logging.INFO], caplog.text
+    assert "uses the 'torch' kernels on cpu tensors" in caplog.records[0].getMessage()
