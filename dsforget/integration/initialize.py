@@ -116,7 +116,7 @@ def _close_process_group_at_exit() -> None:
     thread is in ``Py_FinalizeEx``. ``destroy_process_group`` alone does not help: gloo's shutdown
     does not stop its workers, and DeepSpeed keeps the groups alive.
 
-    Two barriers on every gloo group close that window (torch's ``ProcessGroupGloo::runLoop``:
+    Two barriers on every gloo group are meant to close that window (torch's ``ProcessGroupGloo::runLoop``:
     a worker drops its work at the end of a loop iteration, holding the group's work mutex, in the
     same lock hold in which it clears the work from ``workInProgress_``). The first barrier
     snapshots, under that mutex, every work queued or in progress, and waits for each through a
@@ -124,8 +124,10 @@ def _close_process_group_at_exit() -> None:
     barrier's own worker, before the barrier completes, while this thread waits with the GIL
     released. A work whose worker dropped it first is dropped under the mutex, which the second
     barrier's enqueue takes (GIL released): when it returns, no worker is dropping a work that
-    holds tensors. (One barrier, as before, left a worker that had not yet taken the mutex free
-    to drop its work after the barrier completed: 1 abort in 8 runs under load.) Skipped when the
+    holds tensors. (One barrier left a worker that had not yet taken the mutex free to drop its
+    work after the barrier completed: 1 abort in 8 runs under load.) Measured with two: 1 abort in
+    40 runs under load, so some path this reasoning misses remains (issue 15 item 13; the failing
+    run's whole output is what tests/workers/repeat_user_exit.py N DIR keeps). Skipped when the
     script ends on an uncaught exception: the other ranks may be inside a collective that a barrier
     would collide with, and the launcher stops them once this rank exits. A script that destroys
     the group itself is left alone.
