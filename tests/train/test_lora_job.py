@@ -13,7 +13,7 @@ import pytest
 import torch
 from launcher import REPO
 from safetensors.torch import load_file
-from test_baselines import RUN, base_weights
+from test_baselines_job import RUN, base_weights
 from test_finetune import TINY_RUN, finetune, metrics
 from transformers import AutoModelForCausalLM
 
