@@ -19,8 +19,15 @@ NEW_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
-def lab(lab_cache):
-    return build_lab(LabConfig.preset("tiny"), cache_root=lab_cache / "lab")  # shared with the job tests
+def lab_root(tmp_path_factory) -> Path:
+    """This module's own lab cache: the lm-eval task folders it writes into a lab, and the aligned
+    lab it builds, must not appear in the session's cache, which other tests copy and compare."""
+    return tmp_path_factory.mktemp("lab")
+
+
+@pytest.fixture(scope="module")
+def lab(lab_root):
+    return build_lab(LabConfig.preset("tiny"), cache_root=lab_root)
 
 
 @pytest.fixture(scope="module")
@@ -94,15 +101,15 @@ def test_lab_tasks_are_written_once_and_load_offline(lab) -> None:
     assert tasks.smallest[1] == 5
 
 
-def test_aligned_labs_skills_task_equals_skill_exact_match(lab_cache) -> None:
+def test_aligned_labs_skills_task_equals_skill_exact_match(lab_root) -> None:
     """An aligned lab's held-out chat skills are an lm-eval task too, scored as the job scores
     them; a lab without skills has no such task file."""
-    aligned = build_lab(LabConfig.preset("tiny_aligned"), cache_root=lab_cache / "lab")
+    aligned = build_lab(LabConfig.preset("tiny_aligned"), cache_root=lab_root)
     model = AutoModelForCausalLM.from_pretrained(aligned.model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(aligned.model_dir)
     tasks = load_general_tasks(["lab_skills"], [lab_task_dir(aligned)])
     own = task_exact_match(model, tokenizer, aligned.load_skill_eval())
     assert own > 0.5, own  # the base does its skills: the comparison is not 0 == 0
     assert score_general_tasks(model, tokenizer, tasks)["lm_eval/lab_skills/exact_match"] == own
-    plain = build_lab(LabConfig.preset("tiny"), cache_root=lab_cache / "lab")
+    plain = build_lab(LabConfig.preset("tiny"), cache_root=lab_root)
     assert not (lab_task_dir(plain) / "lab_skills.yaml").exists()
