@@ -221,7 +221,7 @@ def test_compare_runs_each_method_and_tabulates(tmp_path: Path, lab_cache: Path)
         for line in done.stdout.splitlines()
         if line.startswith(tuple(f"{run} " for run in runs))
     }
-    assert set(rows) == set(runs) and all(len(cells) == 7 for cells in rows.values())
+    assert set(rows) == set(runs) and all(len(cells) == 8 for cells in rows.values())  # 8 columns
     reports = json.loads((tmp_path / "compare.json").read_text())
     assert (
         reports["mofo@0.002"]["train"]["steps"] == 6 and (tmp_path / "mofo-lr0.002" / "report.json").exists()
