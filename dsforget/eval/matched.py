@@ -81,11 +81,8 @@ def matched_gain(trajectories: Mapping[str, Sequence[Mapping[str, float]]], coun
     with its best task score."""
     runs = {name: forgetting_along(trajectory) for name, trajectory in trajectories.items()}
     runs = {name: points for name, points in runs.items() if points}
-    not_improved = {
-        name: max(point[TASK] for point in points)
-        for name, points in runs.items()
-        if max(point[TASK] for point in points) <= points[0][TASK]
-    }
+    best = {name: max(point[TASK] for point in points) for name, points in runs.items()}
+    not_improved = {name: best[name] for name, points in runs.items() if best[name] <= points[0][TASK]}
     runs = {name: points for name, points in runs.items() if name not in not_improved}
     levels = common_levels(runs, count) if runs else []
     rows = []
@@ -146,19 +143,16 @@ def tuned_view(
     best lucky draw is not a setting a user can choose."""
     rows = []
     for level in result["levels"]:
-        settings: dict[str, dict[str, list[float]]] = {}
+        settings: dict[tuple[str, str], dict[str, list[float]]] = {}  # (method, setting): values
         for name, values in level["runs"].items():
-            seen = settings.setdefault(
-                (group_of or {}).get(name, name), {measure: [] for measure in MEASURES}
-            )
+            setting = (method_of[name], (group_of or {}).get(name, name))
+            seen = settings.setdefault(setting, {measure: [] for measure in MEASURES})
             for measure, value in values.items():
                 if value is not None:
                     seen[measure].append(value)
         methods: dict[str, dict[str, float | None]] = {}
-        for setting, seen in settings.items():
-            best = methods.setdefault(
-                method_of[_a_run_of(setting, group_of, level["runs"])], dict.fromkeys(MEASURES)
-            )
+        for (method, _), seen in settings.items():
+            best = methods.setdefault(method, dict.fromkeys(MEASURES))
             for measure, values in seen.items():
                 value = sum(values) / len(values) if values else None
                 if value is not None and (best[measure] is None or value < best[measure]):
@@ -171,11 +165,6 @@ def tuned_view(
         if method_of[name] not in in_levels:
             not_improved[method_of[name]] = max(best, not_improved.get(method_of[name], best))
     return {"task_metric": result["task_metric"], "levels": rows, "not_improved": not_improved}
-
-
-def _a_run_of(setting: str, group_of: Mapping[str, str] | None, runs: Mapping[str, Any]) -> str:
-    """A run of `setting` (itself when runs are not grouped)."""
-    return next(name for name in runs if (group_of or {}).get(name, name) == setting)
 
 
 def seed_spread(result: Mapping[str, Any], group_of: Mapping[str, str]) -> dict[str, Any]:
