@@ -26,7 +26,7 @@ demo: venv
 # SLURM and munge for the cluster tests where apt-get and root allow (a no-op with a message elsewhere)
 test: venv
 	bash tests/install_slurm.sh
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 bench: venv
 	$(BIN)/python -m dsforget.kernels.bench

@@ -16,7 +16,7 @@ Importing dsforget needs neither a GPU nor Triton nor an initialised DeepSpeed.
 
 from . import engine  # noqa: F401  the stable dsforget.engine.prepare_config, without its own import
 from .integration.ds_config import load_deepspeed_config
-from .integration.initialize import UnsupportedSetupError, initialize
+from .integration.initialize import UnsupportedSetupError, close_process_group, initialize
 from .methods import METHODS, plan_for
 from .methods.coordinator import build_plan, verify_plan_agreement
 from .optim import ForgetAdamW, MaskPlan, MoFOAdamW, ParamRule, PlanError
@@ -30,6 +30,7 @@ __all__ = [
     "PlanError",
     "UnsupportedSetupError",
     "build_plan",
+    "close_process_group",
     "initialize",
     "load_deepspeed_config",
     "plan_for",

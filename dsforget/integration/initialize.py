@@ -136,10 +136,14 @@ def _close_process_group_at_exit() -> None:
     if _teardown_registered:
         return
     _teardown_registered = True
-    atexit.register(_close_process_group)
+    atexit.register(close_process_group)
 
 
-def _close_process_group() -> None:
+def close_process_group() -> None:
+    """Let every gloo worker thread finish, then destroy the process group (a no-op when there is
+    none). Call it on every rank at the end of a script that ends normally; ``dsforget.initialize``
+    registers it at exit, and ``launch/finetune.py`` calls it itself. Why the barriers: see
+    ``_close_process_group_at_exit``."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -174,6 +178,7 @@ def _gloo_groups() -> list[Any]:
 __all__ = [
     "UnsupportedSetupError",
     "bind_to_engine",
+    "close_process_group",
     "initialize",
     "load_deepspeed_config",
     "prepare_config",

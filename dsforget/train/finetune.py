@@ -30,7 +30,7 @@ from ..eval.report import print_summary, run_report, trajectory, write_report
 from ..integration.checkpoint_weights import CheckpointWeights
 from ..integration.distributed import init_distributed, rank0_decides
 from ..integration.export import full_tensors, save_adapter, save_hf_checkpoint
-from ..integration.initialize import initialize
+from ..integration.initialize import close_process_group, initialize
 from ..lab.evaluate import Ranks
 from ..methods.coordinator import build_plan
 from ..methods.lora import add_adapters
@@ -410,6 +410,4 @@ class FinetuneJob:
         return sums.result()
 
     def close(self) -> None:
-        import deepspeed
-
-        deepspeed.comm.destroy_process_group()  # an undestroyed gloo group can abort the exit
+        close_process_group()  # gloo's workers finish first: destroying the group alone can abort the exit

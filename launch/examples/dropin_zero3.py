@@ -52,7 +52,7 @@ def main() -> None:
         engine.step()
         if engine.global_rank == 0 and (step % 5 == 0 or step == args.steps - 1):
             print(f"step {step:3d}  loss {loss.item():.4f}", flush=True)
-    deepspeed.comm.destroy_process_group()
+    dsforget.close_process_group()  # optional: dsforget.initialize does it at exit
 
 
 if __name__ == "__main__":

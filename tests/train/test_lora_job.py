@@ -29,7 +29,7 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-CASES = [("lora", 2), ("lora", 3), ("lora+mofo", 3)]
+CASES = [("lora", 2), ("lora+mofo", 3)]  # ZeRO-3 plain lora adds nothing lora+mofo does not cover
 
 
 @pytest.mark.parametrize(("method", "stage"), CASES, ids=[f"{m}-zero{s}" for m, s in CASES])
