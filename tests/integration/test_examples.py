@@ -1,4 +1,5 @@
-"""The README's drop-in example, started by DeepSpeed's own launcher on 2 CPU ranks."""
+"""The examples under launch/examples/: the drop-in and Trainer ones started by DeepSpeed's own launcher
+on 2 CPU ranks, the SFTTrainer one in one process."""
 
 from __future__ import annotations
 
@@ -61,3 +62,10 @@ def test_hf_trainer_example_with_and_without_deepspeed(tmp_path: Path) -> None:
     )
     for losses in (plain, zero3):
         assert len(losses) == 3 and losses[-1] < losses[0] - 0.5, losses
+
+
+def test_sft_trainer_example(tmp_path: Path) -> None:
+    """TRL's SFTTrainer on the example's chats, one process: MoFOAdamW must take every step and the
+    loss must fall. (Under ZeRO-3 on 2 ranks the same pieces run in tests/integration/test_trl.py.)"""
+    losses = run_example([sys.executable, "launch/examples/sft_trainer.py"], tmp_path / "sft")
+    assert len(losses) == 3 and losses[-1] < losses[0] - 0.5, losses
