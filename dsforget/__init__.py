@@ -16,10 +16,11 @@ Importing dsforget needs neither a GPU nor Triton nor an initialised DeepSpeed.
 
 from . import engine  # noqa: F401  the stable dsforget.engine.prepare_config, without its own import
 from .integration.ds_config import load_deepspeed_config
-from .integration.initialize import UnsupportedSetupError, close_process_group, initialize
+from .integration.initialize import UnsupportedSetupError, initialize
 from .methods import METHODS, plan_for
 from .methods.coordinator import build_plan, verify_plan_agreement
 from .optim import ForgetAdamW, MaskPlan, MoFOAdamW, ParamRule, PlanError
+from .optim.comm import close_process_group
 
 __all__ = [
     "METHODS",

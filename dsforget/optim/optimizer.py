@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..kernels import DENSE, NO_ROWSCALE, SegmentTable, ThresholdHint, resolve_backend, topk_adamw_step
-from .comm import release_shared_memory_names, sum_counts, verify_plan_agreement
+from .comm import close_process_group_at_exit, release_shared_memory_names, sum_counts, verify_plan_agreement
 from .layout import Segment, ShardLayout
 from .params import full_shape, row_length
 from .partitions import discover_layouts
@@ -281,9 +281,11 @@ class ForgetAdamW(torch.optim.Optimizer):
         if name is None and not self._discovered:
             # An engine built by plain deepspeed.initialize (HF Trainer, accelerate): find the
             # layouts from the parameters' partition mappings, once, on every rank alike (and
-            # unlink DeepSpeed's CPU all-reduce buffers, as dsforget.initialize does).
+            # unlink DeepSpeed's CPU all-reduce buffers and close the group at exit, as
+            # dsforget.initialize does).
             self._discovered = True
             release_shared_memory_names()
+            close_process_group_at_exit()
             verify_plan_agreement(self.plan)
             layouts, group = discover_layouts(
                 self.param_groups, self.group_param_names, self.trained_parameters

@@ -30,11 +30,12 @@ from ..eval.report import print_summary, run_report, trajectory, write_report
 from ..integration.checkpoint_weights import CheckpointWeights
 from ..integration.distributed import init_distributed, rank0_decides
 from ..integration.export import full_tensors, save_adapter, save_hf_checkpoint
-from ..integration.initialize import close_process_group, initialize
+from ..integration.initialize import initialize
 from ..lab.evaluate import Ranks
 from ..methods.coordinator import build_plan
 from ..methods.lora import add_adapters
 from ..methods.resampling import Resampler
+from ..optim.comm import close_process_group
 from ..optim.optimizer import ForgetAdamW
 from ..optim.params import full_shape
 from ..optim.plan import MaskPlan
