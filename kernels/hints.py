@@ -71,8 +71,15 @@ class ThresholdHint:
             return ThresholdHint(*packed.unbind(0))
         prefix = threshold >> HINT_SHIFT
         if previous is None:
-            return ThresholdHint.around(prefix, prefix, torch.full_like(prefix, MAX_REACH))
-        error = (prefix - previous.center).abs()
-        kept = previous.reach * REACH_KEPT[0] // REACH_KEPT[1]
-        reach = torch.maximum(3 * error + MIN_REACH, kept).clamp_(max=MAX_REACH)
-        return ThresholdHint.around(prefix, prefix + (prefix - previous.prefix) // 2, reach)
+            hint = ThresholdHint.around(prefix, prefix, torch.full_like(prefix, MAX_REACH))
+        else:
+            error = (prefix - previous.center).abs()
+            kept = previous.reach * REACH_KEPT[0] // REACH_KEPT[1]
+            reach = torch.maximum(3 * error + MIN_REACH, kept).clamp_(max=MAX_REACH)
+            center = prefix + (prefix - previous.prefix) // 2
+            restart = previous.prefix == 0
+            reach = torch.where(restart, MAX_REACH, reach)
+            hint = ThresholdHint.around(prefix, torch.where(restart, prefix, center), reach)
+        return ThresholdHint(
+            hint.prefix, hint.center, hint.reach, hint.start, hint.width.masked_fill(threshold == 0, 0)
+        )

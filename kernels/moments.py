@@ -5,7 +5,12 @@ Per element of every segment (fp32 math, gradient fp32 or bf16):
     m = lerp(m, g, 1 - beta1)           (= beta1*m + (1-beta1)*g, as torch.optim.AdamW)
     v = beta2*v + (1-beta2)*g*g
 and, when `histogram` is given, histogram[block, digit0(|m|)] += 1 for top-k segments,
-which is the first radix-select level fused into the same pass over m.
+which is the first radix-select level fused into the same pass over m; when `nonzero` is given,
+nonzero[block] += 1 for every entry of a top-k segment whose new |m| is not 0. A block with fewer
+nonzero |m| than k (over all ranks) has the threshold 0 (every entry is selected, see step.py),
+which no histogram needs to find: counting the zeros of such a block bin by bin, level by level,
+would be the same work on one bin every step. The count is privatised per tile (a lane-wise sum,
+one atomic per tile per block), not per element.
 
 With `hinted` (HintedCounts), a block with a window [start, start + width) of level-1 prefixes
 p = bits(|m|) >> 10 around where its threshold is expected (start -1: none) counts instead:
@@ -73,6 +78,7 @@ def update_moments_reference(
     beta2: float,
     histogram: torch.Tensor | None = None,
     hinted: HintedCounts | None = None,
+    nonzero: torch.Tensor | None = None,
 ) -> None:
     """Plain PyTorch, one segment at a time."""
     windows = None
@@ -89,6 +95,8 @@ def update_moments_reference(
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         if block == DENSE:
             continue
+        if nonzero is not None:
+            nonzero[block] += (abs_bits(m) != 0).sum()
         if windows is not None and hinted is not None and windows[block][0] >= 0:
             start, width = windows[block][0], min(max(windows[block][1], 0), HINT_WINDOW)
             in_window = (abs_bits(m) >> HINT_SHIFT) - start
@@ -119,6 +127,7 @@ def _update_moments_kernel(
     window_width_ptr,  # [n_blocks] int64, HintedCounts.width (only read when HINT)
     hint_above_ptr,  # [n_blocks] int64, HintedCounts.above, accumulated into
     hint_histogram_ptr,  # [n_blocks, HINT_WINDOW] int64, HintedCounts.histogram, accumulated into
+    nonzero_ptr,  # [n_blocks] int64, entries whose new |m| is not 0, accumulated into (when NONZERO)
     lerp_weight,  # 1 - beta1 (rounded from double, as the reference's Python scalar)
     beta2,
     one_minus_beta2,  # likewise
@@ -128,6 +137,7 @@ def _update_moments_kernel(
     HINT_SHIFT: tl.constexpr,  # a window holds the prefixes bits >> HINT_SHIFT from its start on
     HINT_WINDOW: tl.constexpr,
     HINT: tl.constexpr,
+    NONZERO: tl.constexpr,
     TILE: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -154,13 +164,16 @@ def _update_moments_kernel(
     exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
     tl.store(exp_avg_ptr + offsets, exp_avg, mask=in_segment)
     tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=in_segment)
-    if HISTOGRAM or HINT:
+    if HISTOGRAM or HINT or NONZERO:
         block = tl.load(block_ptr + segment)
         # DENSE segments count nothing: their bound collapses to the tile start.
         counted = offsets < tl.where(block >= 0, segment_end, tile_start)
         bits = tl.abs(exp_avg).to(tl.int32, bitcast=True)
         digit = (bits >> DIGIT_SHIFT) & (BINS - 1)
         row = tl.maximum(block, 0)
+        if NONZERO:  # the tile's count, then one relaxed atomic (a tile lies in one block)
+            nonzero = tl.sum((counted & (bits != 0)).to(tl.int64))
+            tl.atomic_add(nonzero_ptr + row, nonzero, mask=block >= 0, sem="relaxed")
         window_start = tl.load(window_start_ptr + row, mask=HINT & (block >= 0), other=-1)
         # Counts are the tile's own histogram (shared memory), merged with one relaxed atomic per
         # non-empty bin: a tile lies in one block, so a block of exact zeros costs one atomic per
@@ -200,6 +213,7 @@ def _update_moments_triton(
     beta2: float,
     histogram: torch.Tensor | None,
     hinted: HintedCounts | None,
+    nonzero: torch.Tensor | None,
 ) -> None:
     if tiles.num_tiles == 0:
         return
@@ -222,6 +236,7 @@ def _update_moments_triton(
         unused if hinted is None else addressable(hinted.width, unused),
         unused if hinted is None else addressable(hinted.above, unused),
         unused if hinted is None else addressable(hinted.histogram, unused),
+        unused if nonzero is None else addressable(nonzero, unused),
         1 - beta1,
         beta2,
         1 - beta2,
@@ -231,6 +246,7 @@ def _update_moments_triton(
         HINT_SHIFT=HINT_SHIFT,
         HINT_WINDOW=HINT_WINDOW,
         HINT=hinted is not None,
+        NONZERO=nonzero is not None,
         TILE=tiles.tile_size,
         **LAUNCH_OPTIONS,
     )
@@ -246,6 +262,7 @@ def _update_moments_cpu(
     beta2: float,
     histogram: torch.Tensor | None,
     hinted: HintedCounts | None,
+    nonzero: torch.Tensor | None,
 ) -> None:
     cpu_ops().update_moments(
         grad=grad,
@@ -265,6 +282,7 @@ def _update_moments_cpu(
         hint_histogram=None if hinted is None else hinted.histogram,
         hint_bins=HINT_WINDOW,
         hint_shift=HINT_SHIFT,
+        nonzero=nonzero,
         beta1=beta1,
         beta2=beta2,
     )
@@ -280,6 +298,7 @@ def update_moments(
     beta2: float,
     histogram: torch.Tensor | None = None,
     hinted: HintedCounts | None = None,
+    nonzero: torch.Tensor | None = None,
     backend: str = "torch",
 ) -> None:
     """Run the op with the named backend (see dsforget.kernels.backends).
@@ -288,6 +307,8 @@ def update_moments(
     histogram: int64 [n_blocks, level_bins(0)], accumulated into (callers zero it).
     hinted: the counts that replace `histogram` for blocks with a window (the others count into
     `histogram`, if given).
+    nonzero: int64 [n_blocks], accumulated into: every block's entries whose new |m| is not 0
+    (bits(|m|) != 0: -0.0 is a zero, NaN is not).
     """
     check_backend("update_moments", backend, exp_avg.device)
     if backend == "torch":
@@ -300,6 +321,7 @@ def update_moments(
             beta2=beta2,
             histogram=histogram,
             hinted=hinted,
+            nonzero=nonzero,
         )
         return
     tiles = tile_table(table, CPU_TILE if backend == "cpu" else TRITON_TILE)
@@ -313,5 +335,7 @@ def update_moments(
         check_block_tensor(
             "update_moments", "hint_histogram", hinted.histogram, table, exp_avg.device, HINT_WINDOW
         )
+    if nonzero is not None:
+        check_block_tensor("update_moments", "nonzero", nonzero, table, exp_avg.device)
     launch = _update_moments_cpu if backend == "cpu" else _update_moments_triton
-    launch(grad, exp_avg, exp_avg_sq, table, tiles, beta1, beta2, histogram, hinted)
+    launch(grad, exp_avg, exp_avg_sq, table, tiles, beta1, beta2, histogram, hinted, nonzero)

@@ -12,6 +12,14 @@ State per block (int64 tensors [n_blocks], identical on every rank in exact mode
   remaining  how many entries still to select among those matching `prefix`
   threshold  the selection threshold: entry selected iff bits(|m|) >= threshold
   matching   entries matching `prefix` (summed like the histograms); -1 before level 0
+
+A block with fewer nonzero |m| than k (e.g. embedding rows of tokens never seen, whose m is
+exactly 0) has the threshold 0: its k-th largest |m| is a zero, and under the ties rule every
+entry is selected. `resolve_at_zero` settles such blocks from the moments pass's nonzero counts
+before any level: otherwise each level would count all the zeros into bin 0 and refine into it.
+A block with at least k nonzero |m| has a threshold above 0; its zeros lie in bin 0 of level 0
+and match no later prefix unless the threshold is below 2^-129 (level-1 prefix 0, a subnormal
+threshold).
 """
 
 from __future__ import annotations
@@ -66,6 +74,18 @@ class RadixState:
     @property
     def done(self) -> bool:
         return bool((self.prefix == RESOLVED).all())
+
+
+def resolve_at_zero(state: RadixState, nonzero: torch.Tensor) -> torch.Tensor:
+    """Resolve with threshold 0 every unresolved block with fewer `nonzero` entries (int64
+    [n_blocks], |m| != 0, summed over ranks like the histograms) than it still has to select;
+    returns the mask of those blocks (bool [n_blocks]). Called before level 0, where `remaining`
+    is k. Exact: the k-th largest |m| of such a block is 0, and bits >= 0 selects every entry,
+    which is what the levels would find (bin 0 at every level, threshold 0 << shift)."""
+    at_zero = state.unresolved & (nonzero < state.remaining)
+    state.prefix = state.prefix.masked_fill(at_zero, RESOLVED)
+    state.threshold = state.threshold.masked_fill(at_zero, 0)
+    return at_zero
 
 
 def refine(

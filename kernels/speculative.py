@@ -34,6 +34,12 @@ untouched, as is the rest of that thread's range of the block's pieces; the unto
 returned and take the two-pass update (`masked_adamw`) once the threshold is exact. Which pieces
 those are depends on the threads' timing; the result does not.
 
+A block whose threshold was 0 (fewer nonzero |m| than k, e.g. mostly exact zeros) has an empty
+window at 0 (`ThresholdHint`): every entry is updated as selected and none is listed as a window
+entry (only its rollbacks, should the block leave 0). The op also counts each block's nonzero
+|m|; if it is still below k, the block is resolved at 0 from that count, and nothing is counted
+over m or corrected for it.
+
 Preconditions (checked by the caller, `topk_adamw_step`): selected and unselected entries decay
 alike (weight-decay scope "all", or no weight decay), and every top-k block has a window. Only
 the "cpu" backend implements this op.
@@ -132,10 +138,12 @@ def speculative_update(
     *,
     beta1: float,
     beta2: float,
+    nonzero: torch.Tensor | None = None,
 ) -> SpeculationLeftovers:
-    """Moments, window counts (into hinted.above and hinted.histogram, as `update_moments`) and
-    the speculative update, in one pass (see the module docstring); CPU tensors only. The lists
-    it returns live in the table's list buffers: valid until the next call for the table."""
+    """Moments, window counts (into hinted.above and hinted.histogram) and nonzero |m| counts
+    (into `nonzero`, if given), as `update_moments`, and the speculative update, in one pass (see
+    the module docstring); CPU tensors only. The lists it returns live in the table's list
+    buffers: valid until the next call for the table."""
     tiles = tile_table(table, CPU_TILE)
     check_buffers("speculative_update", tiles, grad, param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
     for name in ("start", "width", "above"):
@@ -143,6 +151,8 @@ def speculative_update(
     check_block_tensor(
         "speculative_update", "window histogram", hinted.histogram, table, param.device, HINT_WINDOW
     )
+    if nonzero is not None:
+        check_block_tensor("speculative_update", "nonzero", nonzero, table, param.device)
     buffers = list_buffers(table)
     counts, untouched = cpu_ops().speculative_update(
         grad=grad,
@@ -160,6 +170,7 @@ def speculative_update(
         hint_histogram=hinted.histogram,
         hint_bins=HINT_WINDOW,
         hint_shift=HINT_SHIFT,
+        nonzero=nonzero,
         beta1=beta1,
         beta2=beta2,
         corrections=scalars.counter_tensor(param.device),

@@ -6,13 +6,18 @@ often):
 
 1. `update_moments`: m, v, and counts of |m|: the level-0 histogram, or for a block with a
    hint (a window of level-1 prefixes around where its threshold is expected, see ThresholdHint)
-   the entries above the window and the histogram of the window (see moments.py);
-2. a block whose threshold fell into its window takes levels 0 and 1 from those counts; any
+   the entries above the window and the histogram of the window (see moments.py); and every
+   block's count of nonzero |m|;
+2. a block with fewer nonzero |m| than k has the threshold 0 (its k-th largest |m| is a zero;
+   ties at the threshold are all selected, so every entry is): it is resolved at once
+   (`resolve_at_zero`) and counts nothing more, however many zeros it holds (embedding rows of
+   tokens never seen). Summed over ranks with the other counts, so every rank resolves it;
+3. a block whose threshold fell into its window takes levels 0 and 1 from those counts; any
    other block pays a histogram pass over m (`abs_histogram`) for each level it lacks;
-3. a block still unresolved has narrowed its threshold to one level-2 bin (a few entries in 10^5
+4. a block still unresolved has narrowed its threshold to one level-2 bin (a few entries in 10^5
    of the block). The update leaves that bin's entries and lists them; the level-2 histogram of
    the list fixes the threshold and `apply_deferred` updates them. A bin of more than
-   DEFER_LIMIT entries (ties, e.g. many exact zeros) takes a level-2 pass over m before the
+   DEFER_LIMIT entries (ties at a threshold above 0) takes a level-2 pass over m before the
    update instead.
 
 With hits, the step reads and writes 36 B per element (moments 20, update 16) instead of the 44 B
@@ -29,7 +34,7 @@ from .hints import ThresholdHint
 from .histogram import abs_histogram, deferred_histogram
 from .masked_update import DEFER_SHIFT, AdamWScalars, apply_deferred, masked_adamw
 from .moments import HINT_WINDOW, HintedCounts, update_moments
-from .radix import RESOLVED, RadixState, advance_within, level_bins, refine
+from .radix import RESOLVED, RadixState, advance_within, level_bins, refine, resolve_at_zero
 from .segments import SegmentTable
 from .speculative import correct_speculation, resolve_window, speculative_update
 
@@ -92,16 +97,19 @@ def topk_adamw_step(
         return _speculative_step(param, grad, exp_avg, exp_avg_sq, table, update, betas, hint, sum_over_ranks)
 
     radix = RadixState.start(table.block_k)
+    nonzero = exp_avg.new_zeros(table.num_blocks, dtype=torch.int64)
     if hint is None:
         histogram = exp_avg.new_zeros(table.num_blocks, level_bins(0), dtype=torch.int64)
-        update_moments(grad, exp_avg, exp_avg_sq, table, histogram=histogram, **moments)
-        refine(radix, sum_over_ranks([histogram])[0], 0, backend=backend)
+        update_moments(grad, exp_avg, exp_avg_sq, table, histogram=histogram, nonzero=nonzero, **moments)
+        histogram, nonzero = sum_over_ranks([histogram, nonzero])
+        resolve_at_zero(radix, nonzero)
+        refine(radix, histogram, 0, backend=backend)
         _refine_by_pass(radix, exp_avg, table, 1, radix.unresolved, sum_over_ranks, backend)
     else:
         window = exp_avg.new_zeros(table.num_blocks, HINT_WINDOW, dtype=torch.int64)
         hinted = HintedCounts(hint.start, hint.width, torch.zeros_like(hint.start), window)
-        update_moments(grad, exp_avg, exp_avg_sq, table, hinted=hinted, **moments)
-        _refine_in_window(radix, hinted, exp_avg, table, sum_over_ranks, backend)
+        update_moments(grad, exp_avg, exp_avg_sq, table, hinted=hinted, nonzero=nonzero, **moments)
+        _refine_in_window(radix, hinted, nonzero, exp_avg, table, sum_over_ranks, backend)
     # a block still open has narrowed its threshold to one level-2 bin of `matching` entries
     # (over all ranks): counted over m if it holds too many, deferred otherwise
     _refine_by_pass(
@@ -157,19 +165,35 @@ def _refine_by_pass(
 def _refine_in_window(
     radix: RadixState,
     hinted: HintedCounts,
+    nonzero: torch.Tensor,
     exp_avg: torch.Tensor,
     table: SegmentTable,
     sum_over_ranks: SumOverRanks,
     backend: str,
 ) -> None:
-    """Levels 0 and 1 from the moments pass's window counts (every block has a window): a block
-    whose threshold fell into its window takes both from them, any other is counted again over m."""
-    above, in_window = sum_over_ranks([hinted.above, hinted.histogram])
+    """Levels 0 and 1 from the moments pass's counts (every block has a window): a block with
+    fewer nonzero |m| than k resolves at 0 whatever its window, one whose threshold fell into its
+    window takes both levels from the window's counts, any other is counted again over m."""
+    above, in_window, nonzero = sum_over_ranks([hinted.above, hinted.histogram, nonzero])
+    resolve_at_zero(radix, nonzero)
     hit = advance_within(radix, in_window, 1, hinted.start, above, backend=backend)
-    if bool(hit.all()):
+    _refine_missed(radix, hit, exp_avg, table, sum_over_ranks, backend)
+
+
+def _refine_missed(
+    radix: RadixState,
+    hit: torch.Tensor,
+    exp_avg: torch.Tensor,
+    table: SegmentTable,
+    sum_over_ranks: SumOverRanks,
+    backend: str,
+) -> None:
+    """Levels 0 and 1 over m for the blocks still open that their window missed."""
+    missed = radix.unresolved & ~hit
+    if not bool(missed.any()):
         return
-    _refine_by_pass(radix, exp_avg, table, 0, ~hit, sum_over_ranks, backend)
-    _refine_by_pass(radix, exp_avg, table, 1, radix.unresolved & ~hit, sum_over_ranks, backend)
+    _refine_by_pass(radix, exp_avg, table, 0, missed, sum_over_ranks, backend)
+    _refine_by_pass(radix, exp_avg, table, 1, radix.unresolved & missed, sum_over_ranks, backend)
 
 
 def _speculative_step(
@@ -185,10 +209,14 @@ def _speculative_step(
 ) -> ThresholdHint:
     """The step with the update applied in the moments pass (see speculative.py): the window
     counts fix levels 0 and 1 of a block that hit, the window entries listed by the pass its
-    level 2; a block that missed is counted over m and corrected."""
+    level 2; a block that missed is counted over m and corrected. A block resolved at 0 (fewer
+    nonzero |m| than k) counts nothing; its entries above its window were updated as selected,
+    those in it are listed, and if its window does not start at 0 (its threshold was not 0 last
+    step), those below it are corrected."""
     backend = "cpu"  # (the only backend with the one-pass op)
     window = exp_avg.new_zeros(table.num_blocks, HINT_WINDOW, dtype=torch.int64)
     hinted = HintedCounts(hint.start, hint.width, torch.zeros_like(hint.start), window)
+    nonzero = torch.zeros_like(hint.start)
     left = speculative_update(
         grad,
         param,
@@ -199,18 +227,21 @@ def _speculative_step(
         update,
         beta1=betas[0],
         beta2=betas[1],
+        nonzero=nonzero,
     )
     untouched, speculated = (None, table)
     if left.untouched.numel() > 0:  # (this rank's own: no branch below that leads to a collective)
         untouched, speculated = table.split_at_spans(left.untouched_spans())
 
     radix = RadixState.start(table.block_k)
-    above, in_window = sum_over_ranks([hinted.above, hinted.histogram])
+    above, in_window, nonzero = sum_over_ranks([hinted.above, hinted.histogram, nonzero])
+    at_zero = resolve_at_zero(radix, nonzero)
     hit = advance_within(radix, in_window, 1, hinted.start, above, backend=backend)
-    missed = not bool(hit.all())
+    # every threshold in its window (a hit, or 0 in a window from 0): nothing to count over m
+    # or correct
+    missed = not bool((hit | (at_zero & (hinted.start == 0))).all())
     if missed:
-        _refine_by_pass(radix, exp_avg, table, 0, ~hit, sum_over_ranks, backend)
-        _refine_by_pass(radix, exp_avg, table, 1, radix.unresolved & ~hit, sum_over_ranks, backend)
+        _refine_missed(radix, hit, exp_avg, table, sum_over_ranks, backend)
     if not radix.done:
         # an open block that hit has its level-2 bin in its window: the pass listed its entries
         # (but those of untouched spans); one that missed is counted over m

@@ -25,7 +25,9 @@ at::Tensor next_hint(const at::Tensor& threshold, const c10::optional<at::Tensor
   const auto floor_div = [](int64_t x, int64_t d) { return x / d - (x % d != 0 && (x < 0) != (d < 0)); };
   for (int64_t b = 0; b < n; ++b) {
     prefix[b] = bit[b] >> shift;
-    if (first) {
+    // no previous hint, or a previous threshold in prefix 0 (0 itself, resolved at zero): a
+    // first window around this threshold, nothing to extrapolate from
+    if (first || moved_from[b] == 0) {
       center[b] = prefix[b];
       reach[b] = max_reach;
     } else {
@@ -35,7 +37,8 @@ at::Tensor next_hint(const at::Tensor& threshold, const c10::optional<at::Tensor
       center[b] = prefix[b] + floor_div(prefix[b] - moved_from[b], 2);
     }
     start[b] = std::max<int64_t>(center[b] - reach[b], 0);
-    width[b] = std::max<int64_t>(center[b] + reach[b] - start[b], 0);
+    // a threshold of 0: an empty window at 0 (every entry above it, see ThresholdHint)
+    width[b] = bit[b] == 0 ? 0 : std::max<int64_t>(center[b] + reach[b] - start[b], 0);
   }
   return packed;
 }

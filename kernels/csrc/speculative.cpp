@@ -25,9 +25,9 @@ inline uint32_t float_bits(float x) {
 }
 
 // A piece's counts: entries inside the window, selected updates that cannot be undone, entries
-// above the window.
+// above the window, entries whose |m| is not 0.
 struct PieceCounts {
-  int64_t inside = 0, irreversible = 0, above = 0;
+  int64_t inside = 0, irreversible = 0, above = 0, nonzero = 0;
 };
 
 // How a piece's loop treats the moments: already updated (row-scaled segments: moments_tile ran),
@@ -48,7 +48,8 @@ inline bool speculate_piece(const Grad* __restrict grad, float* __restrict p, fl
                             float* __restrict v, float* __restrict before, uint8_t* __restrict flags,
                             int64_t n, Window window, const MomentsConstants& moments,
                             const UpdateConstants& c, PieceCounts& counts) {
-  int32_t inside = 0, irreversible = 0, above = 0, odd = 0;  // (int32 and & instead of &&: GCC vectorises)
+  // (int32 and & instead of &&: GCC vectorises)
+  int32_t inside = 0, irreversible = 0, above = 0, nonzero = 0, odd = 0;
   for (int64_t i = 0; i < n; ++i) {
     float m_i = m[i], v_i = v[i];
     if (kMoments != Moments::kUpdated) {  // as moments_run
@@ -72,9 +73,10 @@ inline bool speculate_piece(const Grad* __restrict grad, float* __restrict p, fl
     inside += in_window;
     irreversible += lossy;
     above += selected;
+    nonzero += bits != 0;
     odd += !(adamw_denominator(v_i, c) > 0.0f);
   }
-  counts = {inside, irreversible, above};
+  counts = {inside, irreversible, above, nonzero};
   return odd == 0;
 }
 
@@ -203,8 +205,9 @@ Leftovers speculative_update_impl(const Grad* grad, float* p, float* m, float* v
                                   const std::vector<Segment>& segments, const float* rowscale,
                                   const at::Tensor& tile_segment, const at::Tensor& tile_start,
                                   int64_t tile_size, HistogramTarget window_histogram,
-                                  const HintCounts& hints, const MomentsConstants& moments,
-                                  const UpdateConstantsByCounter& constants, SpeculationLists& lists) {
+                                  const HintCounts& hints, int64_t* nonzero_counts,
+                                  const MomentsConstants& moments, const UpdateConstantsByCounter& constants,
+                                  SpeculationLists& lists) {
   return for_each_tile(segments, tile_segment, tile_start, tile_size, {}, window_histogram,
                        [&](const Segment& s, int64_t first, int64_t last, RangeContext& context) {
     const UpdateConstants update = constants[s.counter];
@@ -221,7 +224,7 @@ Leftovers speculative_update_impl(const Grad* grad, float* p, float* m, float* v
     LocalHistogram& histogram = context.histograms[1];
     alignas(64) float before[kSpeculationPiece];
     alignas(64) uint8_t flags[kSpeculationPiece];
-    int64_t above = 0;
+    int64_t above = 0, nonzero = 0;
     for (int64_t start = first; start < last; start += kSpeculationPiece) {
       const int64_t stop = std::min(start + kSpeculationPiece, last);
       const int64_t n = stop - start;
@@ -229,14 +232,17 @@ Leftovers speculative_update_impl(const Grad* grad, float* p, float* m, float* v
       bool commit = context.left.untouched.empty();
       const bool scaled = s.rowscale_start >= 0;
       // (a segment without row scales updates its moments inside speculate_piece's loop)
+      int64_t piece_nonzero = 0;
       if (scaled || !commit) {
-        moments_tile<Grad, false>(grad, m, v, nullptr, rowscale, s, start, stop, moments);
+        piece_nonzero = moments_tile<Grad, false>(grad, m, v, nullptr, rowscale, s, start, stop, moments);
       }
       if (commit) {
         PieceCounts counts;
         int64_t deferred_slot = 0, rollback_slot = 0;
-        commit = speculate_segment_piece(s, grad + start, p + start, m + start, v + start, before, flags, n,
-                                         window, moments, update, counts) &&
+        const bool updated = speculate_segment_piece(s, grad + start, p + start, m + start, v + start, before,
+                                                     flags, n, window, moments, update, counts);
+        piece_nonzero = counts.nonzero;  // (of the new m, whether or not the piece commits)
+        commit = updated &&
                  lists.reserve(s.block, counts.inside, counts.irreversible, deferred_slot, rollback_slot);
         if (!commit) {
           std::memcpy(p + start, before, size_t(n) * sizeof(float));
@@ -253,8 +259,10 @@ Leftovers speculative_update_impl(const Grad* grad, float* p, float* m, float* v
                                            width);
         context.left.leave_untouched(start, stop);
       }
+      nonzero += piece_nonzero;
     }
     __atomic_fetch_add(hints.above + s.block, above, __ATOMIC_RELAXED);
+    if (nonzero_counts != nullptr) __atomic_fetch_add(nonzero_counts + s.block, nonzero, __ATOMIC_RELAXED);
   });
 }
 
@@ -265,9 +273,9 @@ std::vector<at::Tensor> speculative_update(
     at::TensorList segment_columns, const at::Tensor& rowscale, const at::Tensor& tile_segment,
     const at::Tensor& tile_start, int64_t tile_size, const at::Tensor& window_start,
     const at::Tensor& window_width, at::Tensor hint_above, at::Tensor hint_histogram, int64_t hint_bins,
-    int64_t hint_shift, double beta1, double beta2, const c10::optional<at::Tensor>& corrections,
-    double step_size, double bias_correction2_sqrt, double eps, double decay_selected,
-    double decay_unselected, const at::Tensor& region_start,
+    int64_t hint_shift, const c10::optional<at::Tensor>& nonzero, double beta1, double beta2,
+    const c10::optional<at::Tensor>& corrections, double step_size, double bias_correction2_sqrt, double eps,
+    double decay_selected, double decay_unselected, const at::Tensor& region_start,
     const at::Tensor& region_size, at::TensorList buffers) {
   TORCH_CHECK(decay_selected == decay_unselected,
               "speculative update: selected and unselected entries must decay alike");
@@ -290,6 +298,7 @@ std::vector<at::Tensor> speculative_update(
   const UpdateConstantsByCounter update(corrections, step_size, bias_correction2_sqrt, eps, decay_selected,
                                         decay_unselected);
   const HistogramTarget window_histogram{hint_histogram.data_ptr<int64_t>(), hint_bins};
+  int64_t* nonzero_counts = nonzero.has_value() ? nonzero->data_ptr<int64_t>() : nullptr;
   float* p = param.data_ptr<float>();
   float* m = exp_avg.data_ptr<float>();
   float* v = exp_avg_sq.data_ptr<float>();
@@ -298,9 +307,10 @@ std::vector<at::Tensor> speculative_update(
       grad.scalar_type() == at::kBFloat16
           ? speculative_update_impl(reinterpret_cast<const uint16_t*>(grad.data_ptr()), p, m, v, segments,
                                     scales, tile_segment, tile_start, tile_size, window_histogram, hints,
-                                    moments, update, lists)
+                                    nonzero_counts, moments, update, lists)
           : speculative_update_impl(grad.data_ptr<float>(), p, m, v, segments, scales, tile_segment,
-                                    tile_start, tile_size, window_histogram, hints, moments, update, lists);
+                                    tile_start, tile_size, window_histogram, hints, nonzero_counts, moments,
+                                    update, lists);
   const auto [deferred, rollbacks] = lists.compact(n_blocks);
   std::vector<int64_t> spans;
   for (const auto& [first, last] : left.untouched) {
@@ -388,8 +398,9 @@ TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
   ops.def("speculative_update(Tensor grad, Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
           "Tensor[] segments, Tensor rowscale, Tensor tile_segment, Tensor tile_start, int tile_size, "
           "Tensor window_start, Tensor window_width, Tensor(d!) hint_above, Tensor(e!) hint_histogram, "
-          "int hint_bins, int hint_shift, float beta1, float beta2, Tensor? corrections, float step_size, "
-          "float bias_correction2_sqrt, float eps, float decay_selected, float decay_unselected, "
+          "int hint_bins, int hint_shift, Tensor(g!)? nonzero, float beta1, float beta2, "
+          "Tensor? corrections, float step_size, float bias_correction2_sqrt, float eps, "
+          "float decay_selected, float decay_unselected, "
           "Tensor region_start, Tensor region_size, "
           "Tensor(f!)[] buffers) -> Tensor[]",
           &speculative_update);

@@ -88,8 +88,9 @@ def test_triton_kernels_compile_for_h100():
     hints = dict(HINT_SHIFT=HINT_SHIFT, HINT_WINDOW=HINT_WINDOW)
     for grad_type in ("*fp32", "*bf16"):
         for with_histogram, hinted in ((True, True), (True, False), (False, True), (False, False)):
-            constexprs = dict(level0, **hints, HISTOGRAM=with_histogram, HINT=hinted)
-            compile_kernel(moments_op._update_moments_kernel, constexprs, grad_type)
+            for nonzero in (True, False):
+                constexprs = dict(level0, **hints, HISTOGRAM=with_histogram, HINT=hinted, NONZERO=nonzero)
+                compile_kernel(moments_op._update_moments_kernel, constexprs, grad_type)
     for level, (shift, width) in enumerate(LEVELS):
         constexprs = dict(
             DIGIT_SHIFT=shift,
