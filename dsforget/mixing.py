@@ -14,7 +14,9 @@ independent seeded draw per slot (``Mixture.epoch_sources``), so a share is the 
 off by about ``sqrt(p (1 - p) / n)`` over ``n`` slots. Each source is read in its own seeded
 shuffled order, reshuffled each time it is used up, so its examples come back only after all of
 them were drawn; the cursors continue across epochs. An epoch is ``round(task examples / (1 - r))``
-slots: the task examples once, in expectation, plus the replay on top.
+slots: the task examples once, in expectation, plus the replay on top. As with one file, the
+epoch's tail that does not fill an optimizer step is not trained (its draws still move the
+sources' cursors, so the stream stays a function of the epoch).
 
 Everything is a function of (seed, epoch, slot): the trainer's saved position (epoch,
 micro-batch) restores the stream exactly on resume, with no sampler state of its own. Ranks split
@@ -152,18 +154,22 @@ class Mixture:
             order[slots] = self.offsets[index] + rows
         return order.tolist()
 
-    def drawn(self, epochs: int, slots_in_last: int) -> list[int]:
-        """Slots each source filled in `epochs` whole epochs plus the first `slots_in_last` slots of
-        the next: what a run that got that far trained on (every rank's micro-batches together)."""
-        counts = self._cursors(epochs).clone()
-        if slots_in_last:
-            last = self.epoch_sources(epochs)[:slots_in_last]
-            counts += torch.bincount(last, minlength=len(self.sources))
+    def drawn(self, slots: int, slots_per_epoch: int) -> list[int]:
+        """Slots each source filled in a run's first `slots` trained slots (every rank's micro-batches
+        together), of which each epoch trains its first `slots_per_epoch` (the tail that does not
+        fill an optimizer step is dropped, as DistributedSampler's drop_last drops it)."""
+        counts = torch.zeros(len(self.sources), dtype=torch.int64)
+        epoch = 0
+        while slots > 0:
+            taken = min(slots, slots_per_epoch)
+            counts += torch.bincount(self.epoch_sources(epoch)[:taken], minlength=len(self.sources))
+            slots, epoch = slots - taken, epoch + 1
         return counts.tolist()
 
-    def describe(self, epochs: int, slots_in_last: int) -> dict[str, Any]:
-        """report.json's ``data`` section: every source, its weight, expected and realised share."""
-        counts = self.drawn(epochs, slots_in_last)
+    def describe(self, slots: int, slots_per_epoch: int) -> dict[str, Any]:
+        """report.json's ``data`` section: every source, its weight, expected and realised share
+        over the run's first `slots` trained slots (``drawn``)."""
+        counts = self.drawn(slots, slots_per_epoch)
         total = max(1, sum(counts))
         replay = [source for source in self.sources if source.kind == REPLAY]
         return {

@@ -392,8 +392,7 @@ class FinetuneJob:
         shares the run's `steps` optimizer steps drew (all ranks' examples together)."""
         config = self.config
         per_step = config.micro_batch_size * self.world * config.gradient_accumulation
-        epochs, steps_in_last = divmod(steps, self.per_epoch)
-        return self.data.mixture.describe(epochs, steps_in_last * per_step)
+        return self.data.mixture.describe(steps * per_step, self.per_epoch * per_step)
 
     def _drift(self) -> dict[str, dict[str, float]] | None:
         """How far the tuned weights moved from the checkpoint's, one parameter at a time (rank 0's

@@ -33,6 +33,14 @@ from launcher import REPO
             ["--methods", "full", "--method_options", 'l2={"strength": 1}'],
             r"expected METHOD=JSON with METHOD",
         ),
+        (
+            ["--methods", "full,replay", "--replay_ratio", "1"],
+            r"error: replay_ratio=1\.0 must be a number in \[0, 1\)",
+        ),
+        (
+            ["--methods", "replay", "--replay_text", "lab", "--", "--model", "/ckpt", "--data", "a.jsonl"],
+            r"error: replay_text='lab' needs model 'lab'",
+        ),
     ],
     ids=[
         "bad-finetune-flag",
@@ -44,6 +52,8 @@ from launcher import REPO
         "options-not-json",
         "unknown-option",
         "options-of-another-method",
+        "replay-ratio-out-of-range",
+        "replay-lab-for-a-checkpoint",
     ],
 )
 def test_bad_input_is_one_line_with_status_2(tmp_path: Path, flags: list[str], message: str) -> None:
@@ -73,3 +83,20 @@ def test_failed_run_ends_compare_with_its_status_and_no_traceback(tmp_path: Path
     assert done.returncode == 2 and "Traceback" not in output, output[-3000:]
     assert re.search(r"error: data file .*absent\.jsonl does not exist \(--data\)", output), output[-3000:]
     assert done.stderr.rstrip().endswith("compare: the full run ended with status 2"), output[-3000:]
+
+
+def test_replay_entry_runs_the_method_with_replay(tmp_path: Path) -> None:
+    """``mofo+replay`` in --methods is a MoFO run with this command's --replay_ratio (the lab's
+    corpus replayed by default); the run is started (it then fails on a missing --data file,
+    which ends it in seconds) with those flags, in its own folder."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO / "launch" / "compare.py"), "--methods", "mofo+replay"]
+    command += ["--replay_ratio", "0.2", "--output_dir", str(tmp_path / "out")]
+    command += ["--", "--data", str(tmp_path / "absent.jsonl")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-3000:]
+    started = [line for line in done.stdout.splitlines() if line.startswith("== mofo+replay: ")]
+    assert len(started) == 1, output[-3000:]
+    assert "--method mofo --output_dir " + str(tmp_path / "out" / "mofo+replay") in started[0]
+    assert "--replay_ratio 0.2" in started[0] and "--replay_text" not in started[0]

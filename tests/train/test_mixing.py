@@ -36,13 +36,17 @@ def test_shares_follow_the_weights_and_the_replay_ratio() -> None:
     mix = mixture()
     assert [source.kind for source in mix.sources] == [TASK, TASK, TASK, REPLAY]
     assert mix.epoch_size == round(2790 / 0.8)
-    described = mix.describe(epochs=12, slots_in_last=0)
+    described = mix.describe(slots=12 * mix.epoch_size, slots_per_epoch=mix.epoch_size)
     assert described["replay_ratio"] == 0.2 and described["unit"] == "example"
     expected = [0.8 * 0.6, 0.8 * 0.3, 0.8 * 0.1, 0.2]
     for source, share in zip(described["sources"], expected, strict=True):
         assert source["expected_share"] == pytest.approx(share)
         assert abs(source["realised_share"] - share) < 0.01, source
     assert sum(source["drawn"] for source in described["sources"]) == 12 * mix.epoch_size
+    # a run of 2.5 epochs that trains 3,000 slots of each: the dropped tails are not counted
+    first = mix.epoch_sources(0)[:3000].tolist() + mix.epoch_sources(1)[:3000].tolist()
+    first += mix.epoch_sources(2)[:1500].tolist()
+    assert mix.drawn(7500, 3000) == [first.count(index) for index in range(4)]
 
 
 def test_each_source_is_read_whole_before_it_repeats_and_rows_stay_in_their_source() -> None:
