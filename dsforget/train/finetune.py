@@ -392,7 +392,9 @@ class FinetuneJob:
         shares the run's `steps` optimizer steps drew (all ranks' examples together)."""
         config = self.config
         per_step = config.micro_batch_size * self.world * config.gradient_accumulation
-        return self.data.mixture.describe(steps * per_step, self.per_epoch * per_step)
+        described = self.data.mixture.describe(steps * per_step, self.per_epoch * per_step)
+        described["unit"] = "packed block" if config.packing else "example"  # what a slot holds
+        return described
 
     def _drift(self) -> dict[str, dict[str, float]] | None:
         """How far the tuned weights moved from the checkpoint's, one parameter at a time (rank 0's

@@ -27,7 +27,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from ..errors import ConfigError
-from ..mixing import rank_share
+from ..mixing import Mixture, rank_share
 from ..strict_json import dumps
 from . import faults
 from .checkpoint import TrainerState
@@ -131,7 +131,7 @@ class Trainer:
         before_step: Callable[[int], None] | None = None,
         score: Callable[[], dict[str, float]] | None = None,
         trackers: Trackers | None = None,
-        mixture: Any = None,
+        mixture: Mixture | None = None,
     ) -> None:
         from deepspeed import comm
 
