@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from launcher import REPO
+
+from dsforget.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -100,3 +103,19 @@ def test_replay_entry_runs_the_method_with_replay(tmp_path: Path) -> None:
     assert len(started) == 1, output[-3000:]
     assert "--method mofo --output_dir " + str(tmp_path / "out" / "mofo+replay") in started[0]
     assert "--replay_ratio 0.2" in started[0] and "--replay_text" not in started[0]
+
+
+def test_a_run_made_before_a_setting_existed_is_the_same_run(tmp_path: Path) -> None:
+    """A compare folder whose config.json predates --replay_text/--replay_ratio (no such keys) is
+    the run these flags would make when they are left at their defaults (no replay), and another
+    run when replay is asked for. Catches every older folder refused as made with 'replay_ratio=None'."""
+    from dsforget.experiments.subruns import previous_run
+    from dsforget.train.run_config import parse_run_config
+
+    flags = ["--method", "full", "--max_steps", "6"]
+    saved = json.loads(json.dumps(parse_run_config(flags).to_dict()))
+    del saved["replay_text"], saved["replay_ratio"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert previous_run(tmp_path, flags) == "started"
+    with pytest.raises(ConfigError, match="replay_ratio=0.0 there, 0.1 here"):
+        previous_run(tmp_path, [*flags, "--replay_ratio", "0.1"])
