@@ -149,7 +149,11 @@ class FinetuneJob:
         flatten = config.attn_implementation == "flash_attention_2"  # packed rows: see PaddingCollator
         self.collator = PaddingCollator.for_tokenizer(self.tokenizer, flatten=flatten)
         per_epoch = steps_per_epoch(
-            self.data.epoch_examples, config.micro_batch_size, self.world, config.gradient_accumulation
+            self.data.epoch_examples,
+            config.micro_batch_size,
+            self.world,
+            config.gradient_accumulation,
+            mixed=self.data.mixture is not None,
         )
         self.per_epoch = per_epoch
         self.total_steps = config.max_steps or config.epochs * per_epoch

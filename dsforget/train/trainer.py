@@ -54,13 +54,17 @@ class TrainStats:
         return 1000 * times[len(times) // 2] if times else None
 
 
-def steps_per_epoch(examples: int, micro_batch: int, world: int, accumulation: int) -> int:
-    """Optimizer steps in one pass; an error when the data cannot fill one step."""
+def steps_per_epoch(
+    examples: int, micro_batch: int, world: int, accumulation: int, mixed: bool = False
+) -> int:
+    """Optimizer steps in one pass (`mixed`: one epoch of dsforget.mixing's stream); an error when
+    the data cannot fill one step."""
     per_step = micro_batch * world * accumulation
     steps = examples // per_step
     if steps == 0:
+        what = "an epoch of the mixed data (--data files, --replay_ratio)" if mixed else "the training data"
         raise ConfigError(
-            f"the training data has {examples} examples, fewer than one optimizer step takes "
+            f"{what} has {examples} examples, fewer than one optimizer step takes "
             f"(micro_batch_size {micro_batch} x {world} ranks x gradient_accumulation {accumulation} "
             f"= {per_step}): use fewer ranks, a smaller micro_batch_size or gradient_accumulation, "
             "or more data"
@@ -143,7 +147,9 @@ class Trainer:
         self.guard: faults.NonFiniteGuard | None = None  # set while fit runs where DeepSpeed has no skip
         self.mixture = mixture  # dsforget.mixing.Mixture over `train`, or None: DistributedSampler
         examples = len(train) if mixture is None else mixture.epoch_size
-        self.per_epoch = steps_per_epoch(examples, config.micro_batch, self.world, config.accumulation)
+        self.per_epoch = steps_per_epoch(
+            examples, config.micro_batch, self.world, config.accumulation, mixed=mixture is not None
+        )
         self.metrics_file = config.output_dir / "metrics.jsonl"
         self.trackers = trackers  # --report_to, on rank 0 (the caller closes them)
 

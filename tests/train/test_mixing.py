@@ -14,6 +14,7 @@ from dsforget.errors import ConfigError, InputFileError
 from dsforget.mixing import REPLAY, TASK, ConcatExamples, Mixture, build_mixture, parse_data_spec, rank_share
 from dsforget.train.inputs import resolve_inputs
 from dsforget.train.run_config import RunConfig, parse_run_config
+from dsforget.train.trainer import steps_per_epoch
 
 # Three task-like sources and replay, rows of very different sizes (a small source cycles).
 SIZES = [("a.jsonl", 0.6, 700), ("b.jsonl", 0.3, 90), ("c.jsonl", 0.1, 2000)]
@@ -166,6 +167,7 @@ BAD = [  # (call(tmp, a, b), error, message)
     (lambda t, a, b: Run(**user(t, a), replay_ratio=0.2, replay_text="lab"), ConfigError, "model 'lab'"),
     (lambda t, a, b: Run(replay_ratio=0.1, replay_text=str(a), general_text=str(a)), ConfigError, "forget"),
     (lambda t, a, b: load_texts(a), DataError, r'a\.jsonl:1: expected a \{"text": string\} record'),
+    (lambda t, a, b: steps_per_epoch(12, 8, 2, 1, mixed=True), ConfigError, r"epoch of the mixed data .* 12"),
     (lambda t, a, b: load_texts(t / "no.jsonl"), Missing, r"no\.jsonl does not exist \(--replay_text\)"),
 ]  # fmt: skip
 
