@@ -13,6 +13,10 @@ Record formats, one per line or row:
   every assistant turn is trained on; ``tool`` turns (a tool's output, where the chat template
   renders them) are context, like user turns.
 
+Plain-text records (``DataConfig.text``, the replay data of ``dsforget.mixing``): ``{"text": str}``
+per JSONL line, tokenised as the tokenizer encodes a document (its bos where it adds one) plus
+eos, with the loss on every token (language modelling, as in pretraining).
+
 Labels follow the Hugging Face convention: ``labels[i]`` is the target for position ``i`` and the
 model shifts them itself.
 
@@ -93,6 +97,10 @@ class DataConfig:
     ``format`` is inferred from the file suffix when left out. With ``packing``, whole training
     examples share blocks of up to ``max_length`` tokens without attending to each other (see
     ``pack_examples``); validation examples are always batched one per row.
+
+    ``text``: the file holds plain-text ``{"text"}`` JSONL records, trained on every token
+    (``tokenize_texts``), not conversations; ``exclude_texts`` are dropped from it (the held-out
+    text that measures forgetting, which replay must not train on).
     """
 
     path: str | Path
@@ -101,6 +109,8 @@ class DataConfig:
     packing: bool = False
     validation_fraction: float = 0.0
     seed: int = 0
+    text: bool = False
+    exclude_texts: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str | Path) or not str(self.path):
@@ -123,6 +133,11 @@ class DataConfig:
             )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"DataConfig.seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.text, bool):
+            raise ConfigError(f"DataConfig.text must be true or false, got {self.text!r}")
+        if self.text and self.file_format != "jsonl":
+            raise ConfigError(f"DataConfig.text: plain-text records are read from JSONL, not {self.path}")
+        object.__setattr__(self, "exclude_texts", frozenset(self.exclude_texts))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, object]) -> DataConfig:
@@ -151,14 +166,28 @@ class PreparedData:
 def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, num_proc: int = 1) -> PreparedData:
     """Load, split (before tokenizing, so the split does not depend on the tokenizer), tokenize with
     `num_proc` processes, pack. ``dsforget.data_cache.prepare_cached`` does this once per input."""
-    records = load_records(config.path, config.file_format)
+    if config.text:
+        texts = load_texts(config.path)
+        kept = [(where, text) for where, text in texts if text not in config.exclude_texts]
+        if len(kept) < len(texts):
+            logger.info(
+                "%s: %d of %d documents are held-out text (DataConfig.exclude_texts) and are left out",
+                config.path,
+                len(texts) - len(kept),
+                len(texts),
+            )
+        if not kept:
+            raise DataError(f"{config.path}: every document is held-out text; nothing is left to train on")
+        records: list = kept
+        tokenize = tokenize_texts
+    else:
+        records = load_records(config.path, config.file_format)
+        tokenize = tokenize_records
     train, validation = split_validation(records, config.validation_fraction, config.seed)
-    train_examples = tokenize_records(tokenizer, train, config.max_length, num_proc)
+    train_examples = tokenize(tokenizer, train, config.max_length, num_proc)
     if config.packing:
         train_examples = pack_dataset(train_examples, config.max_length)
-    validation_examples = (
-        tokenize_records(tokenizer, validation, config.max_length, num_proc) if validation else []
-    )
+    validation_examples = tokenize(tokenizer, validation, config.max_length, num_proc) if validation else []
     return PreparedData(train_examples, validation_examples)
 
 
@@ -214,6 +243,38 @@ def _load_jsonl(path: Path) -> list[tuple[str, Conversation]]:
                 raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
             records.append((where, to_conversation(record, where)))
     return records
+
+
+def load_texts(path: str | Path, source: str = "--replay_text") -> list[tuple[str, str]]:
+    """Every ``{"text": str}`` record of a JSONL file as ``(file:line, text)``; `source` (the flag
+    that named the file) and the line are in every error."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"text file {path} does not exist ({source})")
+    texts = []
+    with open(path, "rb") as file:
+        for line_number, raw_line in enumerate(file, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{where}: not valid UTF-8 ({error.reason}) ({source})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"{where}: invalid JSON ({error.msg} at column {error.colno}) ({source})"
+                ) from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f'{where}: expected a {{"text": string}} record ({source})')
+            if not record["text"].strip():
+                raise DataError(f"{where}: the text is empty, so there is nothing to train on ({source})")
+            texts.append((where, record["text"]))
+    if not texts:
+        raise DataError(f"{path}: no records (the file is empty) ({source})")
+    return texts
 
 
 def _load_with_datasets(path: Path, file_format: str | None) -> list[dict]:
@@ -449,6 +510,61 @@ def tokenize_records(
         )
         examples = examples.select(kept)
     return examples.remove_columns("trained")
+
+
+def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> Example:
+    """A plain-text document as a language-modelling example: the tokenizer's encoding (with the
+    bos it adds, as the lab's pretraining stream has) plus eos, cut to ``max_length``, with
+    ``labels`` equal to ``input_ids`` (every token trained on)."""
+    input_ids = list(tokenizer(text)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        input_ids.append(tokenizer.eos_token_id)
+    input_ids = input_ids[:max_length]
+    return {"input_ids": input_ids, "labels": list(input_ids)}
+
+
+def _tokenize_text_batch(
+    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> dict[str, list]:
+    """``datasets.map`` function: a batch of (where, text) rows → input_ids, labels, length."""
+    examples = [tokenize_text(tokenizer, text, max_length) for text in batch["text"]]
+    return {
+        "input_ids": [example["input_ids"] for example in examples],
+        "labels": [example["labels"] for example in examples],
+        "length": [len(example["input_ids"]) for example in examples],
+    }
+
+
+def tokenize_texts(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[tuple[str, str]], max_length: int, num_proc: int = 1
+) -> Any:
+    """``(where, text)`` records → a ``datasets.Dataset`` of ``input_ids``, ``labels`` (= input_ids)
+    and ``length``, the columns ``tokenize_records`` gives, so both pack and batch alike."""
+    import datasets
+
+    rows = datasets.Dataset.from_dict(
+        {"where": [where for where, _ in records], "text": [text for _, text in records]}
+    )
+    processes = min(num_proc, len(rows) // RECORDS_PER_PROCESS)
+    logger.info("tokenising %d text records with %d process(es)", len(rows), max(1, processes))
+    features = datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "labels": datasets.Sequence(datasets.Value("int32")),
+            "length": datasets.Value("int32"),
+        }
+    )
+    return rows.map(
+        _tokenize_text_batch,
+        batched=True,
+        batch_size=256,
+        num_proc=processes if processes > 1 else None,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        remove_columns=rows.column_names,
+        features=features,
+        desc="tokenising text",
+        new_fingerprint=uuid.uuid4().hex,
+    )
 
 
 # --- splitting and batching ----------------------------------------------------------------------

@@ -13,6 +13,8 @@ and the counts). The key is a digest of everything the tokens depend on:
 - the tokenizer: its full serialised form (``tokenizer.json``: vocabulary, merges, normaliser,
   pre-tokeniser, added tokens), its class and special tokens, and the chat template;
 - ``max_length``, ``packing``, the validation split (fraction and seed);
+- for plain-text files (``DataConfig.text``, replay data) that they are text and the digest of
+  the held-out texts left out of them (absent from other keys, which stay as they were);
 - ``CACHE_FORMAT`` (bumped when tokenisation or packing change) and the transformers and
   tokenizers versions (their rendering and tokenisation could change).
 
@@ -101,6 +103,9 @@ def cache_key(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[s
         "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__,
     }
+    if config.text:
+        excluded = hashlib.sha256(json.dumps(sorted(config.exclude_texts)).encode()).hexdigest()
+        described.update(text=True, exclude_texts_sha256=excluded)
     key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
     return key, described
 

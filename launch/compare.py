@@ -5,13 +5,18 @@
     python launch/compare.py --methods full,hft --plan_seeds hft=0,2,7 -- --max_steps 300
     python launch/compare.py --methods full,freeze,l2,mofo --method_options l2='{"strength": 30}' \
         freeze='{"trainable_layers": 1}' -- --max_steps 300
+    python launch/compare.py --methods full,replay,mofo,mofo+replay -- --max_steps 300  # 0.1 lab corpus
     python launch/compare.py --methods full,mofo --num_gpus 8 -- --model /ckpt/llama --data sft.jsonl
+    python launch/compare.py --methods full,replay,mofo --replay_text general.jsonl --replay_ratio 0.2 \
+        -- --model /ckpt/llama --data sft.jsonl --general_text heldout.jsonl
 
 Each method (at each of its --lrs learning rates) runs launch/finetune.py under DeepSpeed's
 launcher into <output_dir>/<method>/ (<method>-lr<lr>/ when it has several learning rates,
 -seed<s> for each --plan_seeds draw of a method whose plan is drawn at random) with the flags after
 `--` and its own --method_options, evaluating every --eval_every steps (default: a tenth of
---max_steps). Printed and written:
+--max_steps). An entry ``replay`` is full fine-tuning with replay of general text, ``METHOD+replay``
+that method with it: the run gets --replay_ratio (default 0.1) and --replay_text (default: the
+lab's pretraining corpus) of this command. Printed and written:
 the end-of-run table and compare.json (each run's report), and matched.json: every run's
 forgetting at the task levels all runs reach, interpolated along its trajectory (dsforget.eval.
 matched), the run that forgot least at each level, and each method's best over its learning
@@ -163,6 +168,18 @@ def parse_seeds(values: list[str], methods: list[str]) -> dict[str, list[int]]:
     )
 
 
+REPLAY = "replay"
+
+
+def split_replay(entry: str) -> tuple[str, bool]:
+    """(the finetune --method, whether it replays) of a --methods entry: ``replay`` is full
+    fine-tuning with replay, ``mofo+replay`` MoFO with it."""
+    parts = entry.split("+")
+    if REPLAY not in parts:
+        return entry, False
+    return "+".join(part for part in parts if part != REPLAY) or "full", True
+
+
 def builders_of(method: str) -> list:
     """The plan builders of `method`'s registered parts."""
     return [METHODS[part] for part in method.split("+") if part in METHODS]
@@ -237,6 +254,17 @@ def main(argv: list[str]) -> None:
         help="a method's own plan options, METHOD=JSON (e.g. l2='{\"strength\": 30}'); they join the "
         "--method_options after `--`",
     )
+    parser.add_argument(
+        "--replay_ratio",
+        type=float,
+        default=0.1,
+        help="the replay entries' (replay, METHOD+replay) share of replayed general text (default 0.1)",
+    )
+    parser.add_argument(
+        "--replay_text",
+        default=None,
+        help="the replay entries' general text: JSONL of {\"text\"} (default: the lab's pretraining corpus)",
+    )
     args = parser.parse_args(ours)
     if "--output_dir" in finetune_flags or "--method" in finetune_flags:
         parser.error("--output_dir and --method are set per run by compare.py; pass them before `--`")
@@ -246,6 +274,11 @@ def main(argv: list[str]) -> None:
     own_options = parse_options(args.method_options, methods)
     runs, method_of, group_of = {}, {}, {}
     for method in methods:  # every run's flags are checked before the first one starts
+        job_method, replays = split_replay(method)
+        replay_flags = []
+        if replays:
+            replay_flags = ["--replay_ratio", str(args.replay_ratio)]
+            replay_flags += ["--replay_text", args.replay_text] if args.replay_text else []
         for lr in lrs.get(method, [None]):
             for seed in seeds.get(method, [None]):
                 name, folder, extra = method, method, []
@@ -256,7 +289,8 @@ def main(argv: list[str]) -> None:
                 group = name
                 if seed is not None:
                     name, folder = f"{name}/seed{seed}", f"{folder}-seed{seed}"
-                flags = ["--method", method, "--output_dir", str(output / folder), *finetune_flags, *extra]
+                flags = ["--method", job_method, "--output_dir", str(output / folder), *finetune_flags]
+                flags += [*replay_flags, *extra]
                 plan_options = {**own_options.get(method, {}), **({} if seed is None else {"seed": seed})}
                 flags = with_evaluation(with_options(flags, plan_options))
                 runs[name] = (flags, output / folder, previous_run(output / folder, flags))

@@ -55,13 +55,16 @@ def previous_run(run_dir: Path, flags: list[str]) -> str | None:
     settings, not finished: the run resumes) or "finished" (same settings, report.json written).
     Raises ConfigError naming the settings that differ when it holds a run made with others."""
     from ..errors import ConfigError
-    from ..train.run_config import parse_run_config
+    from ..train.run_config import RunConfig, parse_run_config
 
     saved_file = run_dir / "config.json"
     if not saved_file.exists():
         return None
     saved = json.loads(saved_file.read_text())
     wanted = json.loads(json.dumps(parse_run_config(flags).to_dict()))
+    # A setting added after the run was made (absent from its config.json) had its default's effect
+    defaults = json.loads(json.dumps(RunConfig().to_dict()))
+    saved = {**defaults, **saved}
     differing = sorted(key for key in set(saved) | set(wanted) if saved.get(key) != wanted.get(key))
     if differing:
         details = ", ".join(f"{key}={saved.get(key)!r} there, {wanted.get(key)!r} here" for key in differing)

@@ -146,14 +146,17 @@ class FinetuneJob:
         config = self.config
         self.inputs = resolve_inputs(config)
         self.tokenizer = AutoTokenizer.from_pretrained(self.inputs.model_dir)
-        self.data = prepare_training_data(
-            config, self.inputs.train_file, self.tokenizer, self.rank, self.world
-        )
+        self.data = prepare_training_data(config, self.inputs, self.tokenizer, self.rank, self.world)
         flatten = config.attn_implementation == "flash_attention_2"  # packed rows: see PaddingCollator
         self.collator = PaddingCollator.for_tokenizer(self.tokenizer, flatten=flatten)
         per_epoch = steps_per_epoch(
-            len(self.data.train), config.micro_batch_size, self.world, config.gradient_accumulation
+            self.data.epoch_examples,
+            config.micro_batch_size,
+            self.world,
+            config.gradient_accumulation,
+            mixed=self.data.mixture is not None,
         )
+        self.per_epoch = per_epoch
         self.total_steps = config.max_steps or config.epochs * per_epoch
         ds_config = deepspeed_config(config)
         self.model = load_model(
@@ -214,7 +217,7 @@ class FinetuneJob:
                     config,
                     self.model,
                     self.tokenizer,
-                    self.data.train,
+                    self.data.task_train,  # the task files' examples: replay is general text
                     self.collator,
                     self.output,
                     self.rank,
@@ -329,6 +332,7 @@ class FinetuneJob:
             before_step=before_step,
             score=self._scores,
             trackers=self.trackers,
+            mixture=self.data.mixture,
         )
         stats = trainer.fit(position)
         self.peaks.mark("train")
@@ -379,12 +383,23 @@ class FinetuneJob:
                     memory=memory,
                     trajectory=trajectory(self.output / "metrics.jsonl", before),
                 )
+                if self.data.mixture is not None:
+                    report["data"] = self._mixed_data(stats.steps)
                 write_report(report, self.output)
                 print_summary(report, self.output)
                 self.trackers.summary(report)  # rank 0 holds the trackers
                 self.trackers.close()
             deepspeed.comm.barrier()
         return report
+
+    def _mixed_data(self, steps: int) -> dict[str, Any]:
+        """report.json's ``data``: the mixed sources, their weights and expected shares, and the
+        shares the run's `steps` optimizer steps drew (all ranks' examples together)."""
+        config = self.config
+        per_step = config.micro_batch_size * self.world * config.gradient_accumulation
+        described = self.data.mixture.describe(steps * per_step, self.per_epoch * per_step)
+        described["unit"] = "packed block" if config.packing else "example"  # what a slot holds
+        return described
 
     def _drift(self) -> dict[str, dict[str, float]] | None:
         """How far the tuned weights moved from the checkpoint's, one parameter at a time (rank 0's

@@ -16,6 +16,7 @@ from ..data_cache import default_data_cache_dir, prepare_cached
 from ..errors import InputFileError, UserInputError
 from ..eval.forgetting import EvalSources
 from ..eval.general_tasks import GeneralTasks, load_general_tasks
+from ..mixing import ConcatExamples, Mixture, build_mixture, parse_data_spec
 from . import faults
 from .run_config import RunConfig
 
@@ -27,13 +28,27 @@ WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.safetensors")
 
 
 @dataclass(frozen=True)
+class Replay:
+    """Replay data: the file, what to call it in the report, the share of the stream and the
+    held-out texts (every text that measures forgetting) it must not train on."""
+
+    path: Path
+    name: str
+    ratio: float
+    heldout: frozenset[str]
+
+
+@dataclass(frozen=True)
 class Inputs:
     """Everything the run reads from disk, resolved from the config (the lab or user files)."""
 
     model_dir: Path
-    train_file: Path
+    train_file: Path  # the first (with one file: the only) training file
     eval_sources: EvalSources
     general_tasks: GeneralTasks | None = None  # --general_tasks, loaded with their documents
+    # --data as (file, weight) pairs; empty: train_file alone, the plain pipeline
+    train_files: tuple[tuple[Path, float], ...] = ()
+    replay: Replay | None = None  # --replay_text and --replay_ratio
 
 
 def _read_jsonl(path: str | Path, what: str) -> list[dict]:
@@ -77,8 +92,8 @@ def resolve_inputs(config: RunConfig) -> Inputs:
     """The run's files, each checked first, so that a missing one is reported with its flag; the
     --general_tasks are loaded here too, so that a bad one fails before the model is."""
     limit = config.eval_max_examples
-    if config.data is not None and not Path(config.data).is_file():
-        raise InputFileError(f"data file {config.data} does not exist (--data)")
+    spec = parse_data_spec(config.data) if config.data else []
+    files = tuple((Path(path), weight) for path, weight in spec)
     if config.uses_lab:
         from ..lab import LabConfig, build_lab
         from ..lab.lm_eval_tasks import lab_task_dir
@@ -90,13 +105,40 @@ def resolve_inputs(config: RunConfig) -> Inputs:
         sources = EvalSources(task[:limit], lab.load_facts()[:limit], general[:limit], skills[:limit])
         model_dir = check_model_dir(config.init_from, "--init_from") if config.init_from else lab.model_dir
         tasks = _general_tasks(config, lambda: [lab_task_dir(lab)])
-        return Inputs(model_dir, Path(config.data or lab.task_train), sources, tasks)
+        # Replay never trains on text that measures forgetting: the lab's held-out documents (a
+        # separate draw, not in pretrain.jsonl) and --general_text's, dropped where equal.
+        heldout = set(lab.load_heldout_texts()) | set(general)
+        if config.replay_text == "lab":
+            name = "lab pretraining corpus"
+            replay = Replay(lab.general_train, name, config.replay_ratio, frozenset(heldout))
+        else:
+            replay = _replay_file(config, heldout)
+        files = files or ((lab.task_train, 1.0),)
+        return Inputs(model_dir, files[0][0], sources, tasks, _mixed(files, replay), replay)
+    general_texts = read_general_texts(config.general_text) if config.general_text else []
     sources = EvalSources(
         task_records=_task_records(config.eval_data)[:limit] if config.eval_data else [],
-        general_texts=read_general_texts(config.general_text)[:limit] if config.general_text else [],
+        general_texts=general_texts[:limit],
     )
     model_dir = check_model_dir(config.model)
-    return Inputs(model_dir, Path(config.data), sources, _general_tasks(config, list))
+    replay = _replay_file(config, set(general_texts))
+    tasks = _general_tasks(config, list)
+    return Inputs(model_dir, files[0][0], sources, tasks, _mixed(files, replay), replay)
+
+
+def _replay_file(config: RunConfig, heldout: set[str]) -> Replay | None:
+    """--replay_text FILE, checked to exist (named by its flag)."""
+    if config.replay_ratio == 0 or config.replay_text is None:
+        return None
+    path = Path(config.replay_text)
+    if not path.is_file():
+        raise InputFileError(f"replay text file {path} does not exist (--replay_text)")
+    return Replay(path, str(path), config.replay_ratio, frozenset(heldout))
+
+
+def _mixed(files: tuple[tuple[Path, float], ...], replay: Replay | None) -> tuple[tuple[Path, float], ...]:
+    """The files to mix, or () where one file without replay takes the plain pipeline."""
+    return files if len(files) > 1 or replay is not None else ()
 
 
 def _general_tasks(config: RunConfig, include_paths: Callable[[], list[Path]]) -> GeneralTasks | None:
@@ -127,10 +169,76 @@ def data_workers(config: RunConfig) -> int:
     return max(1, min(MAX_DATA_WORKERS, len(os.sched_getaffinity(0))))
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """The run's examples: ``train`` (every source's rows, concatenated) and ``validation`` (the
+    task files'); ``task_train`` the task files' rows alone (CoFiTune's importance on training
+    data); ``mixture`` the seeded stream over ``train``, None for one file without replay (then
+    batches come from ``DistributedSampler`` over ``train``, as they always did)."""
+
+    train: Any
+    validation: Any
+    task_train: Any
+    mixture: Mixture | None = None
+
+    @property
+    def epoch_examples(self) -> int:
+        """Examples (slots) in one epoch: the mixture's epoch, or the training rows."""
+        return self.mixture.epoch_size if self.mixture is not None else len(self.train)
+
+
 def prepare_training_data(
-    config: RunConfig, train_file: Path, tokenizer: Any, rank: int, world: int
+    config: RunConfig, inputs: Inputs, tokenizer: Any, rank: int, world: int
+) -> TrainingData:
+    """Every source of the run tokenised through the cache (``prepare_data_file``), and their
+    mixture (dsforget.mixing) where there are several or replay. Collective."""
+    if not inputs.train_files:
+        data = prepare_data_file(config, _task_config(config, inputs.train_file), tokenizer, rank, world)
+        return TrainingData(data.train, data.validation, data.train)
+    parts = [
+        prepare_data_file(config, _task_config(config, path), tokenizer, rank, world)
+        for path, _ in inputs.train_files
+    ]
+    sizes = [
+        (str(path), weight, len(part.train))
+        for (path, weight), part in zip(inputs.train_files, parts, strict=True)
+    ]
+    rows = [part.train for part in parts]
+    replay = None
+    if inputs.replay is not None:
+        text_config = DataConfig(
+            path=str(inputs.replay.path),
+            format="jsonl",
+            max_length=config.max_length,
+            packing=config.packing,
+            seed=config.seed,
+            text=True,
+            exclude_texts=inputs.replay.heldout,
+        )
+        replay_rows = prepare_data_file(config, text_config, tokenizer, rank, world).train
+        rows.append(replay_rows)
+        replay = (inputs.replay.name, len(replay_rows))
+    mixture = build_mixture(sizes, replay, config.replay_ratio, config.seed)
+    validation = ConcatExamples([part.validation for part in parts])
+    task_train = ConcatExamples([part.train for part in parts])
+    return TrainingData(ConcatExamples(rows), validation, task_train, mixture)
+
+
+def _task_config(config: RunConfig, path: Path) -> DataConfig:
+    return DataConfig(
+        path=str(path),
+        format=config.data_format,
+        max_length=config.max_length,
+        packing=config.packing,
+        validation_fraction=config.validation_fraction,
+        seed=config.seed,
+    )
+
+
+def prepare_data_file(
+    config: RunConfig, data_config: DataConfig, tokenizer: Any, rank: int, world: int
 ) -> PreparedData:
-    """The run's tokenised data, through the cache (dsforget.data_cache). Collective.
+    """One file's tokenised data, through the cache (dsforget.data_cache). Collective.
 
     Rank 0 hashes the data file and tokenises it into the cache, or finds it there; then it tells
     the other ranks the entry's key (only rank 0 reads the whole file) and they read the entry
@@ -140,14 +248,7 @@ def prepare_training_data(
     """
     from deepspeed import comm
 
-    data_config = DataConfig(
-        path=str(train_file),
-        format=config.data_format,
-        max_length=config.max_length,
-        packing=config.packing,
-        validation_fraction=config.validation_fraction,
-        seed=config.seed,
-    )
+    train_file = data_config.path
     cache_dir = Path(config.data_cache_dir) if config.data_cache_dir else default_data_cache_dir()
     workers, timeout = data_workers(config), config.data_timeout_s
     phase = f"tokenising {train_file} into the data cache {cache_dir}"

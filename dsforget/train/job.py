@@ -165,6 +165,8 @@ RESUME_KEYS = (
     "method_options",
     "seed",
     "data",
+    "replay_text",
+    "replay_ratio",
     "max_length",
     "packing",
     "validation_fraction",

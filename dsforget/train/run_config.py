@@ -90,7 +90,9 @@ class RunConfig:
     # data
     data: str | None = option(
         None,
-        "training data file (JSONL instruction/chat records or csv/json/parquet); default: the lab's task",
+        "training data file (JSONL instruction/chat records or csv/json/parquet), or several mixed by "
+        "weight: comma-separated PATH:WEIGHT entries, e.g. a.jsonl:0.7,b.jsonl:0.3 (README 'Mixing and "
+        "replay'); default: the lab's task",
     )
     data_format: str | None = option(
         None, "format of --data when its suffix does not say", ("jsonl", "json", "csv", "parquet")
@@ -102,6 +104,17 @@ class RunConfig:
         "examples do not attend to each other and their positions restart (README 'Data at scale')",
     )
     validation_fraction: float = option(0.05, "share of --data held out for validation loss, in [0, 1)")
+    replay_text: str | None = option(
+        None,
+        'replay: JSONL of {"text"} general documents mixed into training as language modelling (loss on '
+        "every token), or 'lab' for the lab's pretraining corpus (its held-out text excluded); with "
+        "model 'lab' and --replay_ratio > 0 it defaults to 'lab'",
+    )
+    replay_ratio: float = option(
+        0.0,
+        "replay: expected share of training examples drawn from --replay_text, in [0, 1) (a seeded draw "
+        "per example); 0: no replay",
+    )
     eval_data: str | None = option(
         None, "task records scored by greedy exact match (default: the lab's eval split)"
     )
@@ -260,6 +273,7 @@ class RunConfig:
             self.validation_fraction,
             "must be in [0, 1)",
         )
+        self._check_replay()
         _check(self.lr > 0, "lr", self.lr, "must be > 0")
         _check(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
@@ -320,6 +334,42 @@ class RunConfig:
             raise ConfigError("init_from only applies to model 'lab'; pass a checkpoint directory as --model")
         if self.model != "lab" and self.data is None:
             raise ConfigError("data: a training file is required when model is a checkpoint directory")
+
+    def _check_replay(self) -> None:
+        """--replay_ratio in [0, 1) with a replay source: --replay_text, or the lab's corpus."""
+        _check(
+            isinstance(self.replay_ratio, int | float)
+            and not isinstance(self.replay_ratio, bool)
+            and 0 <= self.replay_ratio < 1,
+            "replay_ratio",
+            self.replay_ratio,
+            "must be a number in [0, 1) (the expected share of replayed examples)",
+        )
+        if self.replay_ratio == 0:
+            if self.replay_text is not None:
+                raise ConfigError(
+                    f"replay_text={self.replay_text!r} is given but replay_ratio is 0: set --replay_ratio "
+                    "(e.g. 0.1) to replay it"
+                )
+            return
+        if self.replay_text is None:
+            if not self.uses_lab:
+                raise ConfigError(
+                    'replay_ratio > 0 needs --replay_text: a JSONL file of {"text"} general documents '
+                    "(the lab uses its own pretraining corpus)"
+                )
+            object.__setattr__(self, "replay_text", "lab")
+        if self.replay_text == "lab" and not self.uses_lab:
+            raise ConfigError("replay_text='lab' needs model 'lab'; give a JSONL file of general text")
+        if (
+            self.replay_text != "lab"
+            and self.general_text is not None
+            and Path(self.replay_text).resolve() == Path(self.general_text).resolve()
+        ):
+            raise ConfigError(
+                f"replay_text {self.replay_text} is the --general_text file that measures forgetting "
+                "(held-out perplexity): replay other general text"
+            )
 
     def method_defaults(self) -> dict[str, Any]:
         """Run-level values the method's plan builders take when they accept them: the MoFO

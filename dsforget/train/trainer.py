@@ -1,8 +1,10 @@
 """The training loop of the main job: deterministic, resumable batches and rank-0 reporting.
 
 Batch order comes from ``torch.utils.data.DistributedSampler`` (shuffled per epoch from the run
-seed, tail dropped so every rank takes the same number of micro-batches), so the position
-(epoch, micro-batch) fully determines what comes next, which is what resume restores.
+seed, tail dropped so every rank takes the same number of micro-batches), or, for several files or
+replay, from the seeded stream of ``dsforget.mixing.Mixture`` split over ranks the same way; either
+way the position (epoch, micro-batch) fully determines what comes next, which is what resume
+restores.
 
 Faults (see dsforget.train.faults): a stop signal ends training after the current optimizer step with
 a checkpoint (``TrainStats.preempted``); a step with inf/NaN gradients is skipped and counted
@@ -25,6 +27,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from ..errors import ConfigError
+from ..mixing import Mixture, rank_share
 from ..strict_json import dumps
 from . import faults
 from .checkpoint import TrainerState
@@ -51,13 +54,17 @@ class TrainStats:
         return 1000 * times[len(times) // 2] if times else None
 
 
-def steps_per_epoch(examples: int, micro_batch: int, world: int, accumulation: int) -> int:
-    """Optimizer steps in one pass; an error when the data cannot fill one step."""
+def steps_per_epoch(
+    examples: int, micro_batch: int, world: int, accumulation: int, mixed: bool = False
+) -> int:
+    """Optimizer steps in one pass (`mixed`: one epoch of dsforget.mixing's stream); an error when
+    the data cannot fill one step."""
     per_step = micro_batch * world * accumulation
     steps = examples // per_step
     if steps == 0:
+        what = "an epoch of the mixed data (--data files, --replay_ratio)" if mixed else "the training data"
         raise ConfigError(
-            f"the training data has {examples} examples, fewer than one optimizer step takes "
+            f"{what} has {examples} examples, fewer than one optimizer step takes "
             f"(micro_batch_size {micro_batch} x {world} ranks x gradient_accumulation {accumulation} "
             f"= {per_step}): use fewer ranks, a smaller micro_batch_size or gradient_accumulation, "
             "or more data"
@@ -128,6 +135,7 @@ class Trainer:
         before_step: Callable[[int], None] | None = None,
         score: Callable[[], dict[str, float]] | None = None,
         trackers: Trackers | None = None,
+        mixture: Mixture | None = None,
     ) -> None:
         from deepspeed import comm
 
@@ -137,22 +145,29 @@ class Trainer:
         self.score = score  # the run's evaluation metrics (collective): every eval_every steps and at the end
         self.rank, self.world = comm.get_rank(), comm.get_world_size()
         self.guard: faults.NonFiniteGuard | None = None  # set while fit runs where DeepSpeed has no skip
-        self.per_epoch = steps_per_epoch(len(train), config.micro_batch, self.world, config.accumulation)
+        self.mixture = mixture  # dsforget.mixing.Mixture over `train`, or None: DistributedSampler
+        examples = len(train) if mixture is None else mixture.epoch_size
+        self.per_epoch = steps_per_epoch(
+            examples, config.micro_batch, self.world, config.accumulation, mixed=mixture is not None
+        )
         self.metrics_file = config.output_dir / "metrics.jsonl"
         self.trackers = trackers  # --report_to, on rank 0 (the caller closes them)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's micro-batches of `epoch`, as lists of example indices."""
-        sampler = DistributedSampler(
-            range(len(self.train)),
-            num_replicas=self.world,
-            rank=self.rank,
-            shuffle=True,
-            seed=self.config.seed,
-            drop_last=True,
-        )
-        sampler.set_epoch(epoch)
-        indices = list(sampler)
+        if self.mixture is not None:
+            indices = rank_share(self.mixture.epoch_order(epoch), self.rank, self.world)
+        else:
+            sampler = DistributedSampler(
+                range(len(self.train)),
+                num_replicas=self.world,
+                rank=self.rank,
+                shuffle=True,
+                seed=self.config.seed,
+                drop_last=True,
+            )
+            sampler.set_epoch(epoch)
+            indices = list(sampler)
         size = self.config.micro_batch
         batches = [indices[i : i + size] for i in range(0, len(indices), size)]
         return batches[: self.per_epoch * self.config.accumulation]
