@@ -9,6 +9,13 @@ Per flat shard and step (see dsforget.kernels for the fused ops):
 3. the masked, bias-corrected AdamW update; each parameter is bias-corrected by its own count of
    moment updates (state["param_steps"]), which stops while HFT resampling holds it.
 
+Without ZeRO (the parameters themselves, DeepSpeed's stage 0 in fp32) the optimizer steps all of
+a param group's parameters that have gradients in one such step on the "cpu" backend: the ops
+see the separate tensors as one shard (kernels.TensorList, a segment table over the tensors laid
+end to end, each op finding each tensor where it lies), so a step makes a handful of kernel calls
+whatever the number of tensors, copies nothing, and leaves the parameters, their state and the
+checkpoint format as they are (``multi_tensor``; the result is the per-tensor step's bit for bit).
+
 Weight decay is decoupled (AdamW). Its scope for top-k parameters is ``decay_scope``:
 ``"all"`` (default, the MoFO reference code) decays every entry each step, selected or not;
 ``"selected"`` decays only the entries that are updated.

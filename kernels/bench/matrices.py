@@ -84,9 +84,11 @@ def measure(name: str, count: int, dim: int, fraction: float, steps: int, timed:
     params = [torch.nn.Parameter(torch.randn(dim, dim, generator=generator) * 0.02) for _ in range(count)]
     named = [(f"layers.{i}.weight", param) for i, param in enumerate(params)]
     means = [torch.randn(dim, dim, generator=generator) * GRAD_SCALE for _ in params]
-    noise = torch.empty(dim, dim)
+    # written now, so their pages are resident before the baseline (an empty tensor's are not,
+    # and the first step would count them)
+    noise = torch.zeros(dim, dim)
     for param in params:
-        param.grad = torch.empty_like(param)
+        param.grad = torch.zeros_like(param)
     optimizer = implementations(fraction)[name](named)
     if hasattr(optimizer, "prepare_kernels"):
         optimizer.prepare_kernels()  # the C++ extension loaded before the baseline
