@@ -18,6 +18,7 @@ else:
     from .radix import NUM_LEVELS, RadixState, level_bins, refine
     from .segments import DENSE, NO_ROWSCALE, SegmentTable
     from .step import topk_adamw_step
+    from .tiles import TensorList
 
 __all__ = [
     "DENSE",
@@ -25,6 +26,7 @@ __all__ = [
     "NUM_LEVELS",
     "RadixState",
     "SegmentTable",
+    "TensorList",
     "ThresholdHint",
     "abs_histogram",
     "available_backends",

@@ -15,7 +15,17 @@ from .backends import check_backend
 from .masked_update import DeferredEntries
 from .radix import LEVELS, RESOLVED, abs_bits, digit_and_prefix, level_bins
 from .segments import DENSE, SegmentTable
-from .tiles import TileTable, check_block_tensor, check_buffers, segment_columns, tile_table
+from .tiles import (
+    Shard,
+    TileTable,
+    check_block_tensor,
+    check_buffers,
+    kernel_tensors,
+    require_flat,
+    segment_columns,
+    shard_device,
+    tile_table,
+)
 
 # Triton: 2048 elements per program (8 KiB of m, its only input; the moments kernel reads three
 # inputs per element and takes 1024). Not yet tuned on a GPU.
@@ -101,7 +111,7 @@ def _abs_histogram_triton(
 
 
 def _abs_histogram_cpu(
-    exp_avg: torch.Tensor,
+    exp_avg: Shard,
     table: SegmentTable,
     tiles: TileTable,
     prefix: torch.Tensor,
@@ -110,8 +120,8 @@ def _abs_histogram_cpu(
 ) -> None:
     shift, bits = LEVELS[level]
     cpu_ops().abs_histogram(
-        exp_avg=exp_avg,
-        segments=segment_columns(table),
+        exp_avg=kernel_tensors(exp_avg),
+        segments=segment_columns(table, exp_avg),
         tile_segment=tiles.tile_segment,
         tile_start=tiles.tile_start,
         tile_size=tiles.tile_size,
@@ -123,7 +133,7 @@ def _abs_histogram_cpu(
 
 
 def abs_histogram(
-    exp_avg: torch.Tensor,
+    exp_avg: Shard,
     table: SegmentTable,
     prefix: torch.Tensor,
     level: int,
@@ -136,7 +146,9 @@ def abs_histogram(
     prefix: int64 [n_blocks], RadixState.prefix (the digits fixed by earlier levels, RESOLVED
     for blocks that need no more counting).
     """
-    check_backend("abs_histogram", backend, exp_avg.device)
+    device = shard_device(exp_avg)
+    check_backend("abs_histogram", backend, device)
+    require_flat("abs_histogram", backend, exp_avg)
     if backend == "torch":
         abs_histogram_reference(exp_avg, table, prefix, level, histogram)
         return
@@ -144,8 +156,8 @@ def abs_histogram(
         raise ValueError(f"abs_histogram: level must be in [0, {len(LEVELS)}), got {level}")
     tiles = tile_table(table, CPU_TILE if backend == "cpu" else TRITON_TILE)
     check_buffers("abs_histogram", tiles, exp_avg=exp_avg)
-    check_block_tensor("abs_histogram", "prefix", prefix, table, exp_avg.device)
-    check_block_tensor("abs_histogram", "histogram", histogram, table, exp_avg.device, level_bins(level))
+    check_block_tensor("abs_histogram", "prefix", prefix, table, device)
+    check_block_tensor("abs_histogram", "histogram", histogram, table, device, level_bins(level))
     launch = _abs_histogram_cpu if backend == "cpu" else _abs_histogram_triton
     launch(exp_avg, table, tiles, prefix, level, histogram)
 

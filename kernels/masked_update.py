@@ -33,7 +33,18 @@ from ._triton import LAUNCH_OPTIONS, addressable, jit, tl
 from .backends import check_backend
 from .radix import LEVELS, RESOLVED, abs_bits
 from .segments import DENSE, SegmentTable, host_counters
-from .tiles import TileTable, check_block_tensor, check_buffers, segment_columns, tile_table
+from .tiles import (
+    Shard,
+    TileTable,
+    check_block_tensor,
+    check_buffers,
+    kernel_tensors,
+    require_flat,
+    segment_columns,
+    shard_device,
+    shard_starts,
+    tile_table,
+)
 
 # 1024 elements per Triton program: 4 warps x 8 contiguous fp32 per thread.
 TRITON_TILE = 1024
@@ -254,7 +265,7 @@ def _no_entries(device: torch.device) -> DeferredEntries:
 
 
 def apply_deferred(
-    param: torch.Tensor,
+    param: Shard,
     deferred: DeferredEntries,
     thresholds: torch.Tensor,
     scalars: AdamWScalars,
@@ -264,15 +275,17 @@ def apply_deferred(
     short: plain indexing on any device, one C++ loop on the "cpu" backend)."""
     if deferred.index.numel() == 0:
         return
+    require_flat("apply_deferred", backend, param)
     if backend == "cpu":
         cpu_ops().apply_deferred(
-            param=param,
+            param=kernel_tensors(param),
+            tensor_starts=shard_starts(param),
             index=deferred.index,
             block=deferred.block,
             exp_avg=deferred.exp_avg,
             exp_avg_sq=deferred.exp_avg_sq,
             thresholds=thresholds,
-            block_corrections=scalars.block_tensor(param.device),
+            block_corrections=scalars.block_tensor(shard_device(param)),
             **scalars.kernel_keywords(),
         )
         return
@@ -433,9 +446,9 @@ def _masked_adamw_triton(
 
 
 def _masked_adamw_cpu(
-    param: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
+    param: Shard,
+    exp_avg: Shard,
+    exp_avg_sq: Shard,
     table: SegmentTable,
     tiles: TileTable,
     thresholds: torch.Tensor,
@@ -443,26 +456,26 @@ def _masked_adamw_cpu(
     defer_prefix: torch.Tensor | None,
 ) -> DeferredEntries | None:
     deferred = cpu_ops().masked_adamw(
-        param=param,
-        exp_avg=exp_avg,
-        exp_avg_sq=exp_avg_sq,
-        segments=segment_columns(table),
+        param=kernel_tensors(param),
+        exp_avg=kernel_tensors(exp_avg),
+        exp_avg_sq=kernel_tensors(exp_avg_sq),
+        segments=segment_columns(table, param),
         tile_segment=tiles.tile_segment,
         tile_start=tiles.tile_start,
         tile_size=tiles.tile_size,
         thresholds=addressable(thresholds, tiles.tile_start),
         defer_prefix=None if defer_prefix is None else addressable(defer_prefix, tiles.tile_start),
         defer_shift=DEFER_SHIFT,
-        corrections=scalars.counter_tensor(param.device),
+        corrections=scalars.counter_tensor(shard_device(param)),
         **scalars.kernel_keywords(),
     )
     return None if defer_prefix is None else DeferredEntries(*deferred)
 
 
 def masked_adamw(
-    param: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
+    param: Shard,
+    exp_avg: Shard,
+    exp_avg_sq: Shard,
     table: SegmentTable,
     thresholds: torch.Tensor,
     scalars: AdamWScalars,
@@ -479,7 +492,9 @@ def masked_adamw(
     defer_capacity: at least the number of entries that can defer here (RuntimeError if more
     did); the Triton kernel reserves this many slots.
     """
-    check_backend("masked_adamw", backend, param.device)
+    device = shard_device(param)
+    check_backend("masked_adamw", backend, device)
+    require_flat("masked_adamw", backend, param, exp_avg, exp_avg_sq)
     if backend == "torch":
         deferred = masked_adamw_reference(
             param, exp_avg, exp_avg_sq, table, thresholds, scalars, defer_prefix
@@ -487,9 +502,9 @@ def masked_adamw(
     else:
         tiles = tile_table(table, CPU_TILE if backend == "cpu" else TRITON_TILE)
         check_buffers("masked_adamw", tiles, param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-        check_block_tensor("masked_adamw", "thresholds", thresholds, table, param.device)
+        check_block_tensor("masked_adamw", "thresholds", thresholds, table, device)
         if defer_prefix is not None:
-            check_block_tensor("masked_adamw", "defer_prefix", defer_prefix, table, param.device)
+            check_block_tensor("masked_adamw", "defer_prefix", defer_prefix, table, device)
         if backend == "triton":
             return _masked_adamw_triton(
                 param, exp_avg, exp_avg_sq, table, tiles, thresholds, scalars, defer_prefix, defer_capacity

@@ -37,7 +37,17 @@ from ._triton import LAUNCH_OPTIONS, addressable, jit, tl
 from .backends import check_backend
 from .radix import LEVELS, abs_bits, digit_and_prefix, level_bins
 from .segments import DENSE, NO_ROWSCALE, SegmentTable
-from .tiles import TileTable, check_block_tensor, check_buffers, segment_columns, tile_table
+from .tiles import (
+    Shard,
+    TileTable,
+    check_block_tensor,
+    check_buffers,
+    kernel_tensors,
+    require_flat,
+    segment_columns,
+    shard_device,
+    tile_table,
+)
 
 # The widest window, in level-1 prefixes (bits(|m|) >> 10): 2^20 float ulps, 6-12% of |m| (by
 # where the threshold sits in its octave); the histogram of a window has this many bins.
@@ -253,9 +263,9 @@ def _update_moments_triton(
 
 
 def _update_moments_cpu(
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
+    grad: Shard,
+    exp_avg: Shard,
+    exp_avg_sq: Shard,
     table: SegmentTable,
     tiles: TileTable,
     beta1: float,
@@ -265,10 +275,10 @@ def _update_moments_cpu(
     nonzero: torch.Tensor | None,
 ) -> None:
     cpu_ops().update_moments(
-        grad=grad,
-        exp_avg=exp_avg,
-        exp_avg_sq=exp_avg_sq,
-        segments=segment_columns(table),
+        grad=kernel_tensors(grad),
+        exp_avg=kernel_tensors(exp_avg),
+        exp_avg_sq=kernel_tensors(exp_avg_sq),
+        segments=segment_columns(table, exp_avg),
         rowscale=table.rowscale,
         tile_segment=tiles.tile_segment,
         tile_start=tiles.tile_start,
@@ -289,9 +299,9 @@ def _update_moments_cpu(
 
 
 def update_moments(
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
+    grad: Shard,
+    exp_avg: Shard,
+    exp_avg_sq: Shard,
     table: SegmentTable,
     *,
     beta1: float,
@@ -303,14 +313,17 @@ def update_moments(
 ) -> None:
     """Run the op with the named backend (see dsforget.kernels.backends).
 
-    exp_avg, exp_avg_sq: flat fp32 shards, updated in place on segment elements only.
+    exp_avg, exp_avg_sq: flat fp32 shards, updated in place on segment elements only (or, on the
+    "cpu" backend, TensorLists: the same shard as separate tensors, see tiles.TensorList).
     histogram: int64 [n_blocks, level_bins(0)], accumulated into (callers zero it).
     hinted: the counts that replace `histogram` for blocks with a window (the others count into
     `histogram`, if given).
     nonzero: int64 [n_blocks], accumulated into: every block's entries whose new |m| is not 0
     (bits(|m|) != 0: -0.0 is a zero, NaN is not).
     """
-    check_backend("update_moments", backend, exp_avg.device)
+    device = shard_device(exp_avg)
+    check_backend("update_moments", backend, device)
+    require_flat("update_moments", backend, grad, exp_avg, exp_avg_sq)
     if backend == "torch":
         update_moments_reference(
             grad,
@@ -327,15 +340,13 @@ def update_moments(
     tiles = tile_table(table, CPU_TILE if backend == "cpu" else TRITON_TILE)
     check_buffers("update_moments", tiles, grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
     if histogram is not None:
-        check_block_tensor("update_moments", "histogram", histogram, table, exp_avg.device, level_bins(0))
+        check_block_tensor("update_moments", "histogram", histogram, table, device, level_bins(0))
     if hinted is not None:
-        check_block_tensor("update_moments", "window_start", hinted.start, table, exp_avg.device)
-        check_block_tensor("update_moments", "window_width", hinted.width, table, exp_avg.device)
-        check_block_tensor("update_moments", "hint_above", hinted.above, table, exp_avg.device)
-        check_block_tensor(
-            "update_moments", "hint_histogram", hinted.histogram, table, exp_avg.device, HINT_WINDOW
-        )
+        check_block_tensor("update_moments", "window_start", hinted.start, table, device)
+        check_block_tensor("update_moments", "window_width", hinted.width, table, device)
+        check_block_tensor("update_moments", "hint_above", hinted.above, table, device)
+        check_block_tensor("update_moments", "hint_histogram", hinted.histogram, table, device, HINT_WINDOW)
     if nonzero is not None:
-        check_block_tensor("update_moments", "nonzero", nonzero, table, exp_avg.device)
+        check_block_tensor("update_moments", "nonzero", nonzero, table, device)
     launch = _update_moments_cpu if backend == "cpu" else _update_moments_triton
     launch(grad, exp_avg, exp_avg_sq, table, tiles, beta1, beta2, histogram, hinted, nonzero)

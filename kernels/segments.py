@@ -1,8 +1,11 @@
 """The segment table: how the kernels see one flat fp32 shard.
 
 A flat shard (a ZeRO partition, or a single parameter without ZeRO) holds pieces of several
-parameters back to back. Each piece is a *segment*; elements of the shard that belong to no
-segment (ZeRO alignment padding, frozen parameters) are never read or written.
+parameters back to back. On the "cpu" backend the shard may also be virtual: separate tensors
+laid end to end (tiles.TensorList, the multi-tensor step without ZeRO), every segment inside one
+of them; the table is the same, only the ops' buffers differ. Each piece is a *segment*;
+elements of the shard that belong to no segment (ZeRO alignment padding, frozen parameters)
+are never read or written.
 
 The kernels know nothing about models or DeepSpeed: they see only these integer columns.
 """

@@ -56,7 +56,16 @@ from ._cpu import cpu_ops
 from .masked_update import CPU_TILE, AdamWScalars, DeferredEntries
 from .moments import HINT_SHIFT, HINT_WINDOW, HintedCounts
 from .segments import SegmentTable
-from .tiles import check_block_tensor, check_buffers, segment_columns, tile_table
+from .tiles import (
+    Shard,
+    check_block_tensor,
+    check_buffers,
+    kernel_tensors,
+    segment_columns,
+    shard_device,
+    shard_starts,
+    tile_table,
+)
 
 # A block's lists hold at most 1 / LISTED_SHARE of its entries on this rank (at least LISTED_MIN):
 # its window entries (0.3-1% of a block once the windows settle, up to ~6% at their widest, right
@@ -128,10 +137,10 @@ def list_buffers(table: SegmentTable) -> ListBuffers:
 
 
 def speculative_update(
-    grad: torch.Tensor,
-    param: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
+    grad: Shard,
+    param: Shard,
+    exp_avg: Shard,
+    exp_avg_sq: Shard,
     table: SegmentTable,
     hinted: HintedCounts,
     scalars: AdamWScalars,
@@ -146,20 +155,19 @@ def speculative_update(
     buffers: valid until the next call for the table."""
     tiles = tile_table(table, CPU_TILE)
     check_buffers("speculative_update", tiles, grad, param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    device = shard_device(param)
     for name in ("start", "width", "above"):
-        check_block_tensor("speculative_update", f"window {name}", getattr(hinted, name), table, param.device)
-    check_block_tensor(
-        "speculative_update", "window histogram", hinted.histogram, table, param.device, HINT_WINDOW
-    )
+        check_block_tensor("speculative_update", f"window {name}", getattr(hinted, name), table, device)
+    check_block_tensor("speculative_update", "window histogram", hinted.histogram, table, device, HINT_WINDOW)
     if nonzero is not None:
-        check_block_tensor("speculative_update", "nonzero", nonzero, table, param.device)
+        check_block_tensor("speculative_update", "nonzero", nonzero, table, device)
     buffers = list_buffers(table)
     counts, untouched = cpu_ops().speculative_update(
-        grad=grad,
-        param=param,
-        exp_avg=exp_avg,
-        exp_avg_sq=exp_avg_sq,
-        segments=segment_columns(table),
+        grad=kernel_tensors(grad),
+        param=kernel_tensors(param),
+        exp_avg=kernel_tensors(exp_avg),
+        exp_avg_sq=kernel_tensors(exp_avg_sq),
+        segments=segment_columns(table, param),
         rowscale=table.rowscale,
         tile_segment=tiles.tile_segment,
         tile_start=tiles.tile_start,
@@ -173,7 +181,7 @@ def speculative_update(
         nonzero=nonzero,
         beta1=beta1,
         beta2=beta2,
-        corrections=scalars.counter_tensor(param.device),
+        corrections=scalars.counter_tensor(device),
         **scalars.kernel_keywords(),
         region_start=buffers.region_start,
         region_size=buffers.region_size,
@@ -187,9 +195,9 @@ def speculative_update(
 
 
 def correct_speculation(
-    param: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
+    param: Shard,
+    exp_avg: Shard,
+    exp_avg_sq: Shard,
     speculated: SegmentTable,
     thresholds: torch.Tensor,
     hinted: HintedCounts,
@@ -200,12 +208,12 @@ def correct_speculation(
     for the blocks whose `thresholds` lie outside their windows; CPU tensors only."""
     tiles = tile_table(speculated, CPU_TILE)
     check_buffers("correct_speculation", tiles, param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-    check_block_tensor("correct_speculation", "thresholds", thresholds, speculated, param.device)
+    check_block_tensor("correct_speculation", "thresholds", thresholds, speculated, shard_device(param))
     cpu_ops().correct_speculation(
-        param=param,
-        exp_avg=exp_avg,
-        exp_avg_sq=exp_avg_sq,
-        segments=segment_columns(speculated),
+        param=kernel_tensors(param),
+        exp_avg=kernel_tensors(exp_avg),
+        exp_avg_sq=kernel_tensors(exp_avg_sq),
+        segments=segment_columns(speculated, param),
         tile_segment=tiles.tile_segment,
         tile_start=tiles.tile_start,
         tile_size=tiles.tile_size,
@@ -217,24 +225,25 @@ def correct_speculation(
         rollback_index=left.rollback_index,
         rollback_block=left.rollback_block,
         rollback_unselected=left.rollback_unselected,
-        corrections=scalars.counter_tensor(param.device),
+        corrections=scalars.counter_tensor(shard_device(param)),
         **scalars.kernel_keywords(),
     )
 
 
 def resolve_window(
-    param: torch.Tensor, left: SpeculationLeftovers, thresholds: torch.Tensor, scalars: AdamWScalars
+    param: Shard, left: SpeculationLeftovers, thresholds: torch.Tensor, scalars: AdamWScalars
 ) -> None:
     """Finish the window entries the update listed, now that `thresholds` are exact; CPU only."""
     deferred = left.deferred
     cpu_ops().resolve_window(
-        param=param,
+        param=kernel_tensors(param),
+        tensor_starts=shard_starts(param),
         index=deferred.index,
         block=deferred.block,
         exp_avg=deferred.exp_avg,
         exp_avg_sq=deferred.exp_avg_sq,
         unselected=left.deferred_unselected,
         thresholds=thresholds,
-        block_corrections=scalars.block_tensor(param.device),
+        block_corrections=scalars.block_tensor(shard_device(param)),
         **scalars.kernel_keywords(),
     )

@@ -37,6 +37,7 @@ from .moments import HINT_WINDOW, HintedCounts, update_moments
 from .radix import RESOLVED, RadixState, advance_within, level_bins, refine, resolve_at_zero
 from .segments import SegmentTable
 from .speculative import correct_speculation, resolve_window, speculative_update
+from .tiles import Shard
 
 # Most entries one block may defer: a bin beyond it takes a pass over m instead, so the list never
 # outgrows 16 level-2 histograms' worth of entries per block (O(blocks x bins), never O(shard)).
@@ -45,16 +46,21 @@ DEFER_LIMIT = 16 * level_bins(2)
 SumOverRanks = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
+def _counts(table: SegmentTable, *bins: int) -> torch.Tensor:
+    """Zeroed int64 counts [n_blocks, *bins] on the table's device."""
+    return torch.zeros(table.num_blocks, *bins, dtype=torch.int64, device=table.length.device)
+
+
 def no_reduction(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """`sum_over_ranks` of a single process, or of top-k blocks local to each rank."""
     return tensors
 
 
 def topk_adamw_step(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
+    param: Shard,
+    grad: Shard,
+    exp_avg: Shard,
+    exp_avg_sq: Shard,
     table: SegmentTable,
     *,
     step: int | Sequence[int],
@@ -69,6 +75,9 @@ def topk_adamw_step(
     speculate: bool = True,
 ) -> ThresholdHint:
     """Update param, exp_avg and exp_avg_sq in place; returns the hint for the next step.
+
+    param, grad, exp_avg, exp_avg_sq: flat shards, or on the "cpu" backend four TensorLists of
+    one `starts` (separate tensors seen as one shard: the multi-tensor step, tiles.TensorList).
 
     step: the 1-based step count after this one, or one such count per step counter: segment s
     is then bias-corrected by step[table.counter[s]] (its parameter's own count of moment
@@ -97,16 +106,16 @@ def topk_adamw_step(
         return _speculative_step(param, grad, exp_avg, exp_avg_sq, table, update, betas, hint, sum_over_ranks)
 
     radix = RadixState.start(table.block_k)
-    nonzero = exp_avg.new_zeros(table.num_blocks, dtype=torch.int64)
+    nonzero = _counts(table)
     if hint is None:
-        histogram = exp_avg.new_zeros(table.num_blocks, level_bins(0), dtype=torch.int64)
+        histogram = _counts(table, level_bins(0))
         update_moments(grad, exp_avg, exp_avg_sq, table, histogram=histogram, nonzero=nonzero, **moments)
         histogram, nonzero = sum_over_ranks([histogram, nonzero])
         resolve_at_zero(radix, nonzero)
         refine(radix, histogram, 0, backend=backend)
         _refine_by_pass(radix, exp_avg, table, 1, radix.unresolved, sum_over_ranks, backend)
     else:
-        window = exp_avg.new_zeros(table.num_blocks, HINT_WINDOW, dtype=torch.int64)
+        window = _counts(table, HINT_WINDOW)
         hinted = HintedCounts(hint.start, hint.width, torch.zeros_like(hint.start), window)
         update_moments(grad, exp_avg, exp_avg_sq, table, hinted=hinted, nonzero=nonzero, **moments)
         _refine_in_window(radix, hinted, nonzero, exp_avg, table, sum_over_ranks, backend)
@@ -136,7 +145,7 @@ def topk_adamw_step(
         backend=backend,
     )
     assert deferred is not None
-    histogram = exp_avg.new_zeros(table.num_blocks, level_bins(2), dtype=torch.int64)
+    histogram = _counts(table, level_bins(2))
     deferred_histogram(deferred, radix.prefix, 2, histogram, backend=backend)
     refine(radix, sum_over_ranks([histogram])[0], 2, backend=backend)
     apply_deferred(param, deferred, radix.threshold, update, backend=backend)
@@ -145,7 +154,7 @@ def topk_adamw_step(
 
 def _refine_by_pass(
     radix: RadixState,
-    exp_avg: torch.Tensor,
+    exp_avg: Shard,
     table: SegmentTable,
     level: int,
     blocks: torch.Tensor,
@@ -155,7 +164,7 @@ def _refine_by_pass(
     """Refine `level` for `blocks` (a bool mask) from a histogram pass over m."""
     if not bool(blocks.any()):
         return
-    histogram = exp_avg.new_zeros(table.num_blocks, level_bins(level), dtype=torch.int64)
+    histogram = _counts(table, level_bins(level))
     abs_histogram(
         exp_avg, table, torch.where(blocks, radix.prefix, RESOLVED), level, histogram, backend=backend
     )
@@ -166,7 +175,7 @@ def _refine_in_window(
     radix: RadixState,
     hinted: HintedCounts,
     nonzero: torch.Tensor,
-    exp_avg: torch.Tensor,
+    exp_avg: Shard,
     table: SegmentTable,
     sum_over_ranks: SumOverRanks,
     backend: str,
@@ -183,7 +192,7 @@ def _refine_in_window(
 def _refine_missed(
     radix: RadixState,
     hit: torch.Tensor,
-    exp_avg: torch.Tensor,
+    exp_avg: Shard,
     table: SegmentTable,
     sum_over_ranks: SumOverRanks,
     backend: str,
@@ -197,10 +206,10 @@ def _refine_missed(
 
 
 def _speculative_step(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
+    param: Shard,
+    grad: Shard,
+    exp_avg: Shard,
+    exp_avg_sq: Shard,
     table: SegmentTable,
     update: AdamWScalars,
     betas: tuple[float, float],
@@ -214,7 +223,7 @@ def _speculative_step(
     those in it are listed, and if its window does not start at 0 (its threshold was not 0 last
     step), those below it are corrected."""
     backend = "cpu"  # (the only backend with the one-pass op)
-    window = exp_avg.new_zeros(table.num_blocks, HINT_WINDOW, dtype=torch.int64)
+    window = _counts(table, HINT_WINDOW)
     hinted = HintedCounts(hint.start, hint.width, torch.zeros_like(hint.start), window)
     nonzero = torch.zeros_like(hint.start)
     left = speculative_update(
@@ -245,7 +254,7 @@ def _speculative_step(
     if not radix.done:
         # an open block that hit has its level-2 bin in its window: the pass listed its entries
         # (but those of untouched spans); one that missed is counted over m
-        histogram = exp_avg.new_zeros(table.num_blocks, level_bins(2), dtype=torch.int64)
+        histogram = _counts(table, level_bins(2))
         in_list = torch.where(hit, radix.prefix, RESOLVED)
         deferred_histogram(left.deferred, in_list, 2, histogram, backend=backend)
         if untouched is not None:

@@ -96,14 +96,93 @@ def _validate(table: SegmentTable) -> None:
             )
 
 
-def check_buffers(op: str, tiles: TileTable, grad: torch.Tensor | None = None, **state: torch.Tensor) -> None:
+@dataclass(frozen=True)
+class TensorList:
+    """Separate tensors that the CPU ops address as one flat shard (the multi-tensor step over a
+    parameter group without ZeRO, as torch's fused AdamW steps a list of tensors): tensor i holds
+    the shard elements [starts[i], starts[i] + tensors[i].numel()), in its own memory. A
+    SegmentTable over that virtual shard places every segment inside one tensor.
+
+    The parameters, gradients, exp_avg and exp_avg_sq of one step are four TensorLists with one
+    `starts` (the same object): tensor i of each is the same parameter's. Nothing is copied: the
+    ops read and write each tensor where it lies. Tensors may have any shape but must be
+    contiguous (the C++ ops check dtypes, contiguity and sizes, once per call).
+    starts: int64 [n_tensors] on the CPU, ascending, starts[0] == 0.
+    """
+
+    tensors: tuple[torch.Tensor, ...]
+    starts: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.tensors) != self.starts.numel() or not self.tensors:
+            raise ValueError(f"TensorList: {len(self.tensors)} tensors for {self.starts.numel()} starts")
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors[0].device
+
+    @staticmethod
+    def starts_of(numels: list[int]) -> torch.Tensor:
+        """The starts of tensors of these sizes laid end to end."""
+        starts, total = [], 0
+        for numel in numels:
+            starts.append(total)
+            total += numel
+        return torch.tensor(starts, dtype=torch.int64)
+
+
+# A flat tensor, or a TensorList (CPU backend only).
+Shard = torch.Tensor | TensorList
+
+_FLAT_STARTS = torch.zeros(1, dtype=torch.int64)  # a flat shard: one tensor starting at 0
+
+
+def shard_device(shard: Shard) -> torch.device:
+    return shard.device
+
+
+def kernel_tensors(shard: Shard) -> list[torch.Tensor]:
+    """The tensors the C++ ops take for `shard` (a flat shard is a list of one)."""
+    return [shard] if isinstance(shard, torch.Tensor) else list(shard.tensors)
+
+
+def shard_starts(shard: Shard) -> torch.Tensor:
+    """The tensor starts the C++ ops take for `shard` ([0] for a flat shard)."""
+    return _FLAT_STARTS if isinstance(shard, torch.Tensor) else shard.starts
+
+
+def require_flat(op: str, backend: str, *shards: Shard | None) -> None:
+    """Raise ValueError if a TensorList reaches a backend other than "cpu"."""
+    if backend != "cpu" and any(isinstance(shard, TensorList) for shard in shards):
+        raise ValueError(
+            f"{op}: a TensorList (the multi-tensor step) runs on the 'cpu' backend only, not {backend!r}; "
+            "step such tensors one at a time"
+        )
+
+
+def check_buffers(op: str, tiles: TileTable, grad: Shard | None = None, **state: Shard) -> None:
     """Raise ValueError unless the flat buffers are ones the fused kernels may address directly.
 
     `state` tensors (param, exp_avg, exp_avg_sq) must be contiguous 1-D float32; `grad` may be
     float32 or bfloat16; all on one device and at least `tiles.extent` long, because the kernels
-    index raw memory where the references would merely slice short.
+    index raw memory where the references would merely slice short. TensorLists (all of them or
+    none) must share one `starts`; the C++ op checks their tensors.
     """
-    tensors = dict(state) if grad is None else {"grad": grad, **state}
+    shards = dict(state) if grad is None else {"grad": grad, **state}
+    lists = [isinstance(shard, TensorList) for shard in shards.values()]
+    if any(lists):
+        if not all(lists):
+            raise ValueError(f"{op}: pass all of {', '.join(shards)} as TensorLists or none")
+        starts = next(iter(shards.values())).starts
+        for name, shard in shards.items():
+            if shard.starts is not starts:
+                raise ValueError(f"{op}: {name} is a TensorList with other starts than the rest")
+            if shard.device != tiles.tile_start.device:
+                raise ValueError(
+                    f"{op}: {name} is on {shard.device}, the segment table on {tiles.tile_start.device}"
+                )
+        return
+    tensors = shards
     device = next(iter(tensors.values())).device
     if tiles.tile_start.device != device:
         raise ValueError(
@@ -139,9 +218,9 @@ def check_block_tensor(
         raise ValueError(f"{op}: {name} is on {tensor.device}, the buffers on {device}")
 
 
-def segment_columns(table: SegmentTable) -> list[torch.Tensor]:
-    """The six int64 columns in the order of SegmentTable.rows(), then `counter`, as the C++ ops
-    take them."""
+def segment_columns(table: SegmentTable, shard: Shard | None = None) -> list[torch.Tensor]:
+    """The six int64 columns in the order of SegmentTable.rows(), then `counter`, then the tensor
+    starts of `shard` (a TensorList's, or [0]), as the C++ ops take them."""
     return [
         table.shard_offset,
         table.length,
@@ -150,4 +229,5 @@ def segment_columns(table: SegmentTable) -> list[torch.Tensor]:
         table.block,
         table.rowscale_start,
         table.counter,
+        _FLAT_STARTS if shard is None else shard_starts(shard),
     ]

@@ -1,7 +1,8 @@
 """ShardLayout: which pieces of which parameters a flat fp32 partition holds.
 
 DeepSpeed hands a client optimizer flat fp32 tensors, not parameters:
-- no ZeRO: each parameter itself (one segment covering it);
+- no ZeRO: each parameter itself (one segment covering it); the optimizer steps a group's
+  parameters together, their layouts laid end to end over a TensorList (optimizer.py);
 - ZeRO-1/2 (and the bf16 optimizer): per param group, this rank's contiguous slice of the
   concatenation of all the group's parameters, so a parameter may be cut anywhere, or absent;
 - ZeRO-3: per sub-group, the concatenation of this rank's padded slice of *every* parameter.

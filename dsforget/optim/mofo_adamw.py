@@ -48,13 +48,24 @@ class MoFOAdamW(ForgetAdamW):
         decay_scope: str = "all",
         backend: str = "auto",
         one_pass: bool = True,
+        multi_tensor: bool = True,
     ) -> None:
         groups, names = named_groups(params)
         groups_with_names = [{**g, "params": [(names[id(t)], t) for t in g["params"]]} for g in groups]
         self.fraction = fraction
         plan = mofo_plan_from_names(names.values(), fraction)
         super().__init__(
-            groups_with_names, plan, lr, betas, eps, weight_decay, topk, decay_scope, backend, one_pass
+            groups_with_names,
+            plan,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            topk,
+            decay_scope,
+            backend,
+            one_pass,
+            multi_tensor,
         )
 
     def _plan_for_names(self, plan: MaskPlan) -> MaskPlan:

@@ -9,6 +9,13 @@ Per flat shard and step (see dsforget.kernels for the fused ops):
 3. the masked, bias-corrected AdamW update; each parameter is bias-corrected by its own count of
    moment updates (state["param_steps"]), which stops while HFT resampling holds it.
 
+Without ZeRO (the parameters themselves, DeepSpeed's stage 0 in fp32) the optimizer steps all of
+a param group's parameters that have gradients in one such step on the "cpu" backend: the ops
+see the separate tensors as one shard (kernels.TensorList, a segment table over the tensors laid
+end to end, each op finding each tensor where it lies), so a step makes a handful of kernel calls
+whatever the number of tensors, copies nothing, and leaves the parameters, their state and the
+checkpoint format as they are (``multi_tensor``; the result is the per-tensor step's bit for bit).
+
 Weight decay is decoupled (AdamW). Its scope for top-k parameters is ``decay_scope``:
 ``"all"`` (default, the MoFO reference code) decays every entry each step, selected or not;
 ``"selected"`` decays only the entries that are updated.
@@ -28,7 +35,15 @@ from typing import Any
 
 import torch
 
-from ..kernels import DENSE, NO_ROWSCALE, SegmentTable, ThresholdHint, resolve_backend, topk_adamw_step
+from ..kernels import (
+    DENSE,
+    NO_ROWSCALE,
+    SegmentTable,
+    TensorList,
+    ThresholdHint,
+    resolve_backend,
+    topk_adamw_step,
+)
 from .comm import close_process_group_at_exit, release_shared_memory_names, sum_counts, verify_plan_agreement
 from .layout import Segment, ShardLayout
 from .params import full_shape, row_length
@@ -114,6 +129,14 @@ class ForgetAdamW(torch.optim.Optimizer):
     Frozen parameters are dropped from the groups: they get no state and DeepSpeed never sees
     them (``dsforget.initialize`` also sets their ``requires_grad=False``).
 
+    multi_tensor: on the "cpu" backend, step all of a param group's parameters that have gradients
+    in one call of the fused ops (a TensorList: one segment table over the separate tensors, one
+    radix bookkeeping for all their blocks, nothing copied), as torch's fused AdamW steps a list
+    of tensors; False steps them one call per tensor. The result is the same bit for bit. It
+    applies where the optimizer steps the parameters themselves (no ZeRO, DeepSpeed's stage 0 in
+    fp32); ZeRO's flat partitions are one call each already. Tensors that are not contiguous
+    fp32 CPU tensors, and every tensor on the "torch" and "triton" backends, step one at a time.
+
     one_pass: on the "cpu" backend, step top-k shards in one pass over memory (the update applied
     in the moments pass, kernels/speculative.py), which keeps list buffers of ~0.75 B per element
     between steps; False takes the two-pass step, whose extra memory is O(blocks x bins). The
@@ -137,6 +160,7 @@ class ForgetAdamW(torch.optim.Optimizer):
         decay_scope: str = "all",
         backend: str = "auto",
         one_pass: bool = True,
+        multi_tensor: bool = True,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -152,6 +176,7 @@ class ForgetAdamW(torch.optim.Optimizer):
         self.decay_scope = _choose("decay_scope", decay_scope, DECAY_SCOPES)
         self.backend = _choose("backend", backend, BACKENDS)
         self.one_pass = bool(one_pass)
+        self.multi_tensor = bool(multi_tensor)
         groups, self._names = named_groups(params)
         for group in groups:
             for tensor in group["params"]:
@@ -185,6 +210,10 @@ class ForgetAdamW(torch.optim.Optimizer):
         self._tables: dict[int, SegmentTable] = {}
         self._hints: dict[int, ThresholdHint] = {}  # per shard: topk_adamw_step's threshold hints
         self._pulls: dict[int, list[tuple[int, int, float]]] = {}  # per shard: _pull_runs
+        # multi-tensor steps, by the ids of the tensors stepped together: their table and starts,
+        # and the hints topk_adamw_step returned for that table
+        self._batches: dict[tuple[int, ...], tuple[SegmentTable, torch.Tensor]] = {}
+        self._batch_hints: dict[tuple[int, ...], ThresholdHint] = {}
         self._dp_group: Any = None
         self._backends: dict[str, str] = {}  # device type -> the backend resolved for it
 
@@ -305,20 +334,28 @@ class ForgetAdamW(torch.optim.Optimizer):
         self._tables.clear()
         self._hints.clear()
         self._pulls.clear()
+        self._batches.clear()
+        self._batch_hints.clear()
 
     def _table(self, tensor: torch.Tensor) -> SegmentTable:
         table = self._tables.get(id(tensor))
         if table is None:
-            table = self._build_table(self._layout(tensor), tensor.device)
+            table = self._build_table([self._layout(tensor)], [0], tensor.device)
             self._tables[id(tensor)] = table
         return table
 
-    def _build_table(self, layout: ShardLayout, device: torch.device) -> SegmentTable:
-        numels = dict(layout.group_params)
+    def _build_table(
+        self, layouts: list[ShardLayout], starts: list[int], device: torch.device
+    ) -> SegmentTable:
+        """The segment table of shards laid end to end (shard i from element starts[i]): one flat
+        shard, or the tensors of a multi-tensor step (a TensorList). Counter c is the c-th entry
+        of the layouts' group_params, in order (the step counts `_param_steps` lists)."""
+        group_params = [entry for layout in layouts for entry in layout.group_params]
+        numels = dict(group_params)
         block_k: list[int] = []
         block_of: dict[str, int] = {}
         if self.topk == "exact":
-            for name, _ in layout.group_params:
+            for name, _ in group_params:
                 rule = self.plan[name]
                 if rule.mode == "topk":  # k of the parameter's trained entries
                     shape = full_shape(self.trained_parameters[name])
@@ -326,9 +363,14 @@ class ForgetAdamW(torch.optim.Optimizer):
                     block_k.append(rule.top_k(_trained_numel(rule, shape)))
         rows, scales, scale_start = [], [], {}
         counters: list[int] = []
-        counter_of = {name: index for index, (name, _) in enumerate(layout.group_params)}
         scale_total = 0
-        for seg in layout.segments:
+        placed = []  # (segment, start of its shard, its counter)
+        counter = 0
+        for layout, start in zip(layouts, starts, strict=True):
+            counter_of = {name: counter + index for index, (name, _) in enumerate(layout.group_params)}
+            placed += [(seg, start, counter_of[seg.name]) for seg in layout.segments]
+            counter += len(layout.group_params)
+        for seg, start, counter in placed:
             rule = self.plan[seg.name]
             pieces = _trained_pieces(seg, rule, numels[seg.name])
             if not pieces:
@@ -348,9 +390,10 @@ class ForgetAdamW(torch.optim.Optimizer):
                     scale_total += len(rule.row_scale)
                 rowscale_start = scale_start[seg.name]
             rows += [
-                (p.shard_offset, p.length, p.param_offset, p.row_len, block, rowscale_start) for p in pieces
+                (start + p.shard_offset, p.length, p.param_offset, p.row_len, block, rowscale_start)
+                for p in pieces
             ]
-            counters += [counter_of[seg.name]] * len(pieces)
+            counters += [counter] * len(pieces)
         rowscale = torch.cat(scales) if scales else None
         return SegmentTable.build(rows, rowscale, block_k, device=device, counters=counters)
 
@@ -416,10 +459,36 @@ class ForgetAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            together: dict[torch.dtype, list[torch.Tensor]] = {}
             for param in group["params"]:
-                if param.grad is not None:
+                if param.grad is None:
+                    continue
+                if self._steps_together(param):
+                    together.setdefault(param.grad.dtype, []).append(param)
+                else:
                     self._step_shard(param, group)
+            for params in together.values():
+                if len(params) == 1:
+                    self._step_shard(params[0], group)
+                else:
+                    self._step_tensors(params, group)
         return loss
+
+    def _steps_together(self, param: torch.Tensor) -> bool:
+        """Whether `param` (with a gradient) joins its group's multi-tensor step: a parameter the
+        optimizer steps itself (not a DeepSpeed flat partition), a contiguous fp32 CPU tensor with
+        a dense contiguous gradient, on the "cpu" backend."""
+        if not self.multi_tensor or id(param) not in self._names or param.device.type != "cpu":
+            return False
+        grad = param.grad
+        return (
+            param.dtype == torch.float32
+            and grad.dtype in (torch.float32, torch.bfloat16)
+            and grad.layout == torch.strided
+            and param.is_contiguous()
+            and grad.is_contiguous()
+            and self._backend(param) == "cpu"
+        )
 
     def _param_steps(self, state: dict[str, Any], layout: ShardLayout) -> list[int]:
         """The moment updates each parameter of the shard's group has seen, after this step.
@@ -444,8 +513,9 @@ class ForgetAdamW(torch.optim.Optimizer):
             for count, (name, _) in zip(counts, layout.group_params, strict=True)
         ]
 
-    def _step_shard(self, param: torch.Tensor, group: dict[str, Any]) -> None:
-        table = self._table(param)
+    def _begin_step(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """The shard's state, created at its first step, with its step counts advanced and the
+        rules' pull applied; what every step does before the fused ops."""
         state = self.state[param]
         if not state:
             state["step"] = torch.tensor(0.0)
@@ -460,6 +530,47 @@ class ForgetAdamW(torch.optim.Optimizer):
         # device (w += lr·pull·(w0 − w), 12 B/element), and strength 0 leaves no run at all.
         for start, stop, pull in self._pull_runs(param):
             param.view(-1)[start:stop].lerp_(state[INITIAL].view(-1)[start:stop], group["lr"] * pull)
+        return state
+
+    def _step_tensors(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
+        """One fused step over `params` (parameters the optimizer steps itself, with gradients of
+        one dtype): the same result as `_step_shard` on each, bit for bit, in one call of each op
+        over a TensorList (one segment table, whose counters are the parameters' step counts)."""
+        key = tuple(id(param) for param in params)
+        batch = self._batches.get(key)
+        if batch is None:
+            starts = TensorList.starts_of([param.numel() for param in params])
+            layouts = [self._layout(param) for param in params]
+            batch = (self._build_table(layouts, starts.tolist(), params[0].device), starts)
+            self._batches[key] = batch
+        table, starts = batch
+        states = [self._begin_step(param, group) for param in params]
+        counts = [count for state in states for count in state[PARAM_STEPS]]
+
+        def tensors(chosen: list[torch.Tensor]) -> TensorList:
+            return TensorList(tuple(chosen), starts)
+
+        self._batch_hints[key] = topk_adamw_step(
+            tensors(params),
+            tensors([param.grad for param in params]),
+            tensors([state["exp_avg"] for state in states]),
+            tensors([state["exp_avg_sq"] for state in states]),
+            table,
+            step=counts,
+            lr=group["lr"],
+            betas=group["betas"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decay_selected_only=self.decay_scope == "selected",
+            hint=self._batch_hints.get(key),
+            sum_over_ranks=self._sum_over_data_parallel,
+            backend="cpu",
+            speculate=self.one_pass,
+        )
+
+    def _step_shard(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        table = self._table(param)
+        state = self._begin_step(param, group)
         # Threshold hints change only the work a step does, never its result, so they are kept
         # out of the state dict (and checkpoints); they are equal on all ranks like the thresholds.
         self._hints[id(param)] = topk_adamw_step(

@@ -3,12 +3,14 @@
     python -m dsforget.kernels.bench_model                           # Llama, 8 x 512, vocab 32000
     python -m dsforget.kernels.bench_model --layers 16 --hidden 1024
     python -m dsforget.kernels.bench_model --tiny                    # smoke run (the tests run it)
+    python -m dsforget.kernels.bench_model --matrices 6x2048         # N separate D x D matrices,
+                                                                     # one process each: matrices.py
 
 Where `python -m dsforget.kernels.bench` times one flat shard (what ZeRO hands the optimizer),
 this times `optimizer.step()` over every parameter tensor of a LlamaForCausalLM built from a
 config (random weights, nothing downloaded), as a single process without ZeRO steps them: one
-call of the fused ops per tensor for dsforget, one multi-tensor call for torch's fused AdamW. So
-the difference between the two benchmarks is the per-tensor cost. Implementations:
+multi-tensor call for dsforget on the "cpu" backend (one call per tensor on the others), one for
+torch's fused AdamW. Implementations:
 
 - mofo-<backend>: dsforget.MoFOAdamW(model.named_parameters(), fraction=0.15) (norms and
   biases dense, as the MoFO reference code); exact top-k per parameter;
@@ -165,7 +167,23 @@ def main(argv: list[str] | None = None) -> int:
         "--tiny", action="store_true", help="a 2-layer, 64-wide model, 1 step a round: a smoke run"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    matrices = parser.add_argument_group("separate matrices, one process per implementation (matrices.py)")
+    matrices.add_argument("--matrices", help="N x D: N matrices of D x D fp32, not a Llama; e.g. 6x2048")
+    matrices.add_argument("--fraction", type=float, default=0.1, help="MoFO's fraction (with --matrices)")
+    matrices.add_argument("--steps", type=int, default=40, help="steps per process (with --matrices)")
+    matrices.add_argument("--timed", type=int, default=15, help="the last steps, timed (with --matrices)")
+    matrices.add_argument("--only", help=argparse.SUPPRESS)  # a measuring child process's implementation
     args = parser.parse_args(argv)
+    if args.matrices:
+        from . import matrices as separate
+
+        if args.tiny:
+            args.steps, args.timed = 3, 2
+        child_argv = [
+            "--matrices", args.matrices, "--fraction", str(args.fraction),
+            "--steps", str(args.steps), "--timed", str(args.timed),
+        ]  # fmt: skip
+        return separate.main(args.matrices, args.fraction, args.steps, args.timed, args.only, child_argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU ops, before it is imported

@@ -28,6 +28,7 @@ namespace dsforget_cpu {
 struct Segment {
   int64_t shard_offset, length, param_offset, row_len, block, rowscale_start;
   int64_t counter = 0;  // the step counter of the segment's bias corrections
+  int64_t tensor = 0;  // the tensor of the shard's list that holds it (0 for a flat shard)
 };
 
 inline uint32_t abs_bits(float x) {
@@ -97,9 +98,20 @@ inline float load_float(uint16_t x) {
   return f;
 }
 
-// The segment table as the C++ side reads it: columns gathered once per call into structs.
+// The tensor of a shard's list that holds shard element `at`: the last whose start is <= at.
+inline int64_t tensor_of(const int64_t* starts, int64_t n_tensors, int64_t at) {
+  if (n_tensors == 1) return 0;
+  return int64_t(std::upper_bound(starts, starts + n_tensors, at) - starts) - 1;
+}
+
+// The segment table as the C++ side reads it: columns gathered once per call into structs. The
+// eighth column is the shard's tensor starts (kernels/tiles.py, TensorList): a flat shard is one
+// tensor starting at 0; a multi-tensor step sees separate tensors laid end to end in a virtual
+// shard, tensor i holding shard elements [starts[i], starts[i] + its numel). Every segment lies
+// inside one tensor (checked against the tensors by `origins`).
 inline std::vector<Segment> gather_segments(at::TensorList columns) {
-  TORCH_CHECK(columns.size() == 7, "expected the 7 int64 columns of a SegmentTable (rows, then counter)");
+  TORCH_CHECK(columns.size() == 8,
+              "expected the 7 int64 columns of a SegmentTable (rows, then counter) and the tensor starts");
   std::vector<Segment> segments(columns[0].numel());
   // each column into its named field (not by indexing across the struct's members)
   const int64_t* shard_offset = columns[0].data_ptr<int64_t>();
@@ -109,12 +121,65 @@ inline std::vector<Segment> gather_segments(at::TensorList columns) {
   const int64_t* block = columns[4].data_ptr<int64_t>();
   const int64_t* rowscale_start = columns[5].data_ptr<int64_t>();
   const int64_t* counter = columns[6].data_ptr<int64_t>();
+  const int64_t* starts = columns[7].data_ptr<int64_t>();
+  const int64_t n_tensors = columns[7].numel();
+  TORCH_CHECK(n_tensors >= 1 && starts[0] == 0, "the tensor starts must begin with 0");
   for (size_t s = 0; s < segments.size(); ++s) {
     segments[s] = {shard_offset[s], length[s], param_offset[s], row_len[s], block[s], rowscale_start[s],
-                   counter[s]};
+                   counter[s],      tensor_of(starts, n_tensors, shard_offset[s])};
   }
   return segments;
 }
+
+// Per tensor of `tensors`, the pointer `origin` with origin[j] = shard element j (for j in the
+// tensor's span): its data minus its start. Checks that each tensor is a contiguous CPU tensor of
+// `dtype` (element type T) holding every segment `segments` places in it (segments may be null:
+// entries listed by an earlier, checked op). A multi-tensor step's tensors are a model's own
+// parameters, gradients and moments, of any shape: the checks are here, once per call, not in
+// Python per tensor.
+template <typename T>
+std::vector<T*> origins(at::TensorList tensors, const at::Tensor& starts, const std::vector<Segment>* segments,
+                        at::ScalarType dtype, const char* name) {
+  const int64_t n_tensors = starts.numel();
+  TORCH_CHECK(int64_t(tensors.size()) == n_tensors, name, ": ", tensors.size(), " tensors for ", n_tensors,
+              " tensor starts");
+  const int64_t* start = starts.data_ptr<int64_t>();
+  std::vector<int64_t> needed(n_tensors, 0);
+  if (segments != nullptr) {
+    for (const Segment& s : *segments) {
+      needed[s.tensor] = std::max(needed[s.tensor], s.shard_offset + s.length - start[s.tensor]);
+    }
+  }
+  std::vector<T*> result(n_tensors);
+  for (int64_t i = 0; i < n_tensors; ++i) {
+    const at::Tensor& tensor = tensors[i];
+    TORCH_CHECK(tensor.device().is_cpu() && tensor.scalar_type() == dtype && tensor.is_contiguous(), name,
+                "[", i, "] must be a contiguous CPU tensor of ", dtype, ", got ", tensor.scalar_type(), " on ",
+                tensor.device(), tensor.is_contiguous() ? "" : " (not contiguous)");
+    TORCH_CHECK(tensor.numel() >= needed[i], name, "[", i, "] has ", tensor.numel(),
+                " elements, but the segment table reaches element ", needed[i], " of it");
+    // (integer arithmetic: the origin itself may lie before the allocation; only origin + j for
+    // j in the tensor's span is ever dereferenced)
+    result[i] = reinterpret_cast<T*>(reinterpret_cast<uintptr_t>(tensor.data_ptr()) -
+                                     uintptr_t(start[i]) * sizeof(T));
+  }
+  return result;
+}
+
+// The pointers of a shard's list by shard element, for entries listed by index (not by segment).
+template <typename T>
+struct ElementPointers {
+  std::vector<T*> origin;
+  const int64_t* starts;
+  int64_t n_tensors;
+
+  ElementPointers(at::TensorList tensors, const at::Tensor& tensor_starts, at::ScalarType dtype, const char* name)
+      : origin(origins<T>(tensors, tensor_starts, nullptr, dtype, name)),
+        starts(tensor_starts.data_ptr<int64_t>()),
+        n_tensors(tensor_starts.numel()) {}
+
+  T& operator[](int64_t at) const { return origin[tensor_of(starts, n_tensors, at)][at]; }
+};
 
 // One thread's counts for one block at a time, added to the shared int64 histogram
 // [n_blocks, bins] with atomics when the block changes or the thread's range ends: one atomic

@@ -39,16 +39,18 @@ void record_matching(const float* m, const float* v, int64_t first, int64_t last
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adamw(
-    at::Tensor param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, at::TensorList segment_columns,
+    at::TensorList param, at::TensorList exp_avg, at::TensorList exp_avg_sq, at::TensorList segment_columns,
     const at::Tensor& tile_segment, const at::Tensor& tile_start, int64_t tile_size,
     const at::Tensor& thresholds,
     const c10::optional<at::Tensor>& defer_prefix, int64_t defer_shift,
     const c10::optional<at::Tensor>& corrections, double step_size, double bias_correction2_sqrt, double eps,
     double decay_selected, double decay_unselected) {
   const std::vector<Segment> segments = gather_segments(segment_columns);
-  float* p = param.data_ptr<float>();
-  const float* m = exp_avg.data_ptr<float>();
-  const float* v = exp_avg_sq.data_ptr<float>();
+  const at::Tensor& starts = segment_columns[7];
+  const std::vector<float*> ps = origins<float>(param, starts, &segments, at::kFloat, "param");
+  const std::vector<const float*> ms = origins<const float>(exp_avg, starts, &segments, at::kFloat, "exp_avg");
+  const std::vector<const float*> vs =
+      origins<const float>(exp_avg_sq, starts, &segments, at::kFloat, "exp_avg_sq");
   const int64_t* threshold_ptr = thresholds.data_ptr<int64_t>();
   const int64_t* defer_ptr = defer_prefix.has_value() ? defer_prefix->data_ptr<int64_t>() : nullptr;
   const UpdateConstantsByCounter constants(corrections, step_size, bias_correction2_sqrt, eps, decay_selected,
@@ -56,6 +58,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adamw(
   const Deferred deferred = for_each_tile(segments, tile_segment, tile_start, tile_size, {}, {},
                 [&](const Segment& s, int64_t first, int64_t last, RangeContext& context) {
     const UpdateConstants c = constants[s.counter];
+    float* p = ps[s.tensor];
+    const float* m = ms[s.tensor];
+    const float* v = vs[s.tensor];
     // DENSE segments get threshold 0, which every bits(|m|) reaches (NaN included).
     const uint32_t threshold = s.block < 0 ? 0u : uint32_t(threshold_ptr[s.block]);
     const int64_t defer = s.block < 0 || defer_ptr == nullptr ? -1 : defer_ptr[s.block];
@@ -77,13 +82,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adamw(
 // apply_deferred for CPU tensors: the entries' m and v come with the list, p is read at index.
 // block_corrections: fp32 [n_blocks, 2], each block's (step_size, bias_correction2_sqrt) where they
 // differ between blocks, else none.
-void apply_deferred(at::Tensor param, const at::Tensor& index, const at::Tensor& block,
+void apply_deferred(at::TensorList param, const at::Tensor& tensor_starts, const at::Tensor& index, const at::Tensor& block,
                     const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& thresholds,
                     const c10::optional<at::Tensor>& block_corrections, double step_size,
                     double bias_correction2_sqrt, double eps, double decay_selected, double decay_unselected) {
   const UpdateConstantsByCounter constants(block_corrections, step_size, bias_correction2_sqrt, eps,
                                            decay_selected, decay_unselected);
-  float* p = param.data_ptr<float>();
+  const ElementPointers<float> p(param, tensor_starts, at::kFloat, "param");
   const int64_t* at = index.data_ptr<int64_t>();
   const int64_t* blocks = block.data_ptr<int64_t>();
   const float* m = exp_avg.data_ptr<float>();
@@ -94,18 +99,18 @@ void apply_deferred(at::Tensor param, const at::Tensor& index, const at::Tensor&
   constexpr int64_t kAhead = 64;
   const int64_t n = index.numel();
   for (int64_t i = 0; i < n; ++i) {
-    if (i + kAhead < n) __builtin_prefetch(p + at[i + kAhead], 1);
+    if (i + kAhead < n) __builtin_prefetch(&p[at[i + kAhead]], 1);
     const bool selected = abs_bits(m[i]) >= uint32_t(threshold[blocks[i]]);
     p[at[i]] = adamw_entry(p[at[i]], m[i], v[i], selected, constants[blocks[i]]);
   }
 }
 
 TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
-  ops.def("apply_deferred(Tensor(a!) param, Tensor index, Tensor block, Tensor exp_avg, Tensor exp_avg_sq, "
+  ops.def("apply_deferred(Tensor(a!)[] param, Tensor tensor_starts, Tensor index, Tensor block, Tensor exp_avg, Tensor exp_avg_sq, "
           "Tensor thresholds, Tensor? block_corrections, float step_size, float bias_correction2_sqrt, float eps, "
           "float decay_selected, float decay_unselected) -> ()",
           &apply_deferred);
-  ops.def("masked_adamw(Tensor(a!) param, Tensor exp_avg, Tensor exp_avg_sq, Tensor[] segments, "
+  ops.def("masked_adamw(Tensor(a!)[] param, Tensor[] exp_avg, Tensor[] exp_avg_sq, Tensor[] segments, "
           "Tensor tile_segment, Tensor tile_start, int tile_size, Tensor thresholds, Tensor? defer_prefix, "
           "int defer_shift, Tensor? corrections, float step_size, float bias_correction2_sqrt, float eps, "
           "float decay_selected, float decay_unselected) -> (Tensor, Tensor, Tensor, Tensor)",

@@ -6,12 +6,16 @@ namespace dsforget_cpu {
 constexpr int64_t kHintPiece = 1024;
 
 template <typename Grad>
-void update_moments_impl(const Grad* grad, float* m, float* v, const std::vector<Segment>& segments,
+void update_moments_impl(const std::vector<const Grad*>& grads, const std::vector<float*>& ms,
+                         const std::vector<float*>& vs, const std::vector<Segment>& segments,
                          const float* rowscale, const at::Tensor& tile_segment, const at::Tensor& tile_start,
                          int64_t tile_size, HistogramTarget histogram, HistogramTarget hint_histogram,
                          const HintCounts& hints, int64_t* nonzero, const MomentsConstants& c) {
   for_each_tile(segments, tile_segment, tile_start, tile_size, histogram, hint_histogram,
                 [&](const Segment& s, int64_t first, int64_t last, RangeContext& context) {
+    const Grad* grad = grads[s.tensor];
+    float* m = ms[s.tensor];
+    float* v = vs[s.tensor];
     // the tile's count of nonzero new |m| (top-k blocks, when asked for): one atomic per tile
     const auto count_nonzero = [&](int64_t count) {
       if (nonzero == nullptr || s.block < 0) return;
@@ -43,7 +47,7 @@ void update_moments_impl(const Grad* grad, float* m, float* v, const std::vector
   });
 }
 
-void update_moments(const at::Tensor& grad, at::Tensor exp_avg, at::Tensor exp_avg_sq,
+void update_moments(at::TensorList grad, at::TensorList exp_avg, at::TensorList exp_avg_sq,
                     at::TensorList segment_columns, const at::Tensor& rowscale,
                     const at::Tensor& tile_segment, const at::Tensor& tile_start, int64_t tile_size,
                     const c10::optional<at::Tensor>& histogram, int64_t bins, int64_t shift,
@@ -61,26 +65,29 @@ void update_moments(const at::Tensor& grad, at::Tensor exp_avg, at::Tensor exp_a
                          hinted ? window_width->data_ptr<int64_t>() : nullptr,
                          hinted ? hint_above->data_ptr<int64_t>() : nullptr, hint_shift, hint_bins};
   int64_t* nonzero_counts = nonzero.has_value() ? nonzero->data_ptr<int64_t>() : nullptr;
-  float* m = exp_avg.data_ptr<float>();
-  float* v = exp_avg_sq.data_ptr<float>();
+  const at::Tensor& starts = segment_columns[7];
+  const std::vector<float*> m = origins<float>(exp_avg, starts, &segments, at::kFloat, "exp_avg");
+  const std::vector<float*> v = origins<float>(exp_avg_sq, starts, &segments, at::kFloat, "exp_avg_sq");
   // 1 - beta in double, then rounded, like the Python scalars the reference passes to ATen
   const float lerp_weight = float(1.0 - beta1);
   const bool from_start = lerp_weight < 0.5f;
   const MomentsConstants c{from_start ? lerp_weight : lerp_weight - 1.0f, from_start, float(beta2),
                            float(1.0 - beta2), shift};
   const float* scales = rowscale.data_ptr<float>();
-  if (grad.scalar_type() == at::kBFloat16) {
-    const auto* grad_bits = reinterpret_cast<const uint16_t*>(grad.data_ptr());
+  TORCH_CHECK(!grad.empty(), "update_moments: no gradient tensors");
+  if (grad[0].scalar_type() == at::kBFloat16) {
+    // bfloat16 gradients as raw uint16 (load_float widens them)
+    const auto grad_bits = origins<const uint16_t>(grad, starts, &segments, at::kBFloat16, "grad");
     update_moments_impl(grad_bits, m, v, segments, scales, tile_segment, tile_start, tile_size, counts,
                         hint_counts, hints, nonzero_counts, c);
   } else {
-    update_moments_impl(grad.data_ptr<float>(), m, v, segments, scales, tile_segment, tile_start, tile_size,
+    update_moments_impl(origins<const float>(grad, starts, &segments, at::kFloat, "grad"), m, v, segments, scales, tile_segment, tile_start, tile_size,
                         counts, hint_counts, hints, nonzero_counts, c);
   }
 }
 
 TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
-  ops.def("update_moments(Tensor grad, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor[] segments, "
+  ops.def("update_moments(Tensor[] grad, Tensor(a!)[] exp_avg, Tensor(b!)[] exp_avg_sq, Tensor[] segments, "
           "Tensor rowscale, Tensor tile_segment, Tensor tile_start, int tile_size, Tensor(c!)? histogram, "
           "int bins, int shift, Tensor? window_start, Tensor? window_width, Tensor(d!)? hint_above, "
           "Tensor(e!)? hint_histogram, "

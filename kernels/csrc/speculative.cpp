@@ -201,7 +201,8 @@ inline void list_piece(const float* m, const float* v, const float* before, cons
 }
 
 template <typename Grad>
-Leftovers speculative_update_impl(const Grad* grad, float* p, float* m, float* v,
+Leftovers speculative_update_impl(const std::vector<const Grad*>& grads, const std::vector<float*>& ps,
+                                  const std::vector<float*>& ms, const std::vector<float*>& vs,
                                   const std::vector<Segment>& segments, const float* rowscale,
                                   const at::Tensor& tile_segment, const at::Tensor& tile_start,
                                   int64_t tile_size, HistogramTarget window_histogram,
@@ -211,6 +212,10 @@ Leftovers speculative_update_impl(const Grad* grad, float* p, float* m, float* v
   return for_each_tile(segments, tile_segment, tile_start, tile_size, {}, window_histogram,
                        [&](const Segment& s, int64_t first, int64_t last, RangeContext& context) {
     const UpdateConstants update = constants[s.counter];
+    const Grad* grad = grads[s.tensor];
+    float* p = ps[s.tensor];
+    float* m = ms[s.tensor];
+    float* v = vs[s.tensor];
     if (s.block < 0) {  // DENSE: moments and update piece by piece, while the piece is in cache
       for (int64_t start = first; start < last; start += kSpeculationPiece) {
         const int64_t stop = std::min(start + kSpeculationPiece, last);
@@ -269,7 +274,7 @@ Leftovers speculative_update_impl(const Grad* grad, float* p, float* m, float* v
 // Returns the deferred and rollback counts (int64 [2]) and the untouched spans (int64 [U, 2]);
 // the lists are the first entries of the list buffers.
 std::vector<at::Tensor> speculative_update(
-    const at::Tensor& grad, at::Tensor param, at::Tensor exp_avg, at::Tensor exp_avg_sq,
+    at::TensorList grad, at::TensorList param, at::TensorList exp_avg, at::TensorList exp_avg_sq,
     at::TensorList segment_columns, const at::Tensor& rowscale, const at::Tensor& tile_segment,
     const at::Tensor& tile_start, int64_t tile_size, const at::Tensor& window_start,
     const at::Tensor& window_width, at::Tensor hint_above, at::Tensor hint_histogram, int64_t hint_bins,
@@ -299,18 +304,20 @@ std::vector<at::Tensor> speculative_update(
                                         decay_unselected);
   const HistogramTarget window_histogram{hint_histogram.data_ptr<int64_t>(), hint_bins};
   int64_t* nonzero_counts = nonzero.has_value() ? nonzero->data_ptr<int64_t>() : nullptr;
-  float* p = param.data_ptr<float>();
-  float* m = exp_avg.data_ptr<float>();
-  float* v = exp_avg_sq.data_ptr<float>();
+  const at::Tensor& starts = segment_columns[7];
+  const std::vector<float*> p = origins<float>(param, starts, &segments, at::kFloat, "param");
+  const std::vector<float*> m = origins<float>(exp_avg, starts, &segments, at::kFloat, "exp_avg");
+  const std::vector<float*> v = origins<float>(exp_avg_sq, starts, &segments, at::kFloat, "exp_avg_sq");
   const float* scales = rowscale.data_ptr<float>();
+  TORCH_CHECK(!grad.empty(), "speculative update: no gradient tensors");
   const Leftovers left =
-      grad.scalar_type() == at::kBFloat16
-          ? speculative_update_impl(reinterpret_cast<const uint16_t*>(grad.data_ptr()), p, m, v, segments,
-                                    scales, tile_segment, tile_start, tile_size, window_histogram, hints,
-                                    nonzero_counts, moments, update, lists)
-          : speculative_update_impl(grad.data_ptr<float>(), p, m, v, segments, scales, tile_segment,
-                                    tile_start, tile_size, window_histogram, hints, nonzero_counts, moments,
-                                    update, lists);
+      grad[0].scalar_type() == at::kBFloat16
+          ? speculative_update_impl(origins<const uint16_t>(grad, starts, &segments, at::kBFloat16, "grad"), p,
+                                    m, v, segments, scales, tile_segment, tile_start, tile_size,
+                                    window_histogram, hints, nonzero_counts, moments, update, lists)
+          : speculative_update_impl(origins<const float>(grad, starts, &segments, at::kFloat, "grad"), p, m, v,
+                                    segments, scales, tile_segment, tile_start, tile_size, window_histogram,
+                                    hints, nonzero_counts, moments, update, lists);
   const auto [deferred, rollbacks] = lists.compact(n_blocks);
   std::vector<int64_t> spans;
   for (const auto& [first, last] : left.untouched) {
@@ -325,7 +332,7 @@ std::vector<at::Tensor> speculative_update(
 // the step where an entry below the window is selected, subtract it where one above is not, then
 // put back the listed unselected values. Tiles of the table (the speculated spans only) whose
 // block's threshold lies in its window are skipped.
-void correct_speculation(at::Tensor param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+void correct_speculation(at::TensorList param, at::TensorList exp_avg, at::TensorList exp_avg_sq,
                          at::TensorList segment_columns, const at::Tensor& tile_segment,
                          const at::Tensor& tile_start, int64_t tile_size, const at::Tensor& thresholds,
                          const at::Tensor& window_start, const at::Tensor& window_width, int64_t hint_bins,
@@ -337,9 +344,11 @@ void correct_speculation(at::Tensor param, const at::Tensor& exp_avg, const at::
   const std::vector<Segment> segments = gather_segments(segment_columns);
   const UpdateConstantsByCounter constants(corrections, step_size, bias_correction2_sqrt, eps, decay_selected,
                                            decay_unselected);
-  float* p = param.data_ptr<float>();
-  const float* m = exp_avg.data_ptr<float>();
-  const float* v = exp_avg_sq.data_ptr<float>();
+  const at::Tensor& starts = segment_columns[7];
+  const std::vector<float*> ps = origins<float>(param, starts, &segments, at::kFloat, "param");
+  const std::vector<const float*> ms = origins<const float>(exp_avg, starts, &segments, at::kFloat, "exp_avg");
+  const std::vector<const float*> vs =
+      origins<const float>(exp_avg_sq, starts, &segments, at::kFloat, "exp_avg_sq");
   const int64_t* threshold = thresholds.data_ptr<int64_t>();
   const int64_t* start = window_start.data_ptr<int64_t>();
   const int64_t* width = window_width.data_ptr<int64_t>();
@@ -350,6 +359,9 @@ void correct_speculation(at::Tensor param, const at::Tensor& exp_avg, const at::
     const uint32_t t = uint32_t(threshold[s.block]);
     if (t >= window.low && t <= window.high) return;  // every entry outside the window was right
     const UpdateConstants c = constants[s.counter];
+    float* p = ps[s.tensor];
+    const float* m = ms[s.tensor];
+    const float* v = vs[s.tensor];
     for (int64_t i = first; i < last; ++i) {
       const uint32_t bits = abs_bits(m[i]);
       const bool outside = (bits < window.low) | (bits >= window.high);
@@ -362,6 +374,8 @@ void correct_speculation(at::Tensor param, const at::Tensor& exp_avg, const at::
   const int64_t* at = rollback_index.data_ptr<int64_t>();
   const int64_t* blocks = rollback_block.data_ptr<int64_t>();
   const float* unselected = rollback_unselected.data_ptr<float>();
+  const ElementPointers<float> p(param, starts, at::kFloat, "param");
+  const ElementPointers<const float> m(exp_avg, starts, at::kFloat, "exp_avg");
   for (int64_t i = 0; i < rollback_index.numel(); ++i) {
     if (abs_bits(m[at[i]]) < uint32_t(threshold[blocks[i]])) p[at[i]] = unselected[i];
   }
@@ -370,14 +384,14 @@ void correct_speculation(at::Tensor param, const at::Tensor& exp_avg, const at::
 // The window entries' p once the thresholds are exact: the selected ones get the step added to
 // their unselected p (as speculate_piece), the others already hold theirs. Writes p, never reads
 // it (each entry's p is a cache miss: a store does not stall the loop, a load would).
-void resolve_window(at::Tensor param, const at::Tensor& index, const at::Tensor& block,
+void resolve_window(at::TensorList param, const at::Tensor& tensor_starts, const at::Tensor& index, const at::Tensor& block,
                     const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& unselected,
                     const at::Tensor& thresholds, const c10::optional<at::Tensor>& block_corrections,
                     double step_size, double bias_correction2_sqrt, double eps, double decay_selected,
                     double decay_unselected) {
   const UpdateConstantsByCounter constants(block_corrections, step_size, bias_correction2_sqrt, eps,
                                            decay_selected, decay_unselected);
-  float* p = param.data_ptr<float>();
+  const ElementPointers<float> p(param, tensor_starts, at::kFloat, "param");
   const int64_t* at = index.data_ptr<int64_t>();
   const int64_t* blocks = block.data_ptr<int64_t>();
   const float* m = exp_avg.data_ptr<float>();
@@ -391,11 +405,11 @@ void resolve_window(at::Tensor param, const at::Tensor& index, const at::Tensor&
 }
 
 TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
-  ops.def("resolve_window(Tensor(a!) param, Tensor index, Tensor block, Tensor exp_avg, Tensor exp_avg_sq, "
+  ops.def("resolve_window(Tensor(a!)[] param, Tensor tensor_starts, Tensor index, Tensor block, Tensor exp_avg, Tensor exp_avg_sq, "
           "Tensor unselected, Tensor thresholds, Tensor? block_corrections, float step_size, "
           "float bias_correction2_sqrt, float eps, float decay_selected, float decay_unselected) -> ()",
           &resolve_window);
-  ops.def("speculative_update(Tensor grad, Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+  ops.def("speculative_update(Tensor[] grad, Tensor(a!)[] param, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, "
           "Tensor[] segments, Tensor rowscale, Tensor tile_segment, Tensor tile_start, int tile_size, "
           "Tensor window_start, Tensor window_width, Tensor(d!) hint_above, Tensor(e!) hint_histogram, "
           "int hint_bins, int hint_shift, Tensor(g!)? nonzero, float beta1, float beta2, "
@@ -404,7 +418,7 @@ TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
           "Tensor region_start, Tensor region_size, "
           "Tensor(f!)[] buffers) -> Tensor[]",
           &speculative_update);
-  ops.def("correct_speculation(Tensor(a!) param, Tensor exp_avg, Tensor exp_avg_sq, Tensor[] segments, "
+  ops.def("correct_speculation(Tensor(a!)[] param, Tensor[] exp_avg, Tensor[] exp_avg_sq, Tensor[] segments, "
           "Tensor tile_segment, Tensor tile_start, int tile_size, Tensor thresholds, Tensor window_start, "
           "Tensor window_width, int hint_bins, int hint_shift, Tensor rollback_index, Tensor rollback_block, "
           "Tensor rollback_unselected, Tensor? corrections, float step_size, float bias_correction2_sqrt, "

@@ -74,3 +74,21 @@ def test_benchmark_does_not_hang_on_a_stale_deepspeed_build_lock(tmp_path, monke
     with pytest.raises(RuntimeError, match=re.escape(str(lock))):
         flat.deepspeed_adam_step(None, state)
     assert time.monotonic() - started < 10
+
+
+def test_separate_matrices_benchmark_tiny_run():
+    """Keeps `python -m dsforget.kernels.bench_model --matrices` from rotting: each implementation
+    runs in its own process and reports a time, a ratio to torch's fused AdamW and its peak extra
+    memory."""
+    result = run_python(["-m", "dsforget.kernels.bench_model", "--matrices", "3x64", "--tiny"])
+    rows = {
+        cells[0]: cells[1:]
+        for line in result.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith(("| implementation", "| ---"))
+        for cells in [[cell.strip() for cell in line.strip("|").split("|")]]
+    }
+    backend = default_backend(torch.device("cpu"))
+    assert set(rows) == {f"mofo-{backend}", f"mofo-{backend}-per-tensor", "torch-adamw-fused"}, result.stdout
+    for cells in rows.values():
+        assert float(cells[0]) > 0 and float(cells[2]) > 0, result.stdout
+    assert float(rows["torch-adamw-fused"][2]) == 1.0
