@@ -59,6 +59,8 @@ def parse_data_spec(spec: str, flag: str = "--data") -> list[tuple[str, float]]:
             try:
                 weight = float(text)
             except ValueError:
+                if not Path(path).is_file():  # no weight after all: a missing file with a colon in its name
+                    raise InputFileError(f"data file {entry} does not exist ({flag})") from None
                 raise ConfigError(
                     f"{flag} entry {entry!r}: the weight {text!r} after the last ':' is not a number "
                     "(expected PATH or PATH:WEIGHT, e.g. a.jsonl:0.7,b.jsonl:0.3)"

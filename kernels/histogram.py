@@ -23,7 +23,6 @@ from .tiles import (
     kernel_tensors,
     require_flat,
     segment_columns,
-    shard_device,
     tile_table,
 )
 
@@ -146,7 +145,7 @@ def abs_histogram(
     prefix: int64 [n_blocks], RadixState.prefix (the digits fixed by earlier levels, RESOLVED
     for blocks that need no more counting).
     """
-    device = shard_device(exp_avg)
+    device = exp_avg.device
     check_backend("abs_histogram", backend, device)
     require_flat("abs_histogram", backend, exp_avg)
     if backend == "torch":

@@ -41,7 +41,6 @@ from .tiles import (
     kernel_tensors,
     require_flat,
     segment_columns,
-    shard_device,
     shard_starts,
     tile_table,
 )
@@ -285,7 +284,7 @@ def apply_deferred(
             exp_avg=deferred.exp_avg,
             exp_avg_sq=deferred.exp_avg_sq,
             thresholds=thresholds,
-            block_corrections=scalars.block_tensor(shard_device(param)),
+            block_corrections=scalars.block_tensor(param.device),
             **scalars.kernel_keywords(),
         )
         return
@@ -466,7 +465,7 @@ def _masked_adamw_cpu(
         thresholds=addressable(thresholds, tiles.tile_start),
         defer_prefix=None if defer_prefix is None else addressable(defer_prefix, tiles.tile_start),
         defer_shift=DEFER_SHIFT,
-        corrections=scalars.counter_tensor(shard_device(param)),
+        corrections=scalars.counter_tensor(param.device),
         **scalars.kernel_keywords(),
     )
     return None if defer_prefix is None else DeferredEntries(*deferred)
@@ -492,7 +491,7 @@ def masked_adamw(
     defer_capacity: at least the number of entries that can defer here (RuntimeError if more
     did); the Triton kernel reserves this many slots.
     """
-    device = shard_device(param)
+    device = param.device
     check_backend("masked_adamw", backend, device)
     require_flat("masked_adamw", backend, param, exp_avg, exp_avg_sq)
     if backend == "torch":

@@ -45,7 +45,6 @@ from .tiles import (
     kernel_tensors,
     require_flat,
     segment_columns,
-    shard_device,
     tile_table,
 )
 
@@ -321,7 +320,7 @@ def update_moments(
     nonzero: int64 [n_blocks], accumulated into: every block's entries whose new |m| is not 0
     (bits(|m|) != 0: -0.0 is a zero, NaN is not).
     """
-    device = shard_device(exp_avg)
+    device = exp_avg.device
     check_backend("update_moments", backend, device)
     require_flat("update_moments", backend, grad, exp_avg, exp_avg_sq)
     if backend == "torch":

@@ -62,7 +62,6 @@ from .tiles import (
     check_buffers,
     kernel_tensors,
     segment_columns,
-    shard_device,
     shard_starts,
     tile_table,
 )
@@ -155,7 +154,7 @@ def speculative_update(
     buffers: valid until the next call for the table."""
     tiles = tile_table(table, CPU_TILE)
     check_buffers("speculative_update", tiles, grad, param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-    device = shard_device(param)
+    device = param.device
     for name in ("start", "width", "above"):
         check_block_tensor("speculative_update", f"window {name}", getattr(hinted, name), table, device)
     check_block_tensor("speculative_update", "window histogram", hinted.histogram, table, device, HINT_WINDOW)
@@ -208,7 +207,7 @@ def correct_speculation(
     for the blocks whose `thresholds` lie outside their windows; CPU tensors only."""
     tiles = tile_table(speculated, CPU_TILE)
     check_buffers("correct_speculation", tiles, param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-    check_block_tensor("correct_speculation", "thresholds", thresholds, speculated, shard_device(param))
+    check_block_tensor("correct_speculation", "thresholds", thresholds, speculated, param.device)
     cpu_ops().correct_speculation(
         param=kernel_tensors(param),
         exp_avg=kernel_tensors(exp_avg),
@@ -225,7 +224,7 @@ def correct_speculation(
         rollback_index=left.rollback_index,
         rollback_block=left.rollback_block,
         rollback_unselected=left.rollback_unselected,
-        corrections=scalars.counter_tensor(shard_device(param)),
+        corrections=scalars.counter_tensor(param.device),
         **scalars.kernel_keywords(),
     )
 
@@ -244,6 +243,6 @@ def resolve_window(
         exp_avg_sq=deferred.exp_avg_sq,
         unselected=left.deferred_unselected,
         thresholds=thresholds,
-        block_corrections=scalars.block_tensor(shard_device(param)),
+        block_corrections=scalars.block_tensor(param.device),
         **scalars.kernel_keywords(),
     )

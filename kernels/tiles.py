@@ -107,7 +107,9 @@ class TensorList:
     `starts` (the same object): tensor i of each is the same parameter's. Nothing is copied: the
     ops read and write each tensor where it lies. Tensors may have any shape but must be
     contiguous (the C++ ops check dtypes, contiguity and sizes, once per call).
-    starts: int64 [n_tensors] on the CPU, ascending, starts[0] == 0.
+    starts: int64 [n_tensors] on the CPU, the tensors laid end to end (``starts_of`` their sizes):
+    checked here, because an entry the ops address by shard index finds its tensor from the
+    starts alone.
     """
 
     tensors: tuple[torch.Tensor, ...]
@@ -116,6 +118,16 @@ class TensorList:
     def __post_init__(self) -> None:
         if len(self.tensors) != self.starts.numel() or not self.tensors:
             raise ValueError(f"TensorList: {len(self.tensors)} tensors for {self.starts.numel()} starts")
+        if self.starts.dtype != torch.int64 or self.starts.device.type != "cpu":
+            raise ValueError(
+                f"TensorList: starts must be CPU int64, got {self.starts.dtype} on {self.starts.device}"
+            )
+        expected = self.starts_of([tensor.numel() for tensor in self.tensors])
+        if not torch.equal(self.starts, expected):
+            raise ValueError(
+                f"TensorList: starts {self.starts.tolist()[:8]} are not the tensors laid end to end "
+                f"({expected.tolist()[:8]}): build them with TensorList.starts_of"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -135,10 +147,6 @@ class TensorList:
 Shard = torch.Tensor | TensorList
 
 _FLAT_STARTS = torch.zeros(1, dtype=torch.int64)  # a flat shard: one tensor starting at 0
-
-
-def shard_device(shard: Shard) -> torch.device:
-    return shard.device
 
 
 def kernel_tensors(shard: Shard) -> list[torch.Tensor]:

@@ -268,8 +268,20 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(ours)
     if "--output_dir" in finetune_flags or "--method" in finetune_flags:
         parser.error("--output_dir and --method are set per run by compare.py; pass them before `--`")
+    if any(flag.split("=")[0] in ("--replay_ratio", "--replay_text") for flag in finetune_flags):
+        raise ConfigError(
+            "--replay_ratio and --replay_text apply to the replay entries (replay, METHOD+replay) only: "
+            "pass them before `--`, not to every run"
+        )
     output = Path(args.output_dir)
     methods = args.methods.split(",")
+    replaying = [method for method in methods if split_replay(method)[1]]
+    if replaying and not args.replay_ratio > 0:
+        raise ConfigError(
+            f"--replay_ratio {args.replay_ratio}: the replay entries ({','.join(replaying)}) need a ratio > 0"
+        )
+    if args.replay_text and not replaying:
+        raise ConfigError("--replay_text: no entry of --methods replays (replay, or METHOD+replay)")
     lrs, seeds = parse_lrs(args.lrs, methods), parse_seeds(args.plan_seeds, methods)
     own_options = parse_options(args.method_options, methods)
     runs, method_of, group_of = {}, {}, {}

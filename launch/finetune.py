@@ -8,7 +8,7 @@ cached), fine-tuned with MoFO under ZeRO-3, with task gain against forgetting pr
     deepspeed --num_gpus 8 launch/finetune.py --model /ckpt/Llama-3.1-8B --data sft.jsonl \\
         --general_text general.jsonl --method mofo --lr 1e-5 --deepspeed configs/zero3.json
     deepspeed --num_gpus 8 launch/finetune.py --config my_run.yaml --method full
-    deepspeed --num_gpus 8 launch/finetune.py --model /ckpt/Llama-3.1-8B --data a.jsonl:0.7,b.jsonl:0.3 \
+    deepspeed --num_gpus 8 launch/finetune.py --model /ckpt/Llama-3.1-8B --data a.jsonl:0.7,b.jsonl:0.3 \\
         --replay_text general.jsonl --replay_ratio 0.1    # two files mixed, 10% replayed general text
 
 It also runs under torchrun, srun (launch/slurm/) and mpirun (rank discovery:

@@ -141,8 +141,8 @@ def close_process_group_at_exit() -> None:
 def close_process_group() -> None:
     """Let every gloo worker thread finish, then destroy the process group (a no-op when there is
     none). Call it on every rank at the end of a script that ends normally. ``dsforget.initialize``
-    and an optimizer bound to an engine of plain ``deepspeed.initialize`` (Hugging Face Trainer)
-    register it at exit; ``launch/finetune.py`` calls it itself. Why the barriers: see
+    and ForgetAdamW's first step (any engine, or none: Hugging Face Trainer, TRL) register it at
+    exit; ``launch/finetune.py`` calls it itself. Why the barriers: see
     ``close_process_group_at_exit``."""
     import torch.distributed as dist
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -67,6 +68,17 @@ def _choose(key: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{key}={value!r} is not supported; allowed: {', '.join(allowed)}")
     return value
+
+
+@dataclass
+class _Batch:
+    """A multi-tensor step's cached inputs: the tensors it stepped (by id), their segment table
+    and TensorList starts, and the threshold hints its last step returned."""
+
+    key: tuple[int, ...]
+    table: SegmentTable
+    starts: torch.Tensor
+    hint: ThresholdHint | None = None
 
 
 def _trained_numel(rule: ParamRule, shape: tuple[int, ...]) -> int:
@@ -210,10 +222,11 @@ class ForgetAdamW(torch.optim.Optimizer):
         self._tables: dict[int, SegmentTable] = {}
         self._hints: dict[int, ThresholdHint] = {}  # per shard: topk_adamw_step's threshold hints
         self._pulls: dict[int, list[tuple[int, int, float]]] = {}  # per shard: _pull_runs
-        # multi-tensor steps, by the ids of the tensors stepped together: their table and starts,
-        # and the hints topk_adamw_step returned for that table
-        self._batches: dict[tuple[int, ...], tuple[SegmentTable, torch.Tensor]] = {}
-        self._batch_hints: dict[tuple[int, ...], ThresholdHint] = {}
+        # multi-tensor steps, one per (param group, gradient dtype): the ids of the tensors stepped
+        # together last, their table and starts, and the hints topk_adamw_step returned for that
+        # table. One entry per slot, rebuilt when the set of tensors with gradients changes, so
+        # steps that skip different parameters (unrouted experts) do not pile up tables.
+        self._batches: dict[tuple[int, torch.dtype], _Batch] = {}
         self._dp_group: Any = None
         self._backends: dict[str, str] = {}  # device type -> the backend resolved for it
 
@@ -310,11 +323,9 @@ class ForgetAdamW(torch.optim.Optimizer):
         if name is None and not self._discovered:
             # An engine built by plain deepspeed.initialize (HF Trainer, accelerate): find the
             # layouts from the parameters' partition mappings, once, on every rank alike (and
-            # unlink DeepSpeed's CPU all-reduce buffers and close the group at exit, as
-            # dsforget.initialize does).
+            # unlink DeepSpeed's CPU all-reduce buffers, as dsforget.initialize does).
             self._discovered = True
             release_shared_memory_names()
-            close_process_group_at_exit()
             verify_plan_agreement(self.plan)
             layouts, group = discover_layouts(
                 self.param_groups, self.group_param_names, self.trained_parameters
@@ -335,7 +346,6 @@ class ForgetAdamW(torch.optim.Optimizer):
         self._hints.clear()
         self._pulls.clear()
         self._batches.clear()
-        self._batch_hints.clear()
 
     def _table(self, tensor: torch.Tensor) -> SegmentTable:
         table = self._tables.get(id(tensor))
@@ -365,11 +375,11 @@ class ForgetAdamW(torch.optim.Optimizer):
         counters: list[int] = []
         scale_total = 0
         placed = []  # (segment, start of its shard, its counter)
-        counter = 0
+        first_counter = 0  # the counters of each layout's group_params follow the previous layout's
         for layout, start in zip(layouts, starts, strict=True):
-            counter_of = {name: counter + index for index, (name, _) in enumerate(layout.group_params)}
+            counter_of = {name: first_counter + index for index, (name, _) in enumerate(layout.group_params)}
             placed += [(seg, start, counter_of[seg.name]) for seg in layout.segments]
-            counter += len(layout.group_params)
+            first_counter += len(layout.group_params)
         for seg, start, counter in placed:
             rule = self.plan[seg.name]
             pieces = _trained_pieces(seg, rule, numels[seg.name])
@@ -454,11 +464,14 @@ class ForgetAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        # every way in (dsforget.initialize, plain deepspeed.initialize at any stage, no DeepSpeed
+        # under torchrun) closes the process group at exit after gloo's workers finish; registered once
+        close_process_group_at_exit()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             together: dict[torch.dtype, list[torch.Tensor]] = {}
             for param in group["params"]:
                 if param.grad is None:
@@ -467,11 +480,11 @@ class ForgetAdamW(torch.optim.Optimizer):
                     together.setdefault(param.grad.dtype, []).append(param)
                 else:
                     self._step_shard(param, group)
-            for params in together.values():
+            for dtype, params in together.items():
                 if len(params) == 1:
                     self._step_shard(params[0], group)
                 else:
-                    self._step_tensors(params, group)
+                    self._step_tensors(params, group, slot=(index, dtype))
         return loss
 
     def _steps_together(self, param: torch.Tensor) -> bool:
@@ -532,25 +545,27 @@ class ForgetAdamW(torch.optim.Optimizer):
             param.view(-1)[start:stop].lerp_(state[INITIAL].view(-1)[start:stop], group["lr"] * pull)
         return state
 
-    def _step_tensors(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
+    def _step_tensors(
+        self, params: list[torch.Tensor], group: dict[str, Any], slot: tuple[int, torch.dtype]
+    ) -> None:
         """One fused step over `params` (parameters the optimizer steps itself, with gradients of
         one dtype): the same result as `_step_shard` on each, bit for bit, in one call of each op
         over a TensorList (one segment table, whose counters are the parameters' step counts)."""
         key = tuple(id(param) for param in params)
-        batch = self._batches.get(key)
-        if batch is None:
+        batch = self._batches.get(slot)
+        if batch is None or batch.key != key:
             starts = TensorList.starts_of([param.numel() for param in params])
             layouts = [self._layout(param) for param in params]
-            batch = (self._build_table(layouts, starts.tolist(), params[0].device), starts)
-            self._batches[key] = batch
-        table, starts = batch
+            batch = _Batch(key, self._build_table(layouts, starts.tolist(), params[0].device), starts)
+            self._batches[slot] = batch
+        table, starts = batch.table, batch.starts
         states = [self._begin_step(param, group) for param in params]
         counts = [count for state in states for count in state[PARAM_STEPS]]
 
         def tensors(chosen: list[torch.Tensor]) -> TensorList:
             return TensorList(tuple(chosen), starts)
 
-        self._batch_hints[key] = topk_adamw_step(
+        batch.hint = topk_adamw_step(
             tensors(params),
             tensors([param.grad for param in params]),
             tensors([state["exp_avg"] for state in states]),
@@ -562,7 +577,7 @@ class ForgetAdamW(torch.optim.Optimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             decay_selected_only=self.decay_scope == "selected",
-            hint=self._batch_hints.get(key),
+            hint=batch.hint,
             sum_over_ranks=self._sum_over_data_parallel,
             backend="cpu",
             speculate=self.one_pass,

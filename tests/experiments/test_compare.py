@@ -44,6 +44,15 @@ from dsforget.errors import ConfigError
             ["--methods", "replay", "--replay_text", "lab", "--", "--model", "/ckpt", "--data", "a.jsonl"],
             r"error: replay_text='lab' needs model 'lab'",
         ),
+        (
+            ["--methods", "full,replay", "--", "--replay_ratio", "0.3"],
+            r"pass them before `--`, not to every run",
+        ),
+        (
+            ["--methods", "full,replay", "--replay_ratio", "0"],
+            r"the replay entries \(replay\) need a ratio > 0",
+        ),
+        (["--methods", "full,mofo", "--replay_text", "g.jsonl"], r"no entry of --methods replays"),
     ],
     ids=[
         "bad-finetune-flag",
@@ -57,6 +66,9 @@ from dsforget.errors import ConfigError
         "options-of-another-method",
         "replay-ratio-out-of-range",
         "replay-lab-for-a-checkpoint",
+        "replay-flags-after-dashes",
+        "replay-ratio-zero",
+        "replay-text-without-replay",
     ],
 )
 def test_bad_input_is_one_line_with_status_2(tmp_path: Path, flags: list[str], message: str) -> None:

@@ -34,10 +34,11 @@ def joined(shard: TensorList) -> torch.Tensor:
 @pytest.mark.parametrize(("scope", "weight_decay"), [("all", 0.1), ("selected", 0.1)])
 @pytest.mark.parametrize("layout", ["small", "large"])
 def test_tensor_list_step_equals_the_flat_step(layout, scope, weight_decay, speculate, grad_dtype) -> None:
-    """Catches an element read or written in the wrong tensor: one tensor per segment (each with
-    the padding before it), so a block's pieces lie in different tensors (listed entries found by
-    their shard index), and the padding (poisoned: NaN, 1e30) must stay as it was; 5 steps carry
-    hints, so the one-pass step's lists, rollbacks and corrections run."""
+    """Catches an element read or written in the wrong tensor: one tensor per segment (cut at each
+    segment's start: it holds that segment and the padding after it), so a block's pieces lie in
+    different tensors (listed entries found by their shard index), and the padding (poisoned: NaN,
+    1e30) must stay as it was; 5 steps carry hints, so the one-pass step's lists, rollbacks and
+    corrections run."""
     shard = build_shard(LAYOUTS[layout], "cpu")
     flat = random_state(shard, seed=3, grad_dtype=grad_dtype)
     cuts = [0] + [row[0] for row in shard.table.rows()[1:]]
@@ -96,3 +97,16 @@ def test_tensor_list_on_another_backend_or_too_short_is_refused() -> None:
     other = TensorList(lists["exp_avg_sq"].tensors, lists["exp_avg_sq"].starts.clone())
     with pytest.raises(ValueError, match="other starts"):
         update_moments(lists["grad"], lists["exp_avg"], other, shard.table, backend="cpu", **moments)
+
+
+def test_starts_that_are_not_the_tensors_end_to_end_are_refused() -> None:
+    """An entry addressed by shard index finds its tensor from the starts alone: starts with a gap
+    or out of order would send a write past a tensor's end (the C++ ops check only that each
+    tensor covers its segments)."""
+    tensors = (torch.zeros(100), torch.zeros(5))
+    TensorList(tensors, TensorList.starts_of([100, 5]))
+    for starts in ([0, 10], [0, 150], [5, 105]):
+        with pytest.raises(ValueError, match="not the tensors laid end to end"):
+            TensorList(tensors, torch.tensor(starts, dtype=torch.int64))
+    with pytest.raises(ValueError, match="CPU int64"):
+        TensorList(tensors, torch.tensor([0, 100], dtype=torch.int32))

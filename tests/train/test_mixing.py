@@ -84,7 +84,11 @@ def test_ranks_split_the_stream_so_a_global_batch_is_the_same_at_any_world_size(
     stream = mixture().epoch_order(0)
     one = rank_share(stream, 0, 1)
     two = [rank_share(stream, rank, 2) for rank in range(2)]
-    assert not set(two[0]) & set(two[1]) or Counter(two[0] + two[1]) == Counter(one[: len(two[0]) * 2])
+    slots = [rank_share(range(len(stream)), rank, 2) for rank in range(2)]
+    assert not set(slots[0]) & set(slots[1]) and sorted(slots[0] + slots[1]) == list(
+        range(len(stream) // 2 * 2)
+    )
+    assert Counter(two[0] + two[1]) == Counter(one[: len(two[0]) * 2])
     for step in range(20):
         global_batch = two[0][step * 4 : step * 4 + 4] + two[1][step * 4 : step * 4 + 4]
         assert sorted(global_batch) == sorted(one[step * 8 : step * 8 + 8])
@@ -160,6 +164,7 @@ BAD = [  # (call(tmp, a, b), error, message)
     (lambda t, a, b: spec(f"{a},{a}:2"), ConfigError, "named twice"),
     (lambda t, a, b: spec(f"{a},{t}/no.jsonl:1"), Missing, r"no\.jsonl does not exist \(--data entry"),
     (lambda t, a, b: spec(f"{t}/no.jsonl"), Missing, r"no\.jsonl does not exist \(--data\)"),
+    (lambda t, a, b: spec(f"{t}/no:file.jsonl"), Missing, r"no:file\.jsonl does not exist \(--data\)"),
     (lambda t, a, b: flags(["--replay_ratio", "1"]), ConfigError, r"replay_ratio=1\.0 must be .* \[0, 1\)"),
     (lambda t, a, b: flags(["--replay_ratio", "-0.1"]), ConfigError, "replay_ratio=-0.1"),
     (lambda t, a, b: flags(["--replay_text", str(a)]), ConfigError, "replay_ratio is 0"),
