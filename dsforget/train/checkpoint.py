@@ -302,10 +302,16 @@ def _shape_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     return f"{len(differing)} of {len(names)} parameters differ ({examples})"
 
 
-def check_resume(directory: str | Path, run: Mapping[str, Any], world_size: int) -> None:
+def check_resume(
+    directory: str | Path, run: Mapping[str, Any], world_size: int, defaults: Mapping[str, Any] | None = None
+) -> None:
     """Refuse to resume from `directory` unless it is complete and was written by the same kind of
     run: the same model (parameter names and shapes), plan settings, data and batch layout
     (`run`, from ``dsforget.train.job.run_identity``) and number of ranks. Call before building the plan.
+
+    defaults: the value a setting had before it existed (``job.identity_defaults``), for keys a
+    checkpoint written earlier does not carry: such a checkpoint resumes only where this run leaves
+    them at that value. Keys with no default (derived ones: the attention kernel) are not compared.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -321,6 +327,8 @@ def check_resume(directory: str | Path, run: Mapping[str, Any], world_size: int)
         "afresh with another --output_dir or --resume never"
     )
     saved_run = saved.get("run") or {}  # checkpoints from before this check carry none
+    if saved_run and defaults:
+        saved_run = {**{key: value for key, value in defaults.items() if key in run}, **saved_run}
     saved_shapes, shapes = saved_run.get("parameters"), run.get("parameters")
     if saved_shapes is not None and shapes is not None and saved_shapes != shapes:
         raise ResumeError(

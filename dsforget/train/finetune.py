@@ -47,6 +47,7 @@ from .job import (
     apply_hyperparameters,
     deepspeed_config,
     environment,
+    identity_defaults,
     load_model,
     lr_factor,
     run_identity,
@@ -168,7 +169,7 @@ class FinetuneJob:
         self.run = run_identity(config, self.model)  # what a resume must match (checkpoint.check_resume)
         self.resume_from = resume_source(config, self.output)
         if self.resume_from is not None:
-            checkpoint.check_resume(self.resume_from, self.run, self.world)
+            checkpoint.check_resume(self.resume_from, self.run, self.world, defaults=identity_defaults())
             if self._nothing_to_train(checkpoint.saved_step(self.resume_from)):
                 return  # config.json included: the outputs describe the finished run
         if self.rank == 0:

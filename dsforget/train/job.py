@@ -195,6 +195,16 @@ def run_identity(config: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
     return json.loads(json.dumps(values))
 
 
+def identity_defaults() -> dict[str, Any]:
+    """The RESUME_KEYS (and methods' keys) at their RunConfig defaults, as JSON values: what a
+    checkpoint written before a setting existed ran with (``checkpoint.check_resume``)."""
+    keys = [*RESUME_KEYS, *(key for keys in RESUME_KEYS_OF_METHOD.values() for key in keys)]
+    config = RunConfig()
+    values = {key: getattr(config, key) for key in keys if hasattr(config, key)}
+    values.pop("attn_implementation", None)  # run_identity records the loaded model's, not the flag
+    return json.loads(json.dumps(values))
+
+
 def environment() -> dict[str, str]:
     """Hardware and versions for the report."""
     import deepspeed

@@ -438,3 +438,18 @@ def test_unexpected_error_keeps_its_traceback(tmp_path: Path, tiny_model: Path) 
         run_ranks(argv, world_size=2, timeout=300)
     for output in failure.value.outputs:
         assert "Traceback" in output and "RuntimeError: injected bug" in output, output[-3000:]
+
+
+def test_a_checkpoint_from_before_replay_resumes_only_without_replay(tmp_path: Path) -> None:
+    """A checkpoint written before --replay_ratio existed carries no such key: catches it resuming
+    a run that now replays (the data stream would change without a word), while the same run
+    without replay still resumes; derived keys with no default (the attention kernel) stay skipped."""
+    from dsforget.train import job
+
+    older = fake_checkpoint(tmp_path, **THIS_RUN)
+    defaults = job.identity_defaults()
+    checkpoint.check_resume(
+        older, {**THIS_RUN, "replay_ratio": 0.0, "attn_implementation": "sdpa"}, 2, defaults
+    )
+    with pytest.raises(ValueError, match="replay_ratio=0.0 there, 0.1 here"):
+        checkpoint.check_resume(older, {**THIS_RUN, "replay_ratio": 0.1}, 2, defaults)
