@@ -39,7 +39,7 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -224,15 +224,17 @@ def load_records(
     return records
 
 
-def _load_jsonl(path: Path) -> list[tuple[str, Conversation]]:
-    records = []
+def _jsonl_records(path: Path, named_by: str = "") -> Iterator[tuple[str, Any]]:
+    """``(file:line, parsed record)`` for every non-blank line of a JSONL file; a line that is not
+    UTF-8 or not JSON is a DataError naming the file, the line and `named_by` (the flag)."""
+    suffix = f" ({named_by})" if named_by else ""
     with open(path, "rb") as file:
         for line_number, raw_line in enumerate(file, start=1):
             where = f"{path}:{line_number}"
             try:
                 line = raw_line.decode("utf-8")
             except UnicodeDecodeError as error:
-                raise DataError(f"{where}: not valid UTF-8 ({error.reason})") from None
+                raise DataError(f"{where}: not valid UTF-8 ({error.reason}){suffix}") from None
             if not line.strip():
                 continue
             try:
@@ -240,9 +242,13 @@ def _load_jsonl(path: Path) -> list[tuple[str, Conversation]]:
                 # "column 1" for a record cut short, instead of the column where it stops.
                 record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as error:
-                raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
-            records.append((where, to_conversation(record, where)))
-    return records
+                message = f"invalid JSON ({error.msg} at column {error.colno})"
+                raise DataError(f"{where}: {message}{suffix}") from None
+            yield where, record
+
+
+def _load_jsonl(path: Path) -> list[tuple[str, Conversation]]:
+    return [(where, to_conversation(record, where)) for where, record in _jsonl_records(path)]
 
 
 def load_texts(path: str | Path, source: str = "--replay_text") -> list[tuple[str, str]]:
@@ -252,26 +258,12 @@ def load_texts(path: str | Path, source: str = "--replay_text") -> list[tuple[st
     if not path.is_file():
         raise InputFileError(f"text file {path} does not exist ({source})")
     texts = []
-    with open(path, "rb") as file:
-        for line_number, raw_line in enumerate(file, start=1):
-            where = f"{path}:{line_number}"
-            try:
-                line = raw_line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(f"{where}: not valid UTF-8 ({error.reason}) ({source})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    f"{where}: invalid JSON ({error.msg} at column {error.colno}) ({source})"
-                ) from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f'{where}: expected a {{"text": string}} record ({source})')
-            if not record["text"].strip():
-                raise DataError(f"{where}: the text is empty, so there is nothing to train on ({source})")
-            texts.append((where, record["text"]))
+    for where, record in _jsonl_records(path, source):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f'{where}: expected a {{"text": string}} record ({source})')
+        if not record["text"].strip():
+            raise DataError(f"{where}: the text is empty, so there is nothing to train on ({source})")
+        texts.append((where, record["text"]))
     if not texts:
         raise DataError(f"{path}: no records (the file is empty) ({source})")
     return texts
