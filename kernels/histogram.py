@@ -169,11 +169,13 @@ def deferred_histogram(
     backend: str = "torch",
 ) -> None:
     """abs_histogram over the entries `masked_adamw` deferred instead of whole segments (the list
-    is short: a few torch ops on any device, one C++ loop on the "cpu" backend)."""
+    is short: a few torch ops on any device, one C++ loop on the "cpu" backend; a Triton list's
+    count is read on the device)."""
     if deferred.index.numel() == 0:
         return
     if backend == "cpu":
         shift, width = LEVELS[level]
+        deferred = deferred.compacted()
         cpu_ops().deferred_histogram(
             exp_avg=deferred.exp_avg,
             block=deferred.block,
@@ -186,4 +188,6 @@ def deferred_histogram(
     digit, high = digit_and_prefix(abs_bits(deferred.exp_avg), level)
     # high >= 0 never equals RESOLVED (-1): resolved blocks count nothing
     counted = high == prefix.index_select(0, deferred.block)
+    if deferred.count is not None:  # (a Triton list: its slots past the count hold no entry)
+        counted &= torch.arange(counted.numel(), device=counted.device) < deferred.count
     histogram.view(-1).index_add_(0, deferred.block * level_bins(level) + digit, counted.to(histogram.dtype))

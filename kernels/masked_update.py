@@ -16,7 +16,10 @@ threshold passed for such a block must be the first bit pattern above that bin. 
 last histogram pass over m; the list holds the entries of one level-2 bin, a few in 10^5 of a
 block for smooth |m| distributions. The Triton kernel compacts them on the device: each program
 takes its slots with one atomic add, so the caller states how many there can be
-(`defer_capacity`: the deferred bins' entry counts summed over ranks bound every rank's share).
+(`defer_capacity`: the deferred bins' entry counts summed over ranks bound every rank's share);
+the list keeps that length and its count stays on the device, read by the Triton
+`deferred_histogram` and `apply_deferred` there: no host sync between the update and the
+deferred entries' own.
 """
 
 from __future__ import annotations
@@ -59,12 +62,29 @@ NO_DEFERRAL = RESOLVED
 class DeferredEntries:
     """Entries the masked update left untouched: shard indices (ascending), their blocks, and
     their m and v, copied while the update had them in cache (the entries are scattered over the
-    shard: resolving them then reads only p there)."""
+    shard: resolving them then reads only p there).
+
+    count: None when every slot holds an entry. The Triton kernel lists entries in the order its
+    programs take their slots, into a list kept at the capacity the caller reserved, and leaves
+    the number it listed on the device (int64 [1]; block 0 in the slots past it), so that no host
+    sync reads it: `compacted` gives the exact list in shard order.
+    """
 
     index: torch.Tensor
     block: torch.Tensor
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
+    count: torch.Tensor | None = None
+
+    def compacted(self) -> DeferredEntries:
+        """The listed entries alone, in shard order (reads `count` on the host)."""
+        if self.count is None:
+            return self
+        taken = int(self.count.item())
+        index, order = self.index[:taken].sort()
+        return DeferredEntries(
+            index, self.block[:taken][order], self.exp_avg[:taken][order], self.exp_avg_sq[:taken][order]
+        )
 
 
 @dataclass(frozen=True)
@@ -275,6 +295,10 @@ def apply_deferred(
     if deferred.index.numel() == 0:
         return
     require_flat("apply_deferred", backend, param)
+    if backend == "triton":
+        _apply_deferred_triton(param, deferred, thresholds, scalars)
+        return
+    deferred = deferred.compacted()
     if backend == "cpu":
         cpu_ops().apply_deferred(
             param=kernel_tensors(param),
@@ -408,7 +432,8 @@ def _masked_adamw_triton(
         capacity = defer_capacity
         slots_taken = torch.zeros(1, dtype=torch.int64, device=param.device)
         index = torch.empty(max(capacity, 1), dtype=torch.int64, device=param.device)  # (a valid address)
-        listed = (index, torch.empty_like(index), *torch.empty(2, index.numel(), device=param.device))
+        # block 0 in the slots left empty: deferred_histogram indexes by block before it masks
+        listed = (index, torch.zeros_like(index), *torch.empty(2, index.numel(), device=param.device))
     thresholds = addressable(thresholds, tiles.tile_start)
     corrections = scalars.counter_tensor(param.device)
     _masked_adamw_kernel[(tiles.num_tiles,)](
@@ -436,12 +461,78 @@ def _masked_adamw_triton(
     )
     if defer_prefix is None:
         return None
-    taken = int(slots_taken.item())
-    _check_deferred_count(taken, capacity)  # (entries past the capacity were not listed)
-    # programs take their slots in any order: sorted, the list is the other backends'
-    index, block, exp_avg_listed, exp_avg_sq_listed = listed
-    index, order = index[:taken].sort()
-    return DeferredEntries(index, block[order], exp_avg_listed[order], exp_avg_sq_listed[order])
+    # no host sync: the list keeps its capacity, its length stays on the device
+    torch._assert_async(
+        slots_taken[0] <= capacity,
+        f"masked_adamw: more entries deferred than defer_capacity={capacity} (a caller's bound that "
+        "is too small: the entries beyond it kept their p)",
+    )
+    return DeferredEntries(*listed, count=slots_taken)
+
+
+# Deferred entries per Triton program of apply_deferred (a list of a few entries per 10^5)
+APPLY_SLOTS = 256
+
+
+@jit
+def _apply_deferred_kernel(
+    param_ptr,  # [N] fp32, updated in place at the listed indices
+    index_ptr,  # [capacity] int64, DeferredEntries.index
+    block_ptr,  # [capacity] int64, DeferredEntries.block
+    exp_avg_ptr,  # [capacity] fp32, DeferredEntries.exp_avg
+    exp_avg_sq_ptr,  # [capacity] fp32, DeferredEntries.exp_avg_sq
+    count_ptr,  # [1] int64, how many slots hold entries
+    thresholds_ptr,  # [n_blocks] int64, exact now
+    corrections_ptr,  # [n_blocks, 2] fp32, step_size and bias_correction2_sqrt per block (PER_COUNTER only)
+    step_size,
+    bias_correction2_sqrt,
+    eps,
+    decay_selected,
+    decay_unselected,
+    PER_COUNTER: tl.constexpr,
+    SLOTS: tl.constexpr,
+):
+    slots = tl.program_id(0) * SLOTS + tl.arange(0, SLOTS)
+    listed = slots < tl.load(count_ptr)
+    index = tl.load(index_ptr + slots, mask=listed, other=0)
+    block = tl.load(block_ptr + slots, mask=listed, other=0)
+    exp_avg = tl.load(exp_avg_ptr + slots, mask=listed, other=0.0)
+    exp_avg_sq = tl.load(exp_avg_sq_ptr + slots, mask=listed, other=0.0)
+    if PER_COUNTER:
+        step_size = tl.load(corrections_ptr + 2 * block, mask=listed, other=0.0)
+        bias_correction2_sqrt = tl.load(corrections_ptr + 2 * block + 1, mask=listed, other=1.0)
+    param = tl.load(param_ptr + index, mask=listed)
+    threshold = tl.load(thresholds_ptr + block, mask=listed, other=0)
+    selected = tl.abs(exp_avg).to(tl.int32, bitcast=True) >= threshold
+    # the arithmetic of _masked_adamw_kernel: an entry updates alike, deferred or not
+    denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
+    updated = param * tl.where(selected, decay_selected, decay_unselected)
+    updated = updated + tl.div_rn(-step_size * tl.where(selected, exp_avg, 0.0), denom)
+    tl.store(param_ptr + index, updated, mask=listed)
+
+
+def _apply_deferred_triton(
+    param: torch.Tensor, deferred: DeferredEntries, thresholds: torch.Tensor, scalars: AdamWScalars
+) -> None:
+    """One launch over the list's slots; the count stays on the device (no host sync)."""
+    count = deferred.count
+    if count is None:
+        count = torch.full((1,), deferred.index.numel(), dtype=torch.int64, device=param.device)
+    corrections = scalars.block_tensor(param.device)
+    _apply_deferred_kernel[(-(-deferred.index.numel() // APPLY_SLOTS),)](
+        param,
+        deferred.index,
+        deferred.block,
+        deferred.exp_avg,
+        deferred.exp_avg_sq,
+        count,
+        thresholds,
+        param if corrections is None else corrections,  # (a valid fp32 pointer PER_COUNTER=False never reads)
+        *scalars.kernel_arguments(),
+        PER_COUNTER=corrections is not None,
+        SLOTS=APPLY_SLOTS,
+        **LAUNCH_OPTIONS,
+    )
 
 
 def _masked_adamw_cpu(
@@ -489,7 +580,8 @@ def masked_adamw(
     defer_prefix: int64 [n_blocks], bits >> DEFER_SHIFT of the entries to leave for
     `apply_deferred` (NO_DEFERRAL: none); returns those entries (None without defer_prefix).
     defer_capacity: at least the number of entries that can defer here (RuntimeError if more
-    did); the Triton kernel reserves this many slots.
+    did; on CUDA a device-side assert, since the count is never read on the host); the Triton
+    kernel reserves this many slots and returns them all, with the count (DeferredEntries.count).
     """
     device = param.device
     check_backend("masked_adamw", backend, device)

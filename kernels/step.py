@@ -21,7 +21,10 @@ often):
    update instead.
 
 With hits, the step reads and writes 36 B per element (moments 20, update 16) instead of the 44 B
-of three passes over m before the update.
+of three passes over m before the update, and reads the host once (`_open_bins`: whether a window
+missed, whether a bin holds too many entries to defer, how many to defer): thresholds, counts and
+the deferred list stay on the device (on the Triton backend its length too). A step without a
+hint, one whose window missed and one with a bin past DEFER_LIMIT read it a few times more.
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ def topk_adamw_step(
 
     radix = RadixState.start(table.block_k)
     nonzero = _counts(table)
+    missed = None
     if hint is None:
         histogram = _counts(table, level_bins(0))
         update_moments(grad, exp_avg, exp_avg_sq, table, histogram=histogram, nonzero=nonzero, **moments)
@@ -118,14 +122,17 @@ def topk_adamw_step(
         window = _counts(table, HINT_WINDOW)
         hinted = HintedCounts(hint.start, hint.width, torch.zeros_like(hint.start), window)
         update_moments(grad, exp_avg, exp_avg_sq, table, hinted=hinted, nonzero=nonzero, **moments)
-        _refine_in_window(radix, hinted, nonzero, exp_avg, table, sum_over_ranks, backend)
+        missed = _refine_in_window(radix, hinted, nonzero, sum_over_ranks, backend)
+    any_missed, over_limit, capacity = _open_bins(radix, missed)
+    if any_missed:
+        _refine_missed(radix, missed, exp_avg, table, sum_over_ranks, backend)
+        _, over_limit, capacity = _open_bins(radix, None)
     # a block still open has narrowed its threshold to one level-2 bin of `matching` entries
-    # (over all ranks): counted over m if it holds too many, deferred otherwise
-    _refine_by_pass(
-        radix, exp_avg, table, 2, radix.unresolved & (radix.matching > DEFER_LIMIT), sum_over_ranks, backend
-    )
-    defer = radix.unresolved  # (level 2 resolves every block it refines)
-    capacity = int(torch.where(defer, radix.matching, 0).sum())  # no block: 0 (every bin holds one)
+    # (over all ranks): counted over m if it holds too many (which resolves it), deferred otherwise
+    if over_limit:
+        crowded = radix.unresolved & (radix.matching > DEFER_LIMIT)
+        _refine_by_pass(radix, exp_avg, table, 2, crowded, sum_over_ranks, backend)
+    defer = radix.unresolved  # (a level-2 pass over m resolves every block it counts)
     if capacity == 0:
         masked_adamw(param, exp_avg, exp_avg_sq, table, radix.threshold, update, backend=backend)
         return ThresholdHint.after(radix.threshold, hint, backend)
@@ -175,32 +182,44 @@ def _refine_in_window(
     radix: RadixState,
     hinted: HintedCounts,
     nonzero: torch.Tensor,
-    exp_avg: Shard,
-    table: SegmentTable,
     sum_over_ranks: SumOverRanks,
     backend: str,
-) -> None:
+) -> torch.Tensor:
     """Levels 0 and 1 from the moments pass's counts (every block has a window): a block with
     fewer nonzero |m| than k resolves at 0 whatever its window, one whose threshold fell into its
-    window takes both levels from the window's counts, any other is counted again over m."""
+    window takes both levels from the window's counts; returns the open blocks the window missed
+    (bool [n_blocks], on the device: nothing is read on the host here)."""
     above, in_window, nonzero = sum_over_ranks([hinted.above, hinted.histogram, nonzero])
     resolve_at_zero(radix, nonzero)
     hit = advance_within(radix, in_window, 1, hinted.start, above, backend=backend)
-    _refine_missed(radix, hit, exp_avg, table, sum_over_ranks, backend)
+    return radix.unresolved & ~hit
+
+
+def _open_bins(radix: RadixState, missed: torch.Tensor | None) -> tuple[bool, bool, int]:
+    """The host sync of a step whose windows hit, its only one: three numbers read together.
+
+    Whether an open block's window missed (`missed`, bool [n_blocks]; None: none did), whether an
+    open block's level-2 bin holds more than DEFER_LIMIT entries (then counted over m before the
+    update), and how many entries the other open blocks' bins hold: the deferral list's capacity,
+    summed over ranks, so it bounds every rank's share (0: no block defers). The last two mean
+    something only once no open block has missed.
+    """
+    over = radix.unresolved & (radix.matching > DEFER_LIMIT)
+    capacity = torch.where(radix.unresolved & ~over, radix.matching, 0).sum()
+    any_missed = capacity.new_zeros(()) if missed is None else missed.any().to(torch.int64)
+    any_missed, any_over, capacity = torch.stack([any_missed, over.any().to(torch.int64), capacity]).tolist()
+    return bool(any_missed), bool(any_over), capacity
 
 
 def _refine_missed(
     radix: RadixState,
-    hit: torch.Tensor,
+    missed: torch.Tensor,
     exp_avg: Shard,
     table: SegmentTable,
     sum_over_ranks: SumOverRanks,
     backend: str,
 ) -> None:
-    """Levels 0 and 1 over m for the blocks still open that their window missed."""
-    missed = radix.unresolved & ~hit
-    if not bool(missed.any()):
-        return
+    """Levels 0 and 1 over m for the open blocks their window missed (`missed`, a bool mask)."""
     _refine_by_pass(radix, exp_avg, table, 0, missed, sum_over_ranks, backend)
     _refine_by_pass(radix, exp_avg, table, 1, radix.unresolved & missed, sum_over_ranks, backend)
 
@@ -250,7 +269,7 @@ def _speculative_step(
     # or correct
     missed = not bool((hit | (at_zero & (hinted.start == 0))).all())
     if missed:
-        _refine_missed(radix, hit, exp_avg, table, sum_over_ranks, backend)
+        _refine_missed(radix, radix.unresolved & ~hit, exp_avg, table, sum_over_ranks, backend)
     if not radix.done:
         # an open block that hit has its level-2 bin in its window: the pass listed its entries
         # (but those of untouched spans); one that missed is counted over m

@@ -128,6 +128,9 @@ def test_masked_adamw_defers_the_bins_it_is_told(backend, device, size):
 
     (expected, listed), (actual, got) = (update(name, shard.covered.numel()) for name in ("torch", backend))
     assert listed.index.numel() > 0, "nothing deferred: the test checks nothing"
+    if backend == "triton":  # listed in slot order, at its capacity, the count on the device
+        assert got.count is not None and got.index.numel() == shard.covered.numel()
+        got = got.compacted()
     for name in ("index", "block", "exp_avg", "exp_avg_sq"):
         assert_bitwise(getattr(got, name), getattr(listed, name), f"deferred {name}")
     assert_bitwise(actual["param"][got.index], before["param"][got.index], "deferred param")

@@ -39,6 +39,7 @@ from helpers import (
     select_thresholds,
     split_into_shards,
 )
+from torch.overrides import TorchFunctionMode
 
 
 @pytest.mark.parametrize("defer_limit", [None, 0], ids=["deferring", "no-deferral"])
@@ -282,3 +283,95 @@ def test_results_do_not_depend_on_the_layout(backend, device, size):
         ("exp_avg", "exp_avg_sq", "param", "histogram", "threshold"), *results.values(), strict=True
     ):
         assert_bitwise(split, whole, what)
+
+
+# Tensor methods and functions that make the host wait for the device (a read of a value, or an
+# output whose size depends on values)
+HOST_READS = {
+    "__bool__",
+    "__int__",
+    "__float__",
+    "__index__",
+    "item",
+    "tolist",
+    "cpu",
+    "numpy",
+    "nonzero",
+    "unique",
+    "masked_select",
+    "repeat_interleave",
+}
+
+
+class _HostReads(TorchFunctionMode):
+    """Records the name of every torch call in HOST_READS made while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in HOST_READS:
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [pytest.param(c.values[0], c.values[1], id=c.id) for c in fused_backends() if c.values[0] == "triton"],
+)
+def test_a_step_whose_windows_hit_reads_the_host_once(backend, device, monkeypatch):
+    """Catches a host sync added to the hinted Triton step (a bool of a mask, an int of a count,
+    a list length read back): a step whose windows all hit, deferring entries, reads the host
+    once, `_open_bins`'s three numbers, so a GPU keeps its queue full across the step's ~20 launches."""
+    deferred_lists: list[int] = []
+    apply = step_op.apply_deferred
+
+    def spied_apply(param, deferred, thresholds, update, backend):
+        deferred_lists.append(deferred.index.numel())
+        apply(param, deferred, thresholds, update, backend=backend)
+
+    monkeypatch.setattr(step_op, "apply_deferred", spied_apply)
+    generator = torch.Generator().manual_seed(5)
+    rows = [
+        (0, 3000, 0, 30, 0, NO_ROWSCALE),
+        (3000, 64, 0, 1, DENSE, NO_ROWSCALE),
+        (3064, 2000, 0, 20, 1, NO_ROWSCALE),
+    ]
+    table = SegmentTable.build(rows, None, [450, 300], device=device)
+    m = torch.randn(5064, generator=generator) * 0.1
+    # block 0's |m| all in one level-1 bin (1024 bit patterns from 0.05 on): its threshold's bin
+    # is deferred every step
+    bits = (abs_bits(torch.tensor([0.05])) & ~1023) + torch.randint(0, 1024, (3000,), generator=generator)
+    m[:3000] = bits.to(torch.int32).view(torch.float32) * torch.where(
+        torch.rand(3000, generator=generator) < 0.5, -1.0, 1.0
+    )
+    state = {
+        "param": torch.randn(5064, generator=generator).to(device),
+        "exp_avg": m.to(device),
+        "exp_avg_sq": (m * m).to(device),
+    }
+    hint, reads = None, []
+    for step in range(1, 7):
+        # g = m: m, and so each block's threshold, stays where it is (every window hits)
+        grad = state["exp_avg"].clone()
+        with _HostReads() as host_reads:
+            hint = topk_adamw_step(
+                state["param"],
+                grad,
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                table,
+                step=step,
+                lr=1e-2,
+                betas=(BETA1, BETA2),
+                eps=1e-8,
+                weight_decay=0.1,
+                decay_selected_only=False,
+                hint=hint,
+                backend=backend,
+            )
+        reads.append(host_reads.names)
+    assert deferred_lists and min(deferred_lists) > 0, "no step deferred entries: the test checks no list"
+    assert reads[2:] == [["tolist"]] * 4, reads

@@ -105,6 +105,9 @@ def test_triton_kernels_compile_for_h100():
                 DEFER_SHIFT=DEFER_SHIFT, DEFER=defer, PER_COUNTER=per_counter, TILE=masked_op.TRITON_TILE
             )
             compile_kernel(masked_op._masked_adamw_kernel, constexprs)
+    for per_counter in (False, True):
+        constexprs = dict(PER_COUNTER=per_counter, SLOTS=masked_op.APPLY_SLOTS)
+        compile_kernel(masked_op._apply_deferred_kernel, constexprs)
     for level, (shift, _) in enumerate(LEVELS):
         for masked in (False, True):
             constexprs = dict(
