@@ -62,3 +62,11 @@ def triton_usable(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available()
     return INTERPRET and device.type == "cpu"
+
+
+@jit
+def list_base(pointer, addresses_ptr, tensor, first):
+    """In a kernel over a TensorList (tiles.TensorList): the pointer from which tensor `tensor`
+    of a buffer is addressed by shard element, its address (addresses_ptr[tensor], int64) less
+    its first shard element `first`, typed like the buffer's `pointer` argument."""
+    return tl.load(addresses_ptr + tensor).to(tl.pointer_type(pointer.dtype.element_ty)) - first

@@ -10,20 +10,23 @@ from __future__ import annotations
 import torch
 
 from ._cpu import cpu_ops
-from ._triton import LAUNCH_OPTIONS, addressable, jit, tl
+from ._triton import LAUNCH_OPTIONS, addressable, jit, list_base, tl
 from .backends import check_backend
 from .masked_update import DeferredEntries
 from .radix import LEVELS, RESOLVED, abs_bits, digit_and_prefix, level_bins
 from .segments import DENSE, SegmentTable
 from .tiles import (
     Shard,
+    TensorList,
     TileTable,
     check_block_tensor,
     check_buffers,
     kernel_tensors,
+    list_arguments,
     require_flat,
     segment_columns,
     tile_table,
+    triton_buffer,
 )
 
 # Triton: 2048 elements per program (8 KiB of m, its only input; the moments kernel reads three
@@ -55,14 +58,22 @@ def _abs_histogram_kernel(
     block_ptr,  # [S] int64
     prefix_ptr,  # [n_blocks] int64, RESOLVED (-1) once a block's threshold is known
     histogram_ptr,  # [n_blocks, BINS] int64, accumulated into
+    tile_tensor_ptr,  # [T] int64, the tensor of each tile (LIST only: tiles.ListTiles)
+    tensor_start_ptr,  # [n_tensors] int64, each tensor's first shard element (LIST only)
+    exp_avg_addresses_ptr,  # [n_tensors] int64, the exp_avg tensors' addresses (LIST only)
     DIGIT_SHIFT: tl.constexpr,  # this level's digit: (bits >> DIGIT_SHIFT) & (BINS - 1)
     BINS: tl.constexpr,
     PREFIX_SHIFT: tl.constexpr,  # the higher bits that must equal the prefix: bits >> PREFIX_SHIFT
+    LIST: tl.constexpr,  # exp_avg is a TensorList: each tile's tensor from its address
     TILE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     segment = tl.load(tile_segment_ptr + tile)
     tile_start = tl.load(tile_start_ptr + tile)
+    if LIST:
+        tensor = tl.load(tile_tensor_ptr + tile)
+        first = tl.load(tensor_start_ptr + tensor)
+        exp_avg_ptr = list_base(exp_avg_ptr, exp_avg_addresses_ptr, tensor, first)
     segment_end = tl.load(shard_offset_ptr + segment) + tl.load(length_ptr + segment)
     block = tl.load(block_ptr + segment)
     prefix = tl.load(prefix_ptr + tl.maximum(block, 0), mask=block >= 0, other=-1)
@@ -83,7 +94,7 @@ def _abs_histogram_kernel(
 
 
 def _abs_histogram_triton(
-    exp_avg: torch.Tensor,
+    exp_avg: Shard,
     table: SegmentTable,
     tiles: TileTable,
     prefix: torch.Tensor,
@@ -92,8 +103,9 @@ def _abs_histogram_triton(
 ) -> None:
     if tiles.num_tiles == 0:
         return
+    pointer, addresses = triton_buffer(exp_avg)
     _abs_histogram_kernel[(tiles.num_tiles,)](
-        exp_avg,
+        pointer,
         tiles.tile_segment,
         tiles.tile_start,
         table.shard_offset,
@@ -101,9 +113,11 @@ def _abs_histogram_triton(
         table.block,
         addressable(prefix, tiles.tile_start),
         addressable(histogram, tiles.tile_start),
+        *list_arguments(table, tiles, exp_avg, [addresses]),
         DIGIT_SHIFT=LEVELS[level][0],
         BINS=level_bins(level),
         PREFIX_SHIFT=sum(LEVELS[level]),
+        LIST=isinstance(exp_avg, TensorList),
         TILE=tiles.tile_size,
         **LAUNCH_OPTIONS,
     )
@@ -154,7 +168,7 @@ def abs_histogram(
     if not 0 <= level < len(LEVELS):
         raise ValueError(f"abs_histogram: level must be in [0, {len(LEVELS)}), got {level}")
     tiles = tile_table(table, CPU_TILE if backend == "cpu" else TRITON_TILE)
-    check_buffers("abs_histogram", tiles, exp_avg=exp_avg)
+    check_buffers("abs_histogram", tiles, backend=backend, exp_avg=exp_avg)
     check_block_tensor("abs_histogram", "prefix", prefix, table, device)
     check_block_tensor("abs_histogram", "histogram", histogram, table, device, level_bins(level))
     launch = _abs_histogram_cpu if backend == "cpu" else _abs_histogram_triton

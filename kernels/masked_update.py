@@ -32,20 +32,24 @@ from dataclasses import dataclass
 import torch
 
 from ._cpu import cpu_ops
-from ._triton import LAUNCH_OPTIONS, addressable, jit, tl
+from ._triton import LAUNCH_OPTIONS, addressable, jit, list_base, tl
 from .backends import check_backend
 from .radix import LEVELS, RESOLVED, abs_bits
 from .segments import DENSE, SegmentTable, host_counters
 from .tiles import (
     Shard,
+    TensorList,
     TileTable,
     check_block_tensor,
     check_buffers,
+    device_starts,
     kernel_tensors,
+    list_arguments,
     require_flat,
     segment_columns,
     shard_starts,
     tile_table,
+    triton_buffer,
 )
 
 # 1024 elements per Triton program: 4 warps x 8 contiguous fp32 per thread.
@@ -364,6 +368,11 @@ def _masked_adamw_kernel(
     deferred_exp_avg_sq_ptr,  # [capacity] fp32, and v
     counter_ptr,  # [S] int64, SegmentTable.counter (PER_COUNTER only)
     corrections_ptr,  # [C, 2] fp32, step_size and bias_correction2_sqrt per counter (PER_COUNTER only)
+    tile_tensor_ptr,  # [T] int64, the tensor of each tile (LIST only: tiles.ListTiles)
+    tensor_start_ptr,  # [n_tensors] int64, each tensor's first shard element (LIST only)
+    param_addresses_ptr,  # [n_tensors] int64, the parameter tensors' addresses (LIST only)
+    exp_avg_addresses_ptr,  # [n_tensors] int64 (LIST only)
+    exp_avg_sq_addresses_ptr,  # [n_tensors] int64 (LIST only)
     defer_capacity,  # slots in the list: entries past it are left unwritten (and reported)
     step_size,  # lr / bias_correction1
     bias_correction2_sqrt,
@@ -373,10 +382,17 @@ def _masked_adamw_kernel(
     DEFER_SHIFT: tl.constexpr,
     DEFER: tl.constexpr,
     PER_COUNTER: tl.constexpr,  # each segment's bias corrections from its counter's row
+    LIST: tl.constexpr,  # the buffers are TensorLists: each tile's tensor from its address
     TILE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     segment = tl.load(tile_segment_ptr + tile)
+    if LIST:
+        tensor = tl.load(tile_tensor_ptr + tile)
+        first = tl.load(tensor_start_ptr + tensor)
+        param_ptr = list_base(param_ptr, param_addresses_ptr, tensor, first)
+        exp_avg_ptr = list_base(exp_avg_ptr, exp_avg_addresses_ptr, tensor, first)
+        exp_avg_sq_ptr = list_base(exp_avg_sq_ptr, exp_avg_sq_addresses_ptr, tensor, first)
     if PER_COUNTER:
         counter = tl.load(counter_ptr + segment)
         step_size = tl.load(corrections_ptr + 2 * counter)
@@ -414,9 +430,9 @@ def _masked_adamw_kernel(
 
 
 def _masked_adamw_triton(
-    param: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
+    param: Shard,
+    exp_avg: Shard,
+    exp_avg_sq: Shard,
     table: SegmentTable,
     tiles: TileTable,
     thresholds: torch.Tensor,
@@ -427,7 +443,8 @@ def _masked_adamw_triton(
     if tiles.num_tiles == 0:
         return None if defer_prefix is None else _no_entries(param.device)
     if defer_prefix is None:  # int64 and fp32 stand-ins for the list, which DEFER=False never touches
-        capacity, slots_taken, listed = 0, tiles.tile_start, (tiles.tile_start,) * 2 + (param,) * 2
+        capacity, slots_taken = 0, tiles.tile_start
+        listed = (tiles.tile_start,) * 2 + (triton_buffer(param)[0],) * 2
     else:
         capacity = defer_capacity
         slots_taken = torch.zeros(1, dtype=torch.int64, device=param.device)
@@ -436,10 +453,10 @@ def _masked_adamw_triton(
         listed = (index, torch.zeros_like(index), *torch.empty(2, index.numel(), device=param.device))
     thresholds = addressable(thresholds, tiles.tile_start)
     corrections = scalars.counter_tensor(param.device)
+    buffers = [triton_buffer(shard) for shard in (param, exp_avg, exp_avg_sq)]
+    pointer = buffers[0][0]
     _masked_adamw_kernel[(tiles.num_tiles,)](
-        param,
-        exp_avg,
-        exp_avg_sq,
+        *(pointer for pointer, _ in buffers),
         tiles.tile_segment,
         tiles.tile_start,
         table.shard_offset,
@@ -450,12 +467,16 @@ def _masked_adamw_triton(
         slots_taken,
         *listed,
         table.counter,
-        param if corrections is None else corrections,  # (a valid fp32 pointer PER_COUNTER=False never reads)
+        pointer
+        if corrections is None
+        else corrections,  # (a valid fp32 pointer PER_COUNTER=False never reads)
+        *list_arguments(table, tiles, param, [addresses for _, addresses in buffers]),
         capacity,
         *scalars.kernel_arguments(),
         DEFER_SHIFT=DEFER_SHIFT,
         DEFER=defer_prefix is not None,
         PER_COUNTER=corrections is not None,
+        LIST=isinstance(param, TensorList),
         TILE=tiles.tile_size,
         **LAUNCH_OPTIONS,
     )
@@ -484,12 +505,17 @@ def _apply_deferred_kernel(
     count_ptr,  # [1] int64, how many slots hold entries
     thresholds_ptr,  # [n_blocks] int64, exact now
     corrections_ptr,  # [n_blocks, 2] fp32, step_size and bias_correction2_sqrt per block (PER_COUNTER only)
+    tensor_start_ptr,  # [n_tensors] int64, each tensor's first shard element (LIST only)
+    param_addresses_ptr,  # [n_tensors] int64, the parameter tensors' addresses (LIST only)
+    n_tensors,
     step_size,
     bias_correction2_sqrt,
     eps,
     decay_selected,
     decay_unselected,
     PER_COUNTER: tl.constexpr,
+    LIST: tl.constexpr,  # param is a TensorList: each entry's tensor found in tensor_start
+    SEARCH_STEPS: tl.constexpr,  # (LIST) halvings of [0, n_tensors) that leave one tensor
     SLOTS: tl.constexpr,
 ):
     slots = tl.program_id(0) * SLOTS + tl.arange(0, SLOTS)
@@ -501,35 +527,58 @@ def _apply_deferred_kernel(
     if PER_COUNTER:
         step_size = tl.load(corrections_ptr + 2 * block, mask=listed, other=0.0)
         bias_correction2_sqrt = tl.load(corrections_ptr + 2 * block + 1, mask=listed, other=1.0)
-    param = tl.load(param_ptr + index, mask=listed)
+    if LIST:  # the entry's tensor: the last one that starts at or before it
+        low = tl.zeros_like(index)
+        high = low + n_tensors
+        for _ in tl.static_range(SEARCH_STEPS):
+            middle = (low + high) // 2  # < high <= n_tensors
+            right = tl.load(tensor_start_ptr + middle, mask=listed, other=0) <= index
+            low = tl.where(right, middle, low)
+            high = tl.where(right, high, middle)
+        address = tl.load(param_addresses_ptr + low, mask=listed, other=0)
+        first = tl.load(tensor_start_ptr + low, mask=listed, other=0)
+        entries = address.to(tl.pointer_type(param_ptr.dtype.element_ty)) + (index - first)
+    else:
+        entries = param_ptr + index
+    param = tl.load(entries, mask=listed)
     threshold = tl.load(thresholds_ptr + block, mask=listed, other=0)
     selected = tl.abs(exp_avg).to(tl.int32, bitcast=True) >= threshold
     # the arithmetic of _masked_adamw_kernel: an entry updates alike, deferred or not
     denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
     updated = param * tl.where(selected, decay_selected, decay_unselected)
     updated = updated + tl.div_rn(-step_size * tl.where(selected, exp_avg, 0.0), denom)
-    tl.store(param_ptr + index, updated, mask=listed)
+    tl.store(entries, updated, mask=listed)
 
 
 def _apply_deferred_triton(
-    param: torch.Tensor, deferred: DeferredEntries, thresholds: torch.Tensor, scalars: AdamWScalars
+    param: Shard, deferred: DeferredEntries, thresholds: torch.Tensor, scalars: AdamWScalars
 ) -> None:
     """One launch over the list's slots; the count stays on the device (no host sync)."""
     count = deferred.count
     if count is None:
         count = torch.full((1,), deferred.index.numel(), dtype=torch.int64, device=param.device)
     corrections = scalars.block_tensor(param.device)
+    pointer, addresses = triton_buffer(param)
+    n_tensors = 1 if isinstance(param, torch.Tensor) else len(param.tensors)
+    tensor_start = count if isinstance(param, torch.Tensor) else device_starts(param)
     _apply_deferred_kernel[(-(-deferred.index.numel() // APPLY_SLOTS),)](
-        param,
+        pointer,
         deferred.index,
         deferred.block,
         deferred.exp_avg,
         deferred.exp_avg_sq,
         count,
         thresholds,
-        param if corrections is None else corrections,  # (a valid fp32 pointer PER_COUNTER=False never reads)
+        pointer
+        if corrections is None
+        else corrections,  # (a valid fp32 pointer PER_COUNTER=False never reads)
+        tensor_start,  # (LIST only: else a valid pointer never read)
+        count if addresses is None else addresses,
+        n_tensors,
         *scalars.kernel_arguments(),
         PER_COUNTER=corrections is not None,
+        LIST=addresses is not None,
+        SEARCH_STEPS=n_tensors.bit_length(),
         SLOTS=APPLY_SLOTS,
         **LAUNCH_OPTIONS,
     )
@@ -592,7 +641,9 @@ def masked_adamw(
         )
     else:
         tiles = tile_table(table, CPU_TILE if backend == "cpu" else TRITON_TILE)
-        check_buffers("masked_adamw", tiles, param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+        check_buffers(
+            "masked_adamw", tiles, backend=backend, param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq
+        )
         check_block_tensor("masked_adamw", "thresholds", thresholds, table, device)
         if defer_prefix is not None:
             check_block_tensor("masked_adamw", "defer_prefix", defer_prefix, table, device)

@@ -33,19 +33,22 @@ from dataclasses import dataclass
 import torch
 
 from ._cpu import cpu_ops
-from ._triton import LAUNCH_OPTIONS, addressable, jit, tl
+from ._triton import LAUNCH_OPTIONS, addressable, jit, list_base, tl
 from .backends import check_backend
 from .radix import LEVELS, abs_bits, digit_and_prefix, level_bins
 from .segments import DENSE, NO_ROWSCALE, SegmentTable
 from .tiles import (
     Shard,
+    TensorList,
     TileTable,
     check_block_tensor,
     check_buffers,
     kernel_tensors,
+    list_arguments,
     require_flat,
     segment_columns,
     tile_table,
+    triton_buffer,
 )
 
 # The widest window, in level-1 prefixes (bits(|m|) >> 10): 2^20 float ulps, 6-12% of |m| (by
@@ -137,6 +140,11 @@ def _update_moments_kernel(
     hint_above_ptr,  # [n_blocks] int64, HintedCounts.above, accumulated into
     hint_histogram_ptr,  # [n_blocks, HINT_WINDOW] int64, HintedCounts.histogram, accumulated into
     nonzero_ptr,  # [n_blocks] int64, entries whose new |m| is not 0, accumulated into (when NONZERO)
+    tile_tensor_ptr,  # [T] int64, the tensor of each tile (LIST only: tiles.ListTiles)
+    tensor_start_ptr,  # [n_tensors] int64, each tensor's first shard element (LIST only)
+    grad_addresses_ptr,  # [n_tensors] int64, the gradient tensors' addresses (LIST only)
+    exp_avg_addresses_ptr,  # [n_tensors] int64 (LIST only)
+    exp_avg_sq_addresses_ptr,  # [n_tensors] int64 (LIST only)
     lerp_weight,  # 1 - beta1 (rounded from double, as the reference's Python scalar)
     beta2,
     one_minus_beta2,  # likewise
@@ -147,11 +155,18 @@ def _update_moments_kernel(
     HINT_WINDOW: tl.constexpr,
     HINT: tl.constexpr,
     NONZERO: tl.constexpr,
+    LIST: tl.constexpr,  # the buffers are TensorLists: each tile's tensor from its address
     TILE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     segment = tl.load(tile_segment_ptr + tile)
     tile_start = tl.load(tile_start_ptr + tile)
+    if LIST:
+        tensor = tl.load(tile_tensor_ptr + tile)
+        first = tl.load(tensor_start_ptr + tensor)
+        grad_ptr = list_base(grad_ptr, grad_addresses_ptr, tensor, first)
+        exp_avg_ptr = list_base(exp_avg_ptr, exp_avg_addresses_ptr, tensor, first)
+        exp_avg_sq_ptr = list_base(exp_avg_sq_ptr, exp_avg_sq_addresses_ptr, tensor, first)
     segment_start = tl.load(shard_offset_ptr + segment)
     segment_end = segment_start + tl.load(length_ptr + segment)
     offsets = tile_start + tl.arange(0, TILE)  # [TILE] int64 shard elements; the tail is masked
@@ -213,9 +228,9 @@ def _update_moments_kernel(
 
 
 def _update_moments_triton(
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
+    grad: Shard,
+    exp_avg: Shard,
+    exp_avg_sq: Shard,
     table: SegmentTable,
     tiles: TileTable,
     beta1: float,
@@ -227,10 +242,10 @@ def _update_moments_triton(
     if tiles.num_tiles == 0:
         return
     unused = tiles.tile_start  # a valid pointer for arguments a constexpr branch never reads
+    buffers = [triton_buffer(shard) for shard in (grad, exp_avg, exp_avg_sq)]
+    lists = list_arguments(table, tiles, exp_avg, [addresses for _, addresses in buffers])
     _update_moments_kernel[(tiles.num_tiles,)](
-        grad,
-        exp_avg,
-        exp_avg_sq,
+        *(pointer for pointer, _ in buffers),
         tiles.tile_segment,
         tiles.tile_start,
         table.shard_offset,
@@ -239,13 +254,14 @@ def _update_moments_triton(
         table.row_len,
         table.block,
         table.rowscale_start,
-        addressable(table.rowscale, exp_avg),
+        addressable(table.rowscale, buffers[1][0]),
         unused if histogram is None else addressable(histogram, unused),
         unused if hinted is None else addressable(hinted.start, unused),
         unused if hinted is None else addressable(hinted.width, unused),
         unused if hinted is None else addressable(hinted.above, unused),
         unused if hinted is None else addressable(hinted.histogram, unused),
         unused if nonzero is None else addressable(nonzero, unused),
+        *lists,
         1 - beta1,
         beta2,
         1 - beta2,
@@ -256,6 +272,7 @@ def _update_moments_triton(
         HINT_WINDOW=HINT_WINDOW,
         HINT=hinted is not None,
         NONZERO=nonzero is not None,
+        LIST=isinstance(exp_avg, TensorList),
         TILE=tiles.tile_size,
         **LAUNCH_OPTIONS,
     )
@@ -337,7 +354,7 @@ def update_moments(
         )
         return
     tiles = tile_table(table, CPU_TILE if backend == "cpu" else TRITON_TILE)
-    check_buffers("update_moments", tiles, grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    check_buffers("update_moments", tiles, grad, backend=backend, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
     if histogram is not None:
         check_block_tensor("update_moments", "histogram", histogram, table, device, level_bins(0))
     if hinted is not None:

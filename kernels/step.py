@@ -79,7 +79,7 @@ def topk_adamw_step(
 ) -> ThresholdHint:
     """Update param, exp_avg and exp_avg_sq in place; returns the hint for the next step.
 
-    param, grad, exp_avg, exp_avg_sq: flat shards, or on the "cpu" backend four TensorLists of
+    param, grad, exp_avg, exp_avg_sq: flat shards, or on the fused backends four TensorLists of
     one `starts` (separate tensors seen as one shard: the multi-tensor step, tiles.TensorList).
 
     step: the 1-based step count after this one, or one such count per step counter: segment s

@@ -13,6 +13,7 @@ run, not once per step.
 
 from __future__ import annotations
 
+import bisect
 import weakref
 from dataclasses import dataclass
 from itertools import pairwise
@@ -98,15 +99,16 @@ def _validate(table: SegmentTable) -> None:
 
 @dataclass(frozen=True)
 class TensorList:
-    """Separate tensors that the CPU ops address as one flat shard (the multi-tensor step over a
+    """Separate tensors that the fused ops address as one flat shard (the multi-tensor step over a
     parameter group without ZeRO, as torch's fused AdamW steps a list of tensors): tensor i holds
     the shard elements [starts[i], starts[i] + tensors[i].numel()), in its own memory. A
     SegmentTable over that virtual shard places every segment inside one tensor.
 
     The parameters, gradients, exp_avg and exp_avg_sq of one step are four TensorLists with one
     `starts` (the same object): tensor i of each is the same parameter's. Nothing is copied: the
-    ops read and write each tensor where it lies. Tensors may have any shape but must be
-    contiguous (the C++ ops check dtypes, contiguity and sizes, once per call).
+    ops read and write each tensor where it lies (a Triton kernel from the tensors' addresses:
+    `triton_buffer`, `list_tiles`). Tensors may have any shape but must be contiguous (checked
+    once per call: dtypes, contiguity and sizes).
     starts: int64 [n_tensors] on the CPU, the tensors laid end to end (``starts_of`` their sizes):
     checked here, because an entry the ops address by shard index finds its tensor from the
     starts alone.
@@ -160,21 +162,113 @@ def shard_starts(shard: Shard) -> torch.Tensor:
 
 
 def require_flat(op: str, backend: str, *shards: Shard | None) -> None:
-    """Raise ValueError if a TensorList reaches a backend other than "cpu"."""
-    if backend != "cpu" and any(isinstance(shard, TensorList) for shard in shards):
+    """Raise ValueError if a TensorList reaches the "torch" references (the fused backends take
+    one: "cpu" and "triton")."""
+    if backend == "torch" and any(isinstance(shard, TensorList) for shard in shards):
         raise ValueError(
-            f"{op}: a TensorList (the multi-tensor step) runs on the 'cpu' backend only, not {backend!r}; "
-            "step such tensors one at a time"
+            f"{op}: a TensorList (the multi-tensor step) runs on the fused backends ('cpu', 'triton'), "
+            "not 'torch'; step such tensors one at a time"
         )
 
 
-def check_buffers(op: str, tiles: TileTable, grad: Shard | None = None, **state: Shard) -> None:
+@dataclass(frozen=True)
+class ListTiles:
+    """What a Triton kernel needs to address a TensorList: tile_tensor int64 [T], the tensor
+    each tile lies in (its segment's: segments never cross tensors), and tensor_start int64
+    [n_tensors], the tensors' first shard elements, both on the device. A tile of tensor i finds
+    element j of a buffer at address[i] + (j - tensor_start[i]) (see `triton_buffer`)."""
+
+    tile_tensor: torch.Tensor
+    tensor_start: torch.Tensor
+
+
+_LIST_CACHE: dict[tuple[int, int, int], ListTiles] = {}
+
+
+def list_tiles(table: SegmentTable, tiles: TileTable, shard: TensorList) -> ListTiles:
+    """The (cached) ListTiles of `tiles` over the tensors of `shard`; raises ValueError if a
+    segment crosses from one tensor into the next or past the last (a kernel addresses a tile
+    from its first element's tensor)."""
+    key = (id(table), tiles.tile_size, id(shard.starts))
+    cached = _LIST_CACHE.get(key)
+    if cached is None:
+        _validate_in_tensors(table, shard)
+        tensor_start = device_starts(shard)
+        tile_tensor = torch.searchsorted(tensor_start, tiles.tile_start, right=True) - 1
+        cached = ListTiles(tile_tensor.contiguous(), tensor_start)
+        _LIST_CACHE[key] = cached
+        weakref.finalize(table, _LIST_CACHE.pop, key, None)
+    return cached
+
+
+_STARTS_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def device_starts(shard: TensorList) -> torch.Tensor:
+    """`shard.starts` on the shard's device, copied once per starts object (the multi-tensor step
+    keeps one per batch of tensors) and without a host sync (pinned, non-blocking)."""
+    key = (id(shard.starts), str(shard.device))
+    cached = _STARTS_CACHE.get(key)
+    if cached is None:
+        cached = shard.starts
+        if shard.device.type == "cuda":
+            cached = cached.pin_memory().to(shard.device, non_blocking=True)
+        _STARTS_CACHE[key] = cached
+        weakref.finalize(shard.starts, _STARTS_CACHE.pop, key, None)
+    return cached
+
+
+def list_arguments(
+    table: SegmentTable, tiles: TileTable, shard: Shard, addresses: list[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """A Triton kernel's TensorList arguments, in the order the kernels declare them:
+    tile_tensor, tensor_start, then the addresses of each buffer (`triton_buffer`'s, in the
+    kernel's order); for a flat shard the same number of stand-ins (valid pointers that
+    LIST=False never reads)."""
+    if isinstance(shard, torch.Tensor):
+        return [tiles.tile_start] * (2 + len(addresses))
+    listed = list_tiles(table, tiles, shard)
+    return [listed.tile_tensor, listed.tensor_start, *addresses]
+
+
+def _validate_in_tensors(table: SegmentTable, shard: TensorList) -> None:
+    ends = (shard.starts + torch.tensor([tensor.numel() for tensor in shard.tensors])).tolist()
+    starts = shard.starts.tolist()
+    for index, (offset, length, *_) in enumerate(table.rows()):
+        if length == 0:
+            continue
+        tensor = bisect.bisect_right(starts, offset) - 1
+        if offset + length > ends[tensor]:
+            raise ValueError(
+                f"segment {index} (shard elements [{offset}, {offset + length})) does not lie inside "
+                f"one tensor of the TensorList (tensor {tensor} holds [{starts[tensor]}, {ends[tensor]}))"
+            )
+
+
+def triton_buffer(shard: Shard) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A Triton kernel's two arguments for one buffer: the pointer (a flat shard; a TensorList's
+    first tensor, which gives the kernel the element type) and, for a TensorList, the tensors'
+    addresses (int64 [n_tensors] on the device; None for a flat shard). The addresses go to the
+    device without a host sync (pinned, non-blocking): they are read every step, because a
+    gradient may be a new tensor at each backward."""
+    if isinstance(shard, torch.Tensor):
+        return shard, None
+    addresses = torch.tensor([tensor.data_ptr() for tensor in shard.tensors], dtype=torch.int64)
+    if shard.device.type == "cuda":
+        addresses = addresses.pin_memory().to(shard.device, non_blocking=True)
+    return shard.tensors[0], addresses
+
+
+def check_buffers(
+    op: str, tiles: TileTable, grad: Shard | None = None, *, backend: str = "cpu", **state: Shard
+) -> None:
     """Raise ValueError unless the flat buffers are ones the fused kernels may address directly.
 
     `state` tensors (param, exp_avg, exp_avg_sq) must be contiguous 1-D float32; `grad` may be
     float32 or bfloat16; all on one device and at least `tiles.extent` long, because the kernels
     index raw memory where the references would merely slice short. TensorLists (all of them or
-    none) must share one `starts`; the C++ op checks their tensors.
+    none) must share one `starts`; their tensors are checked here for the Triton kernels, by the
+    C++ op itself on the "cpu" backend.
     """
     shards = dict(state) if grad is None else {"grad": grad, **state}
     lists = [isinstance(shard, TensorList) for shard in shards.values()]
@@ -189,6 +283,8 @@ def check_buffers(op: str, tiles: TileTable, grad: Shard | None = None, **state:
                 raise ValueError(
                     f"{op}: {name} is on {shard.device}, the segment table on {tiles.tile_start.device}"
                 )
+            if backend != "cpu":
+                _check_list(op, name, shard, tiles.extent)
         return
     tensors = shards
     device = next(iter(tensors.values())).device
@@ -210,6 +306,28 @@ def check_buffers(op: str, tiles: TileTable, grad: Shard | None = None, **state:
             problem = f"{tensor.numel()} elements, but the segment table reaches element {tiles.extent}"
         if problem is not None:
             raise ValueError(f"{op}: {name} has {problem}")
+
+
+def _check_list(op: str, name: str, shard: TensorList, extent: int) -> None:
+    """Raise ValueError unless the tensors of `shard` are contiguous, on one device, of one dtype
+    a kernel takes (float32; bfloat16 too for a gradient) and reach the table's `extent`."""
+    allowed = (torch.float32, torch.bfloat16) if name == "grad" else (torch.float32,)
+    dtype = shard.tensors[0].dtype
+    total = int(shard.starts[-1]) + shard.tensors[-1].numel()
+    if total < extent:
+        raise ValueError(
+            f"{op}: {name} holds {total} elements, but the segment table reaches element {extent}"
+        )
+    for index, tensor in enumerate(shard.tensors):
+        problem = None
+        if tensor.dtype != dtype or dtype not in allowed:
+            problem = f"dtype {tensor.dtype} (tensor 0: {dtype}); expected one of {allowed}, the same for all"
+        elif not tensor.is_contiguous():
+            problem = f"strides {tensor.stride()} for shape {tuple(tensor.shape)}; expected contiguous"
+        elif tensor.device != shard.device:
+            problem = f"device {tensor.device}, tensor 0 on {shard.device}"
+        if problem is not None:
+            raise ValueError(f"{op}: {name} tensor {index} has {problem}")
 
 
 def check_block_tensor(

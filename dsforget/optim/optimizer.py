@@ -10,7 +10,7 @@ Per flat shard and step (see dsforget.kernels for the fused ops):
    moment updates (state["param_steps"]), which stops while HFT resampling holds it.
 
 Without ZeRO (the parameters themselves, DeepSpeed's stage 0 in fp32) the optimizer steps all of
-a param group's parameters that have gradients in one such step on the "cpu" backend: the ops
+a param group's parameters that have gradients in one such step on the fused backends: the ops
 see the separate tensors as one shard (kernels.TensorList, a segment table over the tensors laid
 end to end, each op finding each tensor where it lies), so a step makes a handful of kernel calls
 whatever the number of tensors, copies nothing, and leaves the parameters, their state and the
@@ -141,13 +141,14 @@ class ForgetAdamW(torch.optim.Optimizer):
     Frozen parameters are dropped from the groups: they get no state and DeepSpeed never sees
     them (``dsforget.initialize`` also sets their ``requires_grad=False``).
 
-    multi_tensor: on the "cpu" backend, step all of a param group's parameters that have gradients
-    in one call of the fused ops (a TensorList: one segment table over the separate tensors, one
-    radix bookkeeping for all their blocks, nothing copied), as torch's fused AdamW steps a list
-    of tensors; False steps them one call per tensor. The result is the same bit for bit. It
-    applies where the optimizer steps the parameters themselves (no ZeRO, DeepSpeed's stage 0 in
-    fp32); ZeRO's flat partitions are one call each already. Tensors that are not contiguous
-    fp32 CPU tensors, and every tensor on the "torch" and "triton" backends, step one at a time.
+    multi_tensor: on the fused backends ("cpu", "triton"), step all of a param group's parameters
+    that have gradients in one call of the fused ops per (gradient dtype, device) (a TensorList:
+    one segment table over the separate tensors, one radix bookkeeping for all their blocks,
+    nothing copied; a Triton kernel finds each tile's tensor by its address), as torch's fused
+    AdamW steps a list of tensors; False steps them one call per tensor. The result is the same
+    bit for bit. It applies where the optimizer steps the parameters themselves (no ZeRO,
+    DeepSpeed's stage 0 in fp32); ZeRO's flat partitions are one call each already. Tensors that
+    are not contiguous fp32, and every tensor on the "torch" references, step one at a time.
 
     one_pass: on the "cpu" backend, step top-k shards in one pass over memory (the update applied
     in the moments pass, kernels/speculative.py), which keeps list buffers of ~0.75 B per element
@@ -226,7 +227,7 @@ class ForgetAdamW(torch.optim.Optimizer):
         # together last, their table and starts, and the hints topk_adamw_step returned for that
         # table. One entry per slot, rebuilt when the set of tensors with gradients changes, so
         # steps that skip different parameters (unrouted experts) do not pile up tables.
-        self._batches: dict[tuple[int, torch.dtype], _Batch] = {}
+        self._batches: dict[tuple[int, torch.dtype, torch.device], _Batch] = {}
         self._dp_group: Any = None
         self._backends: dict[str, str] = {}  # device type -> the backend resolved for it
 
@@ -472,26 +473,26 @@ class ForgetAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
-            together: dict[torch.dtype, list[torch.Tensor]] = {}
+            together: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
             for param in group["params"]:
                 if param.grad is None:
                     continue
                 if self._steps_together(param):
-                    together.setdefault(param.grad.dtype, []).append(param)
+                    together.setdefault((param.grad.dtype, param.device), []).append(param)
                 else:
                     self._step_shard(param, group)
-            for dtype, params in together.items():
+            for (dtype, device), params in together.items():
                 if len(params) == 1:
                     self._step_shard(params[0], group)
                 else:
-                    self._step_tensors(params, group, slot=(index, dtype))
+                    self._step_tensors(params, group, slot=(index, dtype, device))
         return loss
 
     def _steps_together(self, param: torch.Tensor) -> bool:
         """Whether `param` (with a gradient) joins its group's multi-tensor step: a parameter the
-        optimizer steps itself (not a DeepSpeed flat partition), a contiguous fp32 CPU tensor with
-        a dense contiguous gradient, on the "cpu" backend."""
-        if not self.multi_tensor or id(param) not in self._names or param.device.type != "cpu":
+        optimizer steps itself (not a DeepSpeed flat partition), a contiguous fp32 tensor with a
+        dense contiguous gradient, on a fused backend ("cpu" on CPU, "triton" on CUDA)."""
+        if not self.multi_tensor or id(param) not in self._names:
             return False
         grad = param.grad
         return (
@@ -500,7 +501,7 @@ class ForgetAdamW(torch.optim.Optimizer):
             and grad.layout == torch.strided
             and param.is_contiguous()
             and grad.is_contiguous()
-            and self._backend(param) == "cpu"
+            and self._backend(param) in ("cpu", "triton")
         )
 
     def _param_steps(self, state: dict[str, Any], layout: ShardLayout) -> list[int]:
@@ -546,7 +547,7 @@ class ForgetAdamW(torch.optim.Optimizer):
         return state
 
     def _step_tensors(
-        self, params: list[torch.Tensor], group: dict[str, Any], slot: tuple[int, torch.dtype]
+        self, params: list[torch.Tensor], group: dict[str, Any], slot: tuple[int, torch.dtype, torch.device]
     ) -> None:
         """One fused step over `params` (parameters the optimizer steps itself, with gradients of
         one dtype): the same result as `_step_shard` on each, bit for bit, in one call of each op
@@ -579,7 +580,7 @@ class ForgetAdamW(torch.optim.Optimizer):
             decay_selected_only=self.decay_scope == "selected",
             hint=batch.hint,
             sum_over_ranks=self._sum_over_data_parallel,
-            backend="cpu",
+            backend=self._backend(params[0]),
             speculate=self.one_pass,
         )
 

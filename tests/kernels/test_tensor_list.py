@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from dsforget.kernels import TensorList, available_backends, topk_adamw_step, update_moments
-from helpers import BETA1, BETA2, LAYOUTS, assert_bitwise, build_shard, clone, random_state
+from helpers import BETA1, BETA2, LAYOUTS, assert_bitwise, build_shard, clone, fused_backends, random_state
 
 pytestmark = pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="no C++ compiler")
 
@@ -29,17 +29,32 @@ def joined(shard: TensorList) -> torch.Tensor:
     return torch.cat([tensor.view(-1) for tensor in shard.tensors])
 
 
+# (backend, device, layout, speculate): the C++ ops on both layouts and steps; the Triton kernels
+# (the two-pass step only) on the small layout, on CUDA or in the interpreter
+CASES = [
+    pytest.param("cpu", "cpu", layout, speculate, id=f"cpu-{layout}-{name}")
+    for layout in ("small", "large")
+    for speculate, name in ((True, "one-pass"), (False, "two-pass"))
+] + [
+    pytest.param(case.values[0], case.values[1], "small", False, id=case.id)
+    for case in fused_backends()
+    if case.values[0] == "triton"
+]
+
+
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("speculate", [True, False], ids=["one-pass", "two-pass"])
 @pytest.mark.parametrize(("scope", "weight_decay"), [("all", 0.1), ("selected", 0.1)])
-@pytest.mark.parametrize("layout", ["small", "large"])
-def test_tensor_list_step_equals_the_flat_step(layout, scope, weight_decay, speculate, grad_dtype) -> None:
+@pytest.mark.parametrize(("backend", "device", "layout", "speculate"), CASES)
+def test_tensor_list_step_equals_the_flat_step(
+    backend, device, layout, speculate, scope, weight_decay, grad_dtype
+) -> None:
     """Catches an element read or written in the wrong tensor: one tensor per segment (cut at each
     segment's start: it holds that segment and the padding after it), so a block's pieces lie in
-    different tensors (listed entries found by their shard index), and the padding (poisoned: NaN,
-    1e30) must stay as it was; 5 steps carry hints, so the one-pass step's lists, rollbacks and
-    corrections run."""
-    shard = build_shard(LAYOUTS[layout], "cpu")
+    different tensors (listed entries found by their shard index: the C++ ops' and the Triton
+    apply kernel's search of the starts), and the padding (poisoned: NaN, 1e30) must stay as it
+    was; 5 steps carry hints, so the one-pass step's lists, rollbacks and corrections run, and
+    the two-pass step's deferred entries."""
+    shard = build_shard(LAYOUTS[layout], device)
     flat = random_state(shard, seed=3, grad_dtype=grad_dtype)
     cuts = [0] + [row[0] for row in shard.table.rows()[1:]]
     lists = split(clone(flat), cuts)
@@ -54,7 +69,7 @@ def test_tensor_list_step_equals_the_flat_step(layout, scope, weight_decay, spec
     hints = {"flat": None, "list": None}
     generator = torch.Generator().manual_seed(5)
     for step in range(1, 6):
-        noise = torch.randn(shard.numel, generator=generator).to(grad_dtype)
+        noise = torch.randn(shard.numel, generator=generator).to(grad_dtype).to(device)
         flat["grad"].copy_(noise)
         for a, tensor in zip(cuts, lists["grad"].tensors, strict=True):
             tensor.view(-1).copy_(noise[a : a + tensor.numel()])
@@ -67,7 +82,7 @@ def test_tensor_list_step_equals_the_flat_step(layout, scope, weight_decay, spec
                 shard.table,
                 step=step,
                 hint=hints[key],
-                backend="cpu",
+                backend=backend,
                 speculate=speculate,
                 **hyper,
             )
@@ -85,7 +100,7 @@ def test_tensor_list_on_another_backend_or_too_short_is_refused() -> None:
     cuts = [0] + [row[0] for row in shard.table.rows()[1:]]
     lists = split(state, cuts)
     moments = dict(beta1=BETA1, beta2=BETA2)
-    with pytest.raises(ValueError, match="update_moments: a TensorList .* 'cpu' backend only"):
+    with pytest.raises(ValueError, match="update_moments: a TensorList .* fused backends"):
         update_moments(
             lists["grad"], lists["exp_avg"], lists["exp_avg_sq"], shard.table, backend="torch", **moments
         )

@@ -5,6 +5,7 @@ Shared helpers: tests/kernels/helpers.py."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ from helpers import run_python
 @pytest.mark.skipif(triton is None, reason="Triton is not installed")
 @pytest.mark.skipif(INTERPRET, reason="already running under the interpreter")
 def test_triton_kernels_under_the_interpreter():
-    """Runs every triton case of tests/kernels with TRITON_INTERPRET=1 (Triton reads it when
+    """Runs every triton case of tests/kernels (and the optimizer's multi-tensor step on Triton)
+    with TRITON_INTERPRET=1 (Triton reads it when
     kernels are decorated, i.e. when dsforget.kernels is first imported, so it cannot be switched
     on inside this process): catches kernels that only a GPU machine would otherwise ever execute."""
     result = run_python(
@@ -32,6 +34,7 @@ def test_triton_kernels_under_the_interpreter():
             "-k",
             "triton-interpret",
             str(Path(__file__).parent),
+            str(Path(__file__).parents[1] / "optim" / "test_multi_tensor.py"),
         ],
         env={"TRITON_INTERPRET": "1"},
     )
@@ -48,7 +51,7 @@ FP32_POINTERS = {
     "deferred_exp_avg_sq_ptr",
     "corrections_ptr",
 }
-INT_SCALARS = {"defer_capacity"}
+INT_SCALARS = {"defer_capacity", "n_tensors"}
 
 
 @pytest.mark.skipif(triton is None, reason="Triton is not installed")
@@ -86,27 +89,34 @@ def test_triton_kernels_compile_for_h100():
 
     level0 = dict(DIGIT_SHIFT=LEVELS[0][0], BINS=level_bins(0), TILE=moments_op.TRITON_TILE)
     hints = dict(HINT_SHIFT=HINT_SHIFT, HINT_WINDOW=HINT_WINDOW)
+    lists = (False, True)  # flat shards, TensorLists (the multi-tensor step)
     for grad_type in ("*fp32", "*bf16"):
         for with_histogram, hinted in ((True, True), (True, False), (False, True), (False, False)):
-            for nonzero in (True, False):
-                constexprs = dict(level0, **hints, HISTOGRAM=with_histogram, HINT=hinted, NONZERO=nonzero)
+            for nonzero, listed in itertools.product((True, False), lists):
+                constexprs = dict(
+                    level0, **hints, HISTOGRAM=with_histogram, HINT=hinted, NONZERO=nonzero, LIST=listed
+                )
                 compile_kernel(moments_op._update_moments_kernel, constexprs, grad_type)
-    for level, (shift, width) in enumerate(LEVELS):
+    for (level, (shift, width)), listed in itertools.product(enumerate(LEVELS), lists):
         constexprs = dict(
             DIGIT_SHIFT=shift,
             BINS=level_bins(level),
             PREFIX_SHIFT=shift + width,
+            LIST=listed,
             TILE=histogram_op.TRITON_TILE,
         )
         compile_kernel(histogram_op._abs_histogram_kernel, constexprs)
-    for defer in (False, True):
-        for per_counter in (False, True):
-            constexprs = dict(
-                DEFER_SHIFT=DEFER_SHIFT, DEFER=defer, PER_COUNTER=per_counter, TILE=masked_op.TRITON_TILE
-            )
-            compile_kernel(masked_op._masked_adamw_kernel, constexprs)
-    for per_counter in (False, True):
-        constexprs = dict(PER_COUNTER=per_counter, SLOTS=masked_op.APPLY_SLOTS)
+    for defer, per_counter, listed in itertools.product((False, True), (False, True), lists):
+        constexprs = dict(
+            DEFER_SHIFT=DEFER_SHIFT,
+            DEFER=defer,
+            PER_COUNTER=per_counter,
+            LIST=listed,
+            TILE=masked_op.TRITON_TILE,
+        )
+        compile_kernel(masked_op._masked_adamw_kernel, constexprs)
+    for per_counter, listed in itertools.product((False, True), lists):
+        constexprs = dict(PER_COUNTER=per_counter, LIST=listed, SEARCH_STEPS=9, SLOTS=masked_op.APPLY_SLOTS)
         compile_kernel(masked_op._apply_deferred_kernel, constexprs)
     for level, (shift, _) in enumerate(LEVELS):
         for masked in (False, True):
