@@ -102,19 +102,22 @@ def _build(table: SegmentTable, tile_size: int, aligned: bool) -> TileTable:
 # 16-byte vector accesses, 32 threads a warp), to be replaced with the best rows of
 # `python -m dsforget.kernels.bench --triton-sweep` from the first GPU session:
 # - a thread should hold at least 4 consecutive fp32 of each buffer (one 16-byte access each),
-#   8-16 for more bytes in flight per thread: TILE / (32 * num_warps) is 4 in the small rows,
-#   8 in the others (16 for the histogram's larger rows);
+#   8-16 for more bytes in flight per thread: TILE / (32 * num_warps) is 4 in the small rows of
+#   update_moments and masked_adamw and 8 in their others, 8-16 in abs_histogram's;
 # - small shards (< 256 Ki elements): 256-element tiles, so that a 64 Ki-element shard still
 #   makes 256 programs (2 per SM) and a 256 Ki one 1024; 1024-element tiles would leave most
-#   SMs idle (64 and 256 programs);
-# - middle (< 4 Mi): 1024 x 4 warps, the parameters the kernels had before this table;
+#   SMs idle (64 and 256 programs). Per-program costs (the 2048-bin tile histogram of a counting
+#   moments pass) weigh most here, but a step on such a shard is bound by launch latency anyway;
+# - middle (< 4 Mi): 1024 x 4 warps (abs_histogram 2048 x 4), the kernels' fixed parameters
+#   before this table;
 # - large: 2048 x 8 warps, still >= 2048 programs (>= 15 per SM), with half the per-program
 #   fixed costs (tile and segment column loads; with counting, the tile histogram's zeroing and
 #   its merge of up to 2048 bins, which at 1024 elements costs about as much as the counting);
 # - abs_histogram reads 4 B per element (moments 20, masked_adamw 16): twice the tile for the
 #   same bytes in flight per program, and its per-tile histogram merge amortised over more.
 # Larger tiles put more of a short segment on the masked (scalar) path of its first and last
-# tile: with 2048-element tiles a 4096-element norm vector may get no full tile at all.
+# tile: with 2048-element tiles a 4096-element norm vector that starts off a multiple of 2048
+# has one full tile of three, and a 2048-element one none.
 TRITON_LAUNCH: dict[str, tuple[tuple[int | None, int, int], ...]] = {
     "update_moments": ((1 << 18, 256, 2), (1 << 22, 1024, 4), (None, 2048, 8)),
     "masked_adamw": ((1 << 18, 256, 2), (1 << 22, 1024, 4), (None, 2048, 8)),
