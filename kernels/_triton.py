@@ -14,6 +14,13 @@ imported. Constraints the kernels respect so they run there as well as compiled:
 - an atomic's mask must be a block-shaped comparison: `mask & scalar_bool` reaches the
   interpreter's atomic with an unsupported mask dtype (Triton 3.9), so per-tile conditions are
   folded into the bound instead (`offsets < where(active, end, start)`).
+
+Vector accesses: the tile kernels take aligned tiles (tiles.py), tell the compiler that a tile
+starts at a multiple of TILE (`tile_offsets`), and read and write a tile that lies inside its
+segment without a mask (`load_tile`, `store_tile`): a mask compared with a segment bound loaded
+from memory has no known constancy, so a masked access is never vectorised, whatever its offsets.
+Triton also needs the buffer's address 16-byte aligned, which it checks at each launch
+(`data_ptr() % 16`, a specialisation): a shard sliced at an odd element gets scalar code.
 """
 
 from __future__ import annotations
@@ -46,6 +53,35 @@ LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 def jit(fn: Callable[..., Any]) -> Any:
     """`triton.jit` when Triton is installed, else the function itself (never launched)."""
     return fn if triton is None else triton.jit(fn)
+
+
+@jit
+def tile_offsets(tile_start_ptr, tile, TILE: tl.constexpr):
+    """(tile_start, offsets [TILE] int64) of tile `tile` of an aligned tile table: its start is a
+    multiple of TILE, and the TILE offsets are consecutive (both true by construction)."""
+    tile_start = tl.multiple_of(tl.load(tile_start_ptr + tile), TILE)
+    offsets = tl.max_contiguous(tile_start + tl.arange(0, TILE), TILE)
+    return tile_start, offsets
+
+
+@jit
+def load_tile(pointer, offsets, mask, full):
+    """pointer[offsets] where `mask`; unmasked (vectorisable) when `full` (the whole tile is in
+    its segment, so `mask` is all true). Masked-off lanes are undefined, as tl.load's."""
+    if full:
+        values = tl.load(pointer + offsets)
+    else:
+        values = tl.load(pointer + offsets, mask=mask)
+    return values
+
+
+@jit
+def store_tile(pointer, offsets, values, mask, full):
+    """pointer[offsets] = values where `mask` (unmasked when `full`, as load_tile)."""
+    if full:
+        tl.store(pointer + offsets, values)
+    else:
+        tl.store(pointer + offsets, values, mask=mask)
 
 
 def addressable(tensor: torch.Tensor, stand_in: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._cpu import cpu_ops
-from ._triton import LAUNCH_OPTIONS, addressable, jit, list_base, tl
+from ._triton import LAUNCH_OPTIONS, addressable, jit, list_base, load_tile, tile_offsets, tl
 from .backends import check_backend
 from .masked_update import DeferredEntries
 from .radix import LEVELS, RESOLVED, abs_bits, digit_and_prefix, level_bins
@@ -27,11 +27,11 @@ from .tiles import (
     segment_columns,
     tile_table,
     triton_buffer,
+    triton_tiles,
 )
 
-# Triton: 2048 elements per program (8 KiB of m, its only input; the moments kernel reads three
-# inputs per element and takes 1024). Not yet tuned on a GPU.
-TRITON_TILE = 2048
+# Triton: TILE and num_warps by shard size from tiles.TRITON_LAUNCH["abs_histogram"] (twice the
+# moments kernel's tiles: m is its only input), over aligned tiles. Not yet tuned on a GPU.
 # CPU: 64K elements (256 KiB of m) per tile; the loop streams m once, so the tile only sets
 # the work-split granularity (~250 tiles for a 16M-element shard).
 CPU_TILE = 65536
@@ -52,7 +52,7 @@ def abs_histogram_reference(
 def _abs_histogram_kernel(
     exp_avg_ptr,  # [N] fp32, read only
     tile_segment_ptr,  # [T] int64, segment of each tile
-    tile_start_ptr,  # [T] int64, first shard element of each tile
+    tile_start_ptr,  # [T] int64, where each tile's window starts (a multiple of TILE)
     shard_offset_ptr,  # [S] int64, the SegmentTable columns
     length_ptr,  # [S] int64
     block_ptr,  # [S] int64
@@ -69,19 +69,22 @@ def _abs_histogram_kernel(
 ):
     tile = tl.program_id(0)
     segment = tl.load(tile_segment_ptr + tile)
-    tile_start = tl.load(tile_start_ptr + tile)
+    # [TILE] int64 shard elements from an aligned start; lanes outside the segment are masked
+    tile_start, offsets = tile_offsets(tile_start_ptr, tile, TILE)
     if LIST:
         tensor = tl.load(tile_tensor_ptr + tile)
         first = tl.load(tensor_start_ptr + tensor)
         exp_avg_ptr = list_base(exp_avg_ptr, exp_avg_addresses_ptr, tensor, first)
-    segment_end = tl.load(shard_offset_ptr + segment) + tl.load(length_ptr + segment)
+    segment_start = tl.load(shard_offset_ptr + segment)
+    segment_end = segment_start + tl.load(length_ptr + segment)
     block = tl.load(block_ptr + segment)
     prefix = tl.load(prefix_ptr + tl.maximum(block, 0), mask=block >= 0, other=-1)
-    # DENSE and resolved (prefix RESOLVED = -1) blocks read nothing: their bound collapses to the tile start.
-    end = tl.where((block >= 0) & (prefix >= 0), segment_end, tile_start)
-    offsets = tile_start + tl.arange(0, TILE)  # [TILE] int64 shard elements
-    in_block = offsets < end
-    bits = tl.abs(tl.load(exp_avg_ptr + offsets, mask=in_block)).to(tl.int32, bitcast=True)
+    # DENSE and resolved (prefix RESOLVED = -1) blocks read nothing: their upper bound collapses
+    # to the tile start, and they never take the unmasked path.
+    active = (block >= 0) & (prefix >= 0)
+    in_block = (offsets >= segment_start) & (offsets < tl.where(active, segment_end, tile_start))
+    full = active & (tile_start >= segment_start) & (tile_start + TILE <= segment_end)  # no lane masked
+    bits = tl.abs(load_tile(exp_avg_ptr, offsets, in_block, full)).to(tl.int32, bitcast=True)
     digit = (bits >> DIGIT_SHIFT) & (BINS - 1)
     # level 0: the prefix is 0 and so is bits >> 31 (|m| has no sign bit)
     counted = in_block & ((bits >> PREFIX_SHIFT) == prefix)
@@ -100,6 +103,7 @@ def _abs_histogram_triton(
     prefix: torch.Tensor,
     level: int,
     histogram: torch.Tensor,
+    num_warps: int,
 ) -> None:
     if tiles.num_tiles == 0:
         return
@@ -119,6 +123,7 @@ def _abs_histogram_triton(
         PREFIX_SHIFT=sum(LEVELS[level]),
         LIST=isinstance(exp_avg, TensorList),
         TILE=tiles.tile_size,
+        num_warps=num_warps,
         **LAUNCH_OPTIONS,
     )
 
@@ -167,12 +172,17 @@ def abs_histogram(
         return
     if not 0 <= level < len(LEVELS):
         raise ValueError(f"abs_histogram: level must be in [0, {len(LEVELS)}), got {level}")
-    tiles = tile_table(table, CPU_TILE if backend == "cpu" else TRITON_TILE)
+    if backend == "cpu":
+        tiles, num_warps = tile_table(table, CPU_TILE), 0
+    else:
+        tiles, num_warps = triton_tiles(table, "abs_histogram")
     check_buffers("abs_histogram", tiles, backend=backend, exp_avg=exp_avg)
     check_block_tensor("abs_histogram", "prefix", prefix, table, device)
     check_block_tensor("abs_histogram", "histogram", histogram, table, device, level_bins(level))
-    launch = _abs_histogram_cpu if backend == "cpu" else _abs_histogram_triton
-    launch(exp_avg, table, tiles, prefix, level, histogram)
+    if backend == "cpu":
+        _abs_histogram_cpu(exp_avg, table, tiles, prefix, level, histogram)
+    else:
+        _abs_histogram_triton(exp_avg, table, tiles, prefix, level, histogram, num_warps)
 
 
 def deferred_histogram(

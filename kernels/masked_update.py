@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ._cpu import cpu_ops
-from ._triton import LAUNCH_OPTIONS, addressable, jit, list_base, tl
+from ._triton import LAUNCH_OPTIONS, addressable, jit, list_base, load_tile, store_tile, tile_offsets, tl
 from .backends import check_backend
 from .radix import LEVELS, RESOLVED, abs_bits
 from .segments import DENSE, SegmentTable, host_counters
@@ -50,10 +50,11 @@ from .tiles import (
     shard_starts,
     tile_table,
     triton_buffer,
+    triton_tiles,
 )
 
-# 1024 elements per Triton program: 4 warps x 8 contiguous fp32 per thread.
-TRITON_TILE = 1024
+# Triton: TILE and num_warps by shard size from tiles.TRITON_LAUNCH["masked_adamw"], over aligned
+# tiles.
 # 16384 elements per CPU tile (p, m, v: 192 KiB); sets the work-split granularity only.
 CPU_TILE = 16384
 DEFER_SHIFT = LEVELS[-1][0] + LEVELS[-1][1]  # a deferred bin fixes every bit above the last level's digit
@@ -355,7 +356,7 @@ def _masked_adamw_kernel(
     exp_avg_ptr,  # [N] fp32, read only
     exp_avg_sq_ptr,  # [N] fp32, read only
     tile_segment_ptr,  # [T] int64, segment of each tile
-    tile_start_ptr,  # [T] int64, first shard element of each tile
+    tile_start_ptr,  # [T] int64, where each tile's window starts (a multiple of TILE)
     shard_offset_ptr,  # [S] int64, the SegmentTable columns
     length_ptr,  # [S] int64
     block_ptr,  # [S] int64
@@ -397,16 +398,18 @@ def _masked_adamw_kernel(
         counter = tl.load(counter_ptr + segment)
         step_size = tl.load(corrections_ptr + 2 * counter)
         bias_correction2_sqrt = tl.load(corrections_ptr + 2 * counter + 1)
-    tile_start = tl.load(tile_start_ptr + tile)
-    segment_end = tl.load(shard_offset_ptr + segment) + tl.load(length_ptr + segment)
+    # [TILE] int64 shard elements from an aligned start; lanes outside the segment are masked
+    tile_start, offsets = tile_offsets(tile_start_ptr, tile, TILE)
+    segment_start = tl.load(shard_offset_ptr + segment)
+    segment_end = segment_start + tl.load(length_ptr + segment)
     block = tl.load(block_ptr + segment)
     # DENSE segments get threshold 0, which every bits(|m|) reaches (NaN included).
     threshold = tl.load(thresholds_ptr + tl.maximum(block, 0), mask=block >= 0, other=0)
-    offsets = tile_start + tl.arange(0, TILE)  # [TILE] int64 shard elements
-    in_segment = offsets < segment_end
-    param = tl.load(param_ptr + offsets, mask=in_segment)
-    exp_avg = tl.load(exp_avg_ptr + offsets, mask=in_segment)
-    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=in_segment)
+    in_segment = (offsets >= segment_start) & (offsets < segment_end)
+    full = (tile_start >= segment_start) & (tile_start + TILE <= segment_end)  # no lane masked
+    param = load_tile(param_ptr, offsets, in_segment, full)
+    exp_avg = load_tile(exp_avg_ptr, offsets, in_segment, full)
+    exp_avg_sq = load_tile(exp_avg_sq_ptr, offsets, in_segment, full)
     bits = tl.abs(exp_avg).to(tl.int32, bitcast=True)
     selected = bits >= threshold
     # IEEE sqrt and division (Triton's defaults are approximate), as torch computes them.
@@ -426,7 +429,7 @@ def _masked_adamw_kernel(
         tl.store(deferred_exp_avg_ptr + slot, exp_avg, mask=listed)
         tl.store(deferred_exp_avg_sq_ptr + slot, exp_avg_sq, mask=listed)
         updated = tl.where(deferred, param, updated)
-    tl.store(param_ptr + offsets, updated, mask=in_segment)
+    store_tile(param_ptr, offsets, updated, in_segment, full)
 
 
 def _masked_adamw_triton(
@@ -439,6 +442,7 @@ def _masked_adamw_triton(
     scalars: AdamWScalars,
     defer_prefix: torch.Tensor | None,
     defer_capacity: int,
+    num_warps: int = 4,
 ) -> DeferredEntries | None:
     if tiles.num_tiles == 0:
         return None if defer_prefix is None else _no_entries(param.device)
@@ -478,6 +482,7 @@ def _masked_adamw_triton(
         PER_COUNTER=corrections is not None,
         LIST=isinstance(param, TensorList),
         TILE=tiles.tile_size,
+        num_warps=num_warps,
         **LAUNCH_OPTIONS,
     )
     if defer_prefix is None:
@@ -640,7 +645,10 @@ def masked_adamw(
             param, exp_avg, exp_avg_sq, table, thresholds, scalars, defer_prefix
         )
     else:
-        tiles = tile_table(table, CPU_TILE if backend == "cpu" else TRITON_TILE)
+        if backend == "cpu":
+            tiles, num_warps = tile_table(table, CPU_TILE), 0
+        else:
+            tiles, num_warps = triton_tiles(table, "masked_adamw")
         check_buffers(
             "masked_adamw", tiles, backend=backend, param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq
         )
@@ -649,7 +657,16 @@ def masked_adamw(
             check_block_tensor("masked_adamw", "defer_prefix", defer_prefix, table, device)
         if backend == "triton":
             return _masked_adamw_triton(
-                param, exp_avg, exp_avg_sq, table, tiles, thresholds, scalars, defer_prefix, defer_capacity
+                param,
+                exp_avg,
+                exp_avg_sq,
+                table,
+                tiles,
+                thresholds,
+                scalars,
+                defer_prefix,
+                defer_capacity,
+                num_warps=num_warps,
             )
         deferred = _masked_adamw_cpu(
             param, exp_avg, exp_avg_sq, table, tiles, thresholds, scalars, defer_prefix

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ._cpu import cpu_ops
-from ._triton import LAUNCH_OPTIONS, addressable, jit, list_base, tl
+from ._triton import LAUNCH_OPTIONS, addressable, jit, list_base, load_tile, store_tile, tile_offsets, tl
 from .backends import check_backend
 from .radix import LEVELS, abs_bits, digit_and_prefix, level_bins
 from .segments import DENSE, NO_ROWSCALE, SegmentTable
@@ -49,6 +49,7 @@ from .tiles import (
     segment_columns,
     tile_table,
     triton_buffer,
+    triton_tiles,
 )
 
 # The widest window, in level-1 prefixes (bits(|m|) >> 10): 2^20 float ulps, 6-12% of |m| (by
@@ -56,8 +57,9 @@ from .tiles import (
 HINT_WINDOW = 1024
 HINT_SHIFT = LEVELS[1][0]
 
-# 1024 elements per Triton program: 4 warps x 8 contiguous fp32 per thread, two 16-byte loads.
-TRITON_TILE = 1024
+# Triton: TILE and num_warps by shard size from tiles.TRITON_LAUNCH["update_moments"] (e.g. 1024
+# elements per program for a 1 Mi shard: 4 warps x 8 contiguous fp32 per thread, two 16-byte loads
+# per buffer), over aligned tiles.
 # 16384 elements per CPU tile: g, m, v of a tile are 192 KiB (fp32), resident in L2 between the
 # vectorised moments loop and the histogram loop that re-reads m.
 CPU_TILE = 16384
@@ -126,7 +128,7 @@ def _update_moments_kernel(
     exp_avg_ptr,  # [N] fp32, updated in place
     exp_avg_sq_ptr,  # [N] fp32, updated in place
     tile_segment_ptr,  # [T] int64, segment of each tile
-    tile_start_ptr,  # [T] int64, first shard element of each tile
+    tile_start_ptr,  # [T] int64, where each tile's window starts (a multiple of TILE)
     shard_offset_ptr,  # [S] int64, the SegmentTable columns
     length_ptr,  # [S] int64
     param_offset_ptr,  # [S] int64
@@ -160,7 +162,8 @@ def _update_moments_kernel(
 ):
     tile = tl.program_id(0)
     segment = tl.load(tile_segment_ptr + tile)
-    tile_start = tl.load(tile_start_ptr + tile)
+    # [TILE] int64 shard elements from an aligned start; lanes outside the segment are masked
+    tile_start, offsets = tile_offsets(tile_start_ptr, tile, TILE)
     if LIST:
         tensor = tl.load(tile_tensor_ptr + tile)
         first = tl.load(tensor_start_ptr + tensor)
@@ -169,16 +172,16 @@ def _update_moments_kernel(
         exp_avg_sq_ptr = list_base(exp_avg_sq_ptr, exp_avg_sq_addresses_ptr, tensor, first)
     segment_start = tl.load(shard_offset_ptr + segment)
     segment_end = segment_start + tl.load(length_ptr + segment)
-    offsets = tile_start + tl.arange(0, TILE)  # [TILE] int64 shard elements; the tail is masked
-    in_segment = offsets < segment_end
-    grad = tl.load(grad_ptr + offsets, mask=in_segment).to(tl.float32)
+    in_segment = (offsets >= segment_start) & (offsets < segment_end)
+    full = (tile_start >= segment_start) & (tile_start + TILE <= segment_end)  # no lane masked
+    grad = load_tile(grad_ptr, offsets, in_segment, full).to(tl.float32)
     rowscale_start = tl.load(rowscale_start_ptr + segment)
     if rowscale_start >= 0:
         element = tl.load(param_offset_ptr + segment) + (offsets - segment_start)  # index in the parameter
         rows = element // tl.load(row_len_ptr + segment)  # [TILE]; a tile may span several rows
         grad = grad * tl.load(rowscale_ptr + rowscale_start + rows, mask=in_segment)
-    exp_avg = tl.load(exp_avg_ptr + offsets, mask=in_segment)
-    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=in_segment)
+    exp_avg = load_tile(exp_avg_ptr, offsets, in_segment, full)
+    exp_avg_sq = load_tile(exp_avg_sq_ptr, offsets, in_segment, full)
     # torch's lerp: start + w*(end - start) for w < 0.5, else end - (end - start)*(1 - w); the
     # same branch keeps fraction 1 within rounding of torch.optim.AdamW for any beta1.
     if lerp_weight < 0.5:
@@ -186,12 +189,12 @@ def _update_moments_kernel(
     else:
         exp_avg = grad - (grad - exp_avg) * (1 - lerp_weight)
     exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
-    tl.store(exp_avg_ptr + offsets, exp_avg, mask=in_segment)
-    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=in_segment)
+    store_tile(exp_avg_ptr, offsets, exp_avg, in_segment, full)
+    store_tile(exp_avg_sq_ptr, offsets, exp_avg_sq, in_segment, full)
     if HISTOGRAM or HINT or NONZERO:
         block = tl.load(block_ptr + segment)
-        # DENSE segments count nothing: their bound collapses to the tile start.
-        counted = offsets < tl.where(block >= 0, segment_end, tile_start)
+        # DENSE segments count nothing: their upper bound collapses to the tile start.
+        counted = (offsets >= segment_start) & (offsets < tl.where(block >= 0, segment_end, tile_start))
         bits = tl.abs(exp_avg).to(tl.int32, bitcast=True)
         digit = (bits >> DIGIT_SHIFT) & (BINS - 1)
         row = tl.maximum(block, 0)
@@ -238,6 +241,7 @@ def _update_moments_triton(
     histogram: torch.Tensor | None,
     hinted: HintedCounts | None,
     nonzero: torch.Tensor | None,
+    num_warps: int,
 ) -> None:
     if tiles.num_tiles == 0:
         return
@@ -274,6 +278,7 @@ def _update_moments_triton(
         NONZERO=nonzero is not None,
         LIST=isinstance(exp_avg, TensorList),
         TILE=tiles.tile_size,
+        num_warps=num_warps,
         **LAUNCH_OPTIONS,
     )
 
@@ -353,7 +358,10 @@ def update_moments(
             nonzero=nonzero,
         )
         return
-    tiles = tile_table(table, CPU_TILE if backend == "cpu" else TRITON_TILE)
+    if backend == "cpu":
+        tiles, num_warps = tile_table(table, CPU_TILE), 0
+    else:
+        tiles, num_warps = triton_tiles(table, "update_moments")
     check_buffers("update_moments", tiles, grad, backend=backend, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
     if histogram is not None:
         check_block_tensor("update_moments", "histogram", histogram, table, device, level_bins(0))
@@ -364,5 +372,8 @@ def update_moments(
         check_block_tensor("update_moments", "hint_histogram", hinted.histogram, table, device, HINT_WINDOW)
     if nonzero is not None:
         check_block_tensor("update_moments", "nonzero", nonzero, table, device)
-    launch = _update_moments_cpu if backend == "cpu" else _update_moments_triton
-    launch(grad, exp_avg, exp_avg_sq, table, tiles, beta1, beta2, histogram, hinted, nonzero)
+    arguments = (grad, exp_avg, exp_avg_sq, table, tiles, beta1, beta2, histogram, hinted, nonzero)
+    if backend == "cpu":
+        _update_moments_cpu(*arguments)
+    else:
+        _update_moments_triton(*arguments, num_warps)

@@ -1,20 +1,36 @@
 """The work decomposition shared by the fused backends: tiles of a SegmentTable.
 
-A tile is up to `tile_size` consecutive elements of one segment; tiles never cross a segment,
-so a kernel instance (a Triton program, a CPU loop iteration) reads its segment's columns once
-and sees plain contiguous memory. Elements outside every segment belong to no tile and are
-therefore never touched.
+A tile is a window of `tile_size` consecutive shard elements assigned to one segment; tiles never
+cross a segment, so a kernel instance (a Triton program, a CPU loop iteration) reads its segment's
+columns once and sees plain contiguous memory. Elements outside every segment belong to no tile
+and are therefore never touched. Two layouts:
+
+- unaligned (the C++ CPU backend, which depends on it): a segment [s, e) gets the tiles starting
+  at s, s + tile_size, ... < e; a tile starts at its segment's element and only its tail can lie
+  past the segment (`offset < e` masks it);
+- aligned (the Triton backend): the tiles starting at floor(s / tile_size) * tile_size,
+  + tile_size, ... < e, so every tile start is a multiple of `tile_size` in shard coordinates and
+  the kernels can tell the compiler so (`tl.multiple_of`): a tile whose window lies inside its
+  segment is then read and written with unmasked 16-byte vector accesses (when the buffers are
+  16-byte aligned). A segment's first and last tile may reach past it at either end: the kernels
+  mask lanes outside [s, e) (both bounds). Two segments can get a tile at the same start (they
+  share that window, each masked to its own elements).
 
 The tile table is derived from `shard_offset` and `length` only, built once per
-(SegmentTable, tile_size) and cached: SegmentTables are immutable by contract, and one is
-built per flat shard, so a shard pays the build (and, on GPU, its few device syncs) once per
+(SegmentTable, tile_size, aligned) and cached: SegmentTables are immutable by contract, and one
+is built per flat shard, so a shard pays the build (and, on GPU, its few device syncs) once per
 run, not once per step.
+
+Triton launch parameters (tile size, warps) come from one table, `triton_launch`, by kernel and
+shard size; `triton_tiles` gives a launcher its aligned tiles and warps.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -25,7 +41,8 @@ from .segments import DENSE, NO_ROWSCALE, SegmentTable
 
 @dataclass(frozen=True)
 class TileTable:
-    """tile_segment int64 [T]: segment of each tile; tile_start int64 [T]: its first shard element.
+    """tile_segment int64 [T]: segment of each tile; tile_start int64 [T]: the shard element its
+    window starts at (aligned: a multiple of tile_size, possibly before its segment's first).
 
     extent is one past the last element any segment covers: buffers must hold at least that many.
     """
@@ -34,39 +51,130 @@ class TileTable:
     tile_segment: torch.Tensor
     tile_start: torch.Tensor
     extent: int
+    aligned: bool = False
 
     @property
     def num_tiles(self) -> int:
         return int(self.tile_segment.numel())
 
 
-_CACHE: dict[tuple[int, int], TileTable] = {}
+_CACHE: dict[tuple[int, int, bool], TileTable] = {}
 
 
-def tile_table(table: SegmentTable, tile_size: int) -> TileTable:
-    """The (cached) tiles of `table`; raises ValueError if segments overlap or are malformed."""
-    key = (id(table), tile_size)
+def tile_table(table: SegmentTable, tile_size: int, aligned: bool = False) -> TileTable:
+    """The (cached) tiles of `table` (aligned: tile starts are multiples of `tile_size`, see the
+    module docstring); raises ValueError if segments overlap or are malformed."""
+    key = (id(table), tile_size, aligned)
     tiles = _CACHE.get(key)
     if tiles is None:
-        tiles = _build(table, tile_size)
+        tiles = _build(table, tile_size, aligned)
         _CACHE[key] = tiles
         # id() is reused after garbage collection: drop the entry with its table.
         weakref.finalize(table, _CACHE.pop, key, None)
     return tiles
 
 
-def _build(table: SegmentTable, tile_size: int) -> TileTable:
+def _build(table: SegmentTable, tile_size: int, aligned: bool) -> TileTable:
     _validate(table)
     device = table.length.device
-    tiles_per_segment = (table.length + tile_size - 1) // tile_size
+    segment_end = table.shard_offset + table.length
+    if aligned:  # windows [j * tile_size, (j + 1) * tile_size) that meet [shard_offset, end)
+        first_start = table.shard_offset // tile_size * tile_size
+        tiles_per_segment = torch.where(
+            table.length > 0, (segment_end - first_start + tile_size - 1) // tile_size, 0
+        )
+    else:
+        first_start = table.shard_offset
+        tiles_per_segment = (table.length + tile_size - 1) // tile_size
     num_tiles = int(tiles_per_segment.sum())
     tile_segment = torch.repeat_interleave(torch.arange(table.num_segments, device=device), tiles_per_segment)
     # index of each tile inside its segment: global tile index minus the segment's first tile
     first_tile = torch.cumsum(tiles_per_segment, 0) - tiles_per_segment
     tile_in_segment = torch.arange(num_tiles, device=device) - first_tile[tile_segment]
-    tile_start = table.shard_offset[tile_segment] + tile_in_segment * tile_size
-    extent = int((table.shard_offset + table.length).max()) if table.num_segments else 0
-    return TileTable(tile_size, tile_segment.contiguous(), tile_start.contiguous(), extent)
+    tile_start = first_start[tile_segment] + tile_in_segment * tile_size
+    extent = int(segment_end.max()) if table.num_segments else 0
+    return TileTable(tile_size, tile_segment.contiguous(), tile_start.contiguous(), extent, aligned)
+
+
+# ------------------------------------------------------------------ Triton launch parameters
+
+# (covered elements below which the row applies, TILE, num_warps) per kernel, first match wins;
+# the last row has no bound. NOT YET MEASURED on a GPU: reasoned from the H100/H200 (132 SMs,
+# 16-byte vector accesses, 32 threads a warp), to be replaced with the best rows of
+# `python -m dsforget.kernels.bench --triton-sweep` from the first GPU session:
+# - a thread should hold at least 4 consecutive fp32 of each buffer (one 16-byte access each),
+#   8-16 for more bytes in flight per thread: TILE / (32 * num_warps) is 4 in the small rows of
+#   update_moments and masked_adamw and 8 in their others, 8-16 in abs_histogram's;
+# - small shards (< 256 Ki elements): 256-element tiles, so that a 64 Ki-element shard still
+#   makes 256 programs (2 per SM) and a 256 Ki one 1024; 1024-element tiles would leave most
+#   SMs idle (64 and 256 programs). Per-program costs (the 2048-bin tile histogram of a counting
+#   moments pass) weigh most here, but a step on such a shard is bound by launch latency anyway;
+# - middle (< 4 Mi): 1024 x 4 warps (abs_histogram 2048 x 4), the kernels' fixed parameters
+#   before this table;
+# - large: 2048 x 8 warps, still >= 2048 programs (>= 15 per SM), with half the per-program
+#   fixed costs (tile and segment column loads; with counting, the tile histogram's zeroing and
+#   its merge of up to 2048 bins, which at 1024 elements costs about as much as the counting);
+# - abs_histogram reads 4 B per element (moments 20, masked_adamw 16): twice the tile for the
+#   same bytes in flight per program, and its per-tile histogram merge amortised over more.
+# Larger tiles put more of a short segment on the masked (scalar) path of its first and last
+# tile: with 2048-element tiles a 4096-element norm vector that starts off a multiple of 2048
+# has one full tile of three, and a 2048-element one none.
+TRITON_LAUNCH: dict[str, tuple[tuple[int | None, int, int], ...]] = {
+    "update_moments": ((1 << 18, 256, 2), (1 << 22, 1024, 4), (None, 2048, 8)),
+    "masked_adamw": ((1 << 18, 256, 2), (1 << 22, 1024, 4), (None, 2048, 8)),
+    "abs_histogram": ((1 << 18, 512, 2), (1 << 22, 2048, 4), (None, 4096, 8)),
+}
+
+_FORCED_LAUNCH: tuple[int, int] | None = None
+
+
+def triton_launch(kernel: str, numel: int) -> tuple[int, int]:
+    """(TILE, num_warps) of `kernel` (a TRITON_LAUNCH key) for a shard of `numel` covered elements."""
+    if _FORCED_LAUNCH is not None:
+        return _FORCED_LAUNCH
+    for bound, tile_size, num_warps in TRITON_LAUNCH[kernel]:
+        if bound is None or numel < bound:
+            return tile_size, num_warps
+    raise AssertionError(f"TRITON_LAUNCH[{kernel!r}] has no unbounded last row")
+
+
+def triton_launches() -> set[tuple[int, int]]:
+    """Every (TILE, num_warps) the table can choose (what the tests compile and run)."""
+    return {(tile_size, num_warps) for rows in TRITON_LAUNCH.values() for _, tile_size, num_warps in rows}
+
+
+@contextlib.contextmanager
+def forced_triton_launch(tile_size: int, num_warps: int) -> Iterator[None]:
+    """Every Triton launcher uses (tile_size, num_warps) inside the block (the benchmark's sweep
+    and the tests; not thread-safe). tile_size must be a power of two."""
+    global _FORCED_LAUNCH
+    if tile_size < 1 or tile_size & (tile_size - 1):
+        raise ValueError(f"tile_size must be a power of two, got {tile_size}")
+    saved, _FORCED_LAUNCH = _FORCED_LAUNCH, (tile_size, num_warps)
+    try:
+        yield
+    finally:
+        _FORCED_LAUNCH = saved
+
+
+_COVERED: dict[int, int] = {}
+
+
+def covered_elements(table: SegmentTable) -> int:
+    """Elements the segments of `table` cover, read from the device once per table (cached)."""
+    key = id(table)
+    covered = _COVERED.get(key)
+    if covered is None:
+        covered = int(table.length.sum()) if table.num_segments else 0
+        _COVERED[key] = covered
+        weakref.finalize(table, _COVERED.pop, key, None)
+    return covered
+
+
+def triton_tiles(table: SegmentTable, kernel: str) -> tuple[TileTable, int]:
+    """The aligned tiles and num_warps a Triton launcher of `kernel` uses for `table`."""
+    tile_size, num_warps = triton_launch(kernel, covered_elements(table))
+    return tile_table(table, tile_size, aligned=True), num_warps
 
 
 def _validate(table: SegmentTable) -> None:
@@ -182,19 +290,21 @@ class ListTiles:
     tensor_start: torch.Tensor
 
 
-_LIST_CACHE: dict[tuple[int, int, int], ListTiles] = {}
+_LIST_CACHE: dict[tuple[int, int, bool, int], ListTiles] = {}
 
 
 def list_tiles(table: SegmentTable, tiles: TileTable, shard: TensorList) -> ListTiles:
     """The (cached) ListTiles of `tiles` over the tensors of `shard`; raises ValueError if a
     segment crosses from one tensor into the next or past the last (a kernel addresses a tile
     from its first element's tensor)."""
-    key = (id(table), tiles.tile_size, id(shard.starts))
+    key = (id(table), tiles.tile_size, tiles.aligned, id(shard.starts))
     cached = _LIST_CACHE.get(key)
     if cached is None:
         _validate_in_tensors(table, shard)
         tensor_start = device_starts(shard)
-        tile_tensor = torch.searchsorted(tensor_start, tiles.tile_start, right=True) - 1
+        # by the tile's segment: an aligned tile may start before its segment, in the tensor before
+        segment_start = table.shard_offset[tiles.tile_segment]
+        tile_tensor = torch.searchsorted(tensor_start, segment_start, right=True) - 1
         cached = ListTiles(tile_tensor.contiguous(), tensor_start)
         _LIST_CACHE[key] = cached
         weakref.finalize(table, _LIST_CACHE.pop, key, None)

@@ -1,4 +1,5 @@
-"""`python -m dsforget.kernels.bench [--sizes 1M,4M] [--csv FILE] [--tiny]`: see flat.py."""
+"""`python -m dsforget.kernels.bench [--sizes 1M,4M] [--csv FILE] [--tiny] [--triton-sweep]`: see
+flat.py (and sweep.py for --triton-sweep)."""
 
 import sys
 

@@ -3,6 +3,7 @@
     python -m dsforget.kernels.bench                       # default sizes for the device
     python -m dsforget.kernels.bench --sizes 1M,4M --csv bench.csv
     python -m dsforget.kernels.bench --tiny                # smoke run (the tests run it)
+    python -m dsforget.kernels.bench --triton-sweep        # Triton launch parameters (sweep.py)
 
 The shard looks like a ZeRO partition of a transformer: square weight matrices (one top-k block
 each, fraction 0.15) and norm vectors (DENSE) back to back with a few padding elements after
@@ -542,8 +543,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--csv", help="append one row per result to this CSV file")
+    parser.add_argument(
+        "--triton-sweep",
+        action="store_true",
+        help="instead: time each Triton kernel over a grid of (TILE, num_warps) at --sizes "
+        "(CUDA only; see kernels/bench/sweep.py), to fill tiles.TRITON_LAUNCH",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.triton_sweep:
+        from . import sweep  # (it imports this module)
+
+        sizes = [parse_size(s) for s in args.sizes.split(",")] if args.sizes else None
+        return sweep.run(sizes, device, args.repeats, device_name(device))
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU ops, before it is imported
     sizes = [5003] if args.tiny else [parse_size(s) for s in args.sizes.split(",")] if args.sizes else None

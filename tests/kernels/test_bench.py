@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 from dsforget.kernels import default_backend
+from dsforget.kernels._triton import INTERPRET, triton
 from helpers import run_python
 
 
@@ -92,3 +93,35 @@ def test_separate_matrices_benchmark_tiny_run():
     for cells in rows.values():
         assert float(cells[0]) > 0 and float(cells[2]) > 0, result.stdout
     assert float(rows["torch-adamw-fused"][2]) == 1.0
+
+
+# ------------------------------------------------------------------- the Triton launch sweep
+
+
+def test_triton_sweep_without_cuda_says_so_and_fails(capsys):
+    """Catches `--triton-sweep` crashing, or passing silently, where there is no GPU to time: it
+    must name the reason and exit non-zero."""
+    from dsforget.kernels.bench import flat
+
+    assert flat.main(["--triton-sweep", "--device", "cpu"]) == 2
+    out = capsys.readouterr().out
+    assert "--triton-sweep" in out and ("CUDA" in out or "Triton" in out), out
+
+
+@pytest.mark.skipif(not INTERPRET or triton is None, reason="runs under TRITON_INTERPRET=1 (test_triton.py)")
+@pytest.mark.parametrize("case", ["triton-interpret"])
+def test_triton_sweep_times_every_kernel(case):
+    """Keeps the sweep's own code from rotting until a GPU runs it: on the interpreter, every
+    kernel is timed at each (TILE, num_warps) of a small grid and tabulated with the table's
+    choice marked."""
+    from dsforget.kernels.bench import sweep
+
+    grid = [(256, 2), (1024, 4)]
+    cells = sweep.sweep([5003], torch.device("cpu"), repeats=1, grid=grid)
+    assert {(c.kernel, c.tile_size, c.num_warps) for c in cells} == {
+        (kernel, *launch) for kernel in sweep.KERNELS for launch in grid
+    }
+    assert all(c.microseconds > 0 and c.gb_per_s > 0 for c in cells)
+    text = sweep.format_sweep(cells, "interpreter")
+    assert text.count("best: TILE") == len(sweep.KERNELS) and "*" in text, text
+    assert all(2 <= tile // (32 * warps) <= 32 for tile, warps in sweep.sweep_grid())
