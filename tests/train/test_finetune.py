@@ -353,11 +353,13 @@ def test_packed_checkpointed_run_tokenises_once_and_refuses_another_attention(
     assert "attn_implementation='eager' there, 'sdpa' here" in failure.value.outputs[0]
 
 
-def test_aligned_lab_scores_versatility_along_training(tmp_path: Path, lab_cache: Path) -> None:
+def test_aligned_lab_scores_versatility_along_training(tmp_path: Path, copy_lab) -> None:
     """The aligned lab's held-out chat skills are scored at the base, along training and at the
     end, and their loss is a forgetting measure of the summary and the matched comparison."""
+    cache = tmp_path / "cache"  # its own: the session's cache holds the tiny lab only
+    copy_lab("tiny_aligned", cache / "lab")
     output = tmp_path / "aligned"
-    finetune(output, lab_cache, "--lab_preset", "tiny_aligned", "--max_steps", "4", "--eval_every", "2")
+    finetune(output, cache, "--lab_preset", "tiny_aligned", "--max_steps", "4", "--eval_every", "2")
     report = json.loads((output / "report.json").read_text())
     before, after = report["before"]["skill_exact_match"], report["after"]["skill_exact_match"]
     assert before > 0.5, before  # the base does its skills (0.95 when built)
