@@ -191,30 +191,11 @@ def test_bad_data_line_is_named(tmp_path: Path, lab_cache: Path) -> None:
     assert f"{data}:2" in failure.value.outputs[0]
 
 
-def test_compare_runs_each_method_and_tabulates(tmp_path: Path, lab_cache: Path) -> None:
-    """The comparison command must run every method on the same data and tabulate measured values."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "DSFORGET_CACHE": str(lab_cache)}
-    command = [
-        sys.executable,
-        str(REPO / "launch" / "compare.py"),
-        "--methods",
-        "full,mofo,hft",
-        "--lrs",
-        "mofo=1e-3,2e-3",
-        "--plan_seeds",
-        "hft=0,1",
-        "--output_dir",
-        str(tmp_path),
-        "--",
-        *TINY_RUN,
-        "--max_steps",
-        "6",
-        "--eval_every",
-        "3",
-        "--no-export",
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def test_compare_runs_each_method_and_tabulates(compared) -> None:
+    """The comparison command must run every method on the same data and tabulate measured values.
+    (conftest's `compared`: full, mofo at two rates and hft with two plan seeds, 6 steps each with
+    --eval_every 3, beside the runs the baselines' and lora's compare tests read.)"""
+    tmp_path, command, env, done = compared.output, compared.command, compared.env, compared.done
     runs = ("full", "mofo@0.001", "mofo@0.002", "hft/seed0", "hft/seed1")
     rows = {
         line.split()[0]: line.split()[1:]
