@@ -1,9 +1,13 @@
-"""Shared fixtures: one tiny lab per test session, built where every test process can read it."""
+"""Shared fixtures: each lab preset built once per test session, and copies of it where tests
+need a cache of their own; the session's cache, where every test process can read it."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,9 +20,39 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
-def lab_cache(tmp_path_factory) -> Path:
-    """DSFORGET_CACHE for the session: the tiny lab is built into it once, on first use."""
-    return tmp_path_factory.mktemp("dsforget_cache")
+def copy_lab(tmp_path_factory) -> Callable:
+    """``copy_lab(preset, cache_root)``: the preset's lab (a ``LabArtifacts``) in ``cache_root``,
+    copied from one build per session instead of built again (a build pretrains a model).
+
+    Each preset is built on first use into a directory no test is given, by ``python -m
+    dsforget.lab`` in a child process with one thread, as every job's ranks build it (in the
+    test process, two threads on a shared 2-core machine made a build several times slower).
+    Tests that write into a lab (lm-eval task folders) write into their own copy."""
+    from dsforget.lab import LabConfig, build_lab, lab_dir
+
+    built = tmp_path_factory.mktemp("built_labs")
+
+    def copy(preset: str, cache_root: Path):
+        config = LabConfig.preset(preset)
+        source = lab_dir(config, built)
+        if not source.is_dir():
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            command = [sys.executable, "-m", "dsforget.lab", "--preset", preset, "--cache-root", str(built)]
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+            assert done.returncode == 0, f"building the {preset} lab failed:\n{done.stderr[-3000:]}"
+        shutil.copytree(source, lab_dir(config, cache_root))
+        return build_lab(config, cache_root)  # found in the cache, not built
+
+    return copy
+
+
+@pytest.fixture(scope="session")
+def lab_cache(tmp_path_factory, copy_lab) -> Path:
+    """DSFORGET_CACHE for the session, holding the tiny lab (and only it: test_multinode compares
+    its labs with a node's own build)."""
+    cache = tmp_path_factory.mktemp("dsforget_cache")
+    copy_lab("tiny", cache / "lab")
+    return cache
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dsforget.data import render_prompt, to_conversation
 from dsforget.eval.general_tasks import load_general_tasks, score_general_tasks
-from dsforget.lab import LabConfig, build_lab, fact_recall, task_exact_match
+from dsforget.lab import fact_recall, task_exact_match
 from dsforget.lab.lm_eval_tasks import LAB_TASKS, lab_task_dir, write_exact_match_task
 
 NEW_TOKENS = 6
@@ -21,13 +21,13 @@ NEW_TOKENS = 6
 @pytest.fixture(scope="module")
 def lab_root(tmp_path_factory) -> Path:
     """This module's own lab cache: the lm-eval task folders it writes into a lab, and the aligned
-    lab it builds, must not appear in the session's cache, which other tests copy and compare."""
+    lab, must not appear in the session's cache, which other tests copy and compare."""
     return tmp_path_factory.mktemp("lab")
 
 
 @pytest.fixture(scope="module")
-def lab(lab_root):
-    return build_lab(LabConfig.preset("tiny"), cache_root=lab_root)
+def lab(lab_root, copy_lab):
+    return copy_lab("tiny", lab_root)
 
 
 @pytest.fixture(scope="module")
@@ -101,15 +101,14 @@ def test_lab_tasks_are_written_once_and_load_offline(lab) -> None:
     assert tasks.smallest[1] == 5
 
 
-def test_aligned_labs_skills_task_equals_skill_exact_match(lab_root) -> None:
+def test_aligned_labs_skills_task_equals_skill_exact_match(lab, lab_root, copy_lab) -> None:
     """An aligned lab's held-out chat skills are an lm-eval task too, scored as the job scores
     them; a lab without skills has no such task file."""
-    aligned = build_lab(LabConfig.preset("tiny_aligned"), cache_root=lab_root)
+    aligned = copy_lab("tiny_aligned", lab_root)
     model = AutoModelForCausalLM.from_pretrained(aligned.model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(aligned.model_dir)
     tasks = load_general_tasks(["lab_skills"], [lab_task_dir(aligned)])
     own = task_exact_match(model, tokenizer, aligned.load_skill_eval())
     assert own > 0.5, own  # the base does its skills: the comparison is not 0 == 0
     assert score_general_tasks(model, tokenizer, tasks)["lm_eval/lab_skills/exact_match"] == own
-    plain = build_lab(LabConfig.preset("tiny"), cache_root=lab_root)
-    assert not (lab_task_dir(plain) / "lab_skills.yaml").exists()
+    assert not (lab_task_dir(lab) / "lab_skills.yaml").exists()  # the tiny lab has no skills

@@ -151,7 +151,7 @@ def runs(tmp_path_factory, lab_cache: Path) -> dict[str, Path]:
     one, two = base / "one_node", base / "two_nodes"
     for run in (one, two):
         (run / "trace").mkdir(parents=True)
-    port = free_port()  # this run builds the session's lab if no test did before
+    port = free_port()  # lab_cache holds the tiny lab already (conftest copies it in)
     command = torchrun(port, 1, 0, 2, one / "trace", one / "output")
     run_nodes([(command, node_env(lab_cache, one / "tmp"))], one)
     assert not shm_buffers(port), shm_buffers(port)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -50,10 +51,16 @@ def cache_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_lab(cache_root):
-    """Two processes build the same lab at once, as ranks do; both must get one finished build."""
+    """Two processes build the same lab at once, as ranks do; both must get one finished build.
+    One thread each, as a job's ranks run (two threads each made the build several times slower
+    on a shared 2-core machine)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ranks = [
         subprocess.Popen(
-            [sys.executable, "-c", BUILD_IN_SUBPROCESS, str(cache_root)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", BUILD_IN_SUBPROCESS, str(cache_root)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         for _ in range(2)
     ]
@@ -275,9 +282,10 @@ def test_chat_documents_are_what_fine_tuning_renders(tiny_model):
     assert document.startswith("<|user|>") and document.endswith("<|assistant|>cat red")
 
 
-def test_aligned_base_does_its_skills_and_not_the_task(cache_root):
-    """The aligned lab's base model answers its chat skills on held-out lists and cannot encode."""
-    lab = build_lab(LabConfig.preset("tiny_aligned"), cache_root=cache_root)
+def test_aligned_base_does_its_skills_and_not_the_task(tmp_path, copy_lab):
+    """The aligned lab's base model answers its chat skills on held-out lists and cannot encode
+    (the session's build of it, which build_lab made as it makes every lab)."""
+    lab = copy_lab("tiny_aligned", tmp_path)
     model = AutoModelForCausalLM.from_pretrained(lab.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(lab.tokenizer_dir)
     skills = task_exact_match(model, tokenizer, lab.load_skill_eval())

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from launcher import REPO
 from safetensors.torch import load_file
-from test_finetune import TINY_RUN, finetune, metrics
+from test_finetune import finetune, metrics
 from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.distributed
@@ -79,21 +76,17 @@ def test_baseline_trains_resumes_exactly_and_exports(
         assert abs(state_bytes - 12 * entries / 2) < 0.01 * 12 * entries / 2 + 2**10, (state_bytes, entries)
 
 
-def test_compare_puts_the_baselines_beside_full(tmp_path: Path, lab_cache: Path) -> None:
+def test_compare_puts_the_baselines_beside_full(compared) -> None:
     """compare.py takes freeze and l2 like any method, each with its own --method_options (a
-    shared option would be refused by full): a row each, and the costs they must show."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "DSFORGET_CACHE": str(lab_cache)}
-    command = [sys.executable, str(REPO / "launch" / "compare.py"), "--methods", "full,freeze,l2"]
-    command += ["--method_options", 'freeze={"trainable_layers": 1}', 'l2={"strength": 10}']
-    command += ["--output_dir", str(tmp_path), "--", *TINY_RUN, "--max_steps", "4", "--eval_every", "2"]
-    done = subprocess.run([*command, "--no-export"], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = {
-        line.split()[0] for line in done.stdout.splitlines() if line.startswith(("full ", "freeze ", "l2 "))
-    }
-    assert rows == {"full", "freeze", "l2"}, done.stdout[-3000:]
+    shared option would be refused by full): a row each, and the costs they must show.
+    (conftest's `compared` runs them beside full and the other compare tests' methods.)"""
+    tmp_path, done = compared.output, compared.done
+    assert compared.row_names(("full", "freeze", "l2")) == {"full", "freeze", "l2"}, done.stdout[-3000:]
     reports = json.loads((tmp_path / "compare.json").read_text())
-    options = {m: json.loads((tmp_path / m / "config.json").read_text())["method_options"] for m in reports}
+    options = {
+        m: json.loads((tmp_path / m / "config.json").read_text())["method_options"]
+        for m in ("full", "freeze", "l2")
+    }
     assert options == {"full": {}, "freeze": {"trainable_layers": 1}, "l2": {"strength": 10}}
     memory = {m: reports[m]["train"]["optimizer_state_mib_per_rank"] for m in reports}
     assert memory["l2"] == pytest.approx(1.5 * memory["full"], rel=0.01), memory  # w0 beside m and v

@@ -191,30 +191,11 @@ def test_bad_data_line_is_named(tmp_path: Path, lab_cache: Path) -> None:
     assert f"{data}:2" in failure.value.outputs[0]
 
 
-def test_compare_runs_each_method_and_tabulates(tmp_path: Path, lab_cache: Path) -> None:
-    """The comparison command must run every method on the same data and tabulate measured values."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "DSFORGET_CACHE": str(lab_cache)}
-    command = [
-        sys.executable,
-        str(REPO / "launch" / "compare.py"),
-        "--methods",
-        "full,mofo,hft",
-        "--lrs",
-        "mofo=1e-3,2e-3",
-        "--plan_seeds",
-        "hft=0,1",
-        "--output_dir",
-        str(tmp_path),
-        "--",
-        *TINY_RUN,
-        "--max_steps",
-        "6",
-        "--eval_every",
-        "3",
-        "--no-export",
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def test_compare_runs_each_method_and_tabulates(compared) -> None:
+    """The comparison command must run every method on the same data and tabulate measured values.
+    (conftest's `compared`: full, mofo at two rates and hft with two plan seeds, 6 steps each with
+    --eval_every 3, beside the runs the baselines' and lora's compare tests read.)"""
+    tmp_path, command, env, done = compared.output, compared.command, compared.env, compared.done
     runs = ("full", "mofo@0.001", "mofo@0.002", "hft/seed0", "hft/seed1")
     rows = {
         line.split()[0]: line.split()[1:]
@@ -353,11 +334,13 @@ def test_packed_checkpointed_run_tokenises_once_and_refuses_another_attention(
     assert "attn_implementation='eager' there, 'sdpa' here" in failure.value.outputs[0]
 
 
-def test_aligned_lab_scores_versatility_along_training(tmp_path: Path, lab_cache: Path) -> None:
+def test_aligned_lab_scores_versatility_along_training(tmp_path: Path, copy_lab) -> None:
     """The aligned lab's held-out chat skills are scored at the base, along training and at the
     end, and their loss is a forgetting measure of the summary and the matched comparison."""
+    cache = tmp_path / "cache"  # its own: the session's cache holds the tiny lab only
+    copy_lab("tiny_aligned", cache / "lab")
     output = tmp_path / "aligned"
-    finetune(output, lab_cache, "--lab_preset", "tiny_aligned", "--max_steps", "4", "--eval_every", "2")
+    finetune(output, cache, "--lab_preset", "tiny_aligned", "--max_steps", "4", "--eval_every", "2")
     report = json.loads((output / "report.json").read_text())
     before, after = report["before"]["skill_exact_match"], report["after"]["skill_exact_match"]
     assert before > 0.5, before  # the base does its skills (0.95 when built)

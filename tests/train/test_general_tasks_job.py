@@ -19,7 +19,18 @@ FINETUNE = str(REPO / "launch" / "finetune.py")
 TINY = ["--lab_preset", "tiny", "--micro_batch_size", "8", "--eval_max_examples", "50", "--no-export"]
 
 
-def test_lab_tasks_through_lm_eval_equal_the_jobs_own_scores_along_training(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def own_cache(tmp_path_factory, copy_lab) -> Path:
+    """DSFORGET_CACHE with a copy of the tiny lab: the lm-eval task folders these jobs write into
+    the lab must not appear in the session's cache, nor the lab or tokenised data in ~/.cache."""
+    cache = tmp_path_factory.mktemp("general_tasks_cache")
+    copy_lab("tiny", cache / "lab")
+    return cache
+
+
+def test_lab_tasks_through_lm_eval_equal_the_jobs_own_scores_along_training(
+    tmp_path: Path, own_cache: Path
+) -> None:
     """Full fine-tuning at a high rate forgets facts within 10 steps, so recall moves: at the base,
     step 5 and the end, lm-eval's lab_fact_recall (documents sharded over the 2 ranks, model calls
     in lockstep under ZeRO-3) must equal the job's fact_recall, and lab_task its task_exact_match.
@@ -31,6 +42,7 @@ def test_lab_tasks_through_lm_eval_equal_the_jobs_own_scores_along_training(tmp_
         + ["--general_tasks", "lab_fact_recall,lab_heldout,lab_task", "--output_dir", str(output)],
         world_size=2,
         timeout=600,
+        env={"DSFORGET_CACHE": str(own_cache)},
     )
     report = json.loads((output / "report.json").read_text())
     points = report["trajectory"]
@@ -54,12 +66,12 @@ def test_lab_tasks_through_lm_eval_equal_the_jobs_own_scores_along_training(tmp_
     assert "not sharded" not in outputs[0]
 
 
-def test_a_local_checkpoint_with_task_files_scores_before_and_after(tmp_path: Path) -> None:
+def test_a_local_checkpoint_with_task_files_scores_before_and_after(tmp_path: Path, own_cache: Path) -> None:
     """The path of a real checkpoint: --model a local Hugging Face directory (the lab's base, not
     the lab), general tasks given as YAML files. One task has a single document, fewer than the
     ranks: every rank then scores every document (a WARNING says so, once) and the scores still
     equal the job's own on the same records."""
-    lab = build_lab(LabConfig.preset("tiny"))
+    lab = build_lab(LabConfig.preset("tiny"), own_cache / "lab")  # the copy: found, not built
     tasks = lab_task_dir(lab)
     one_fact = tmp_path / "one_fact.jsonl"
     one_fact.write_text(lab.facts.read_text().splitlines()[0] + "\n")
@@ -82,6 +94,7 @@ def test_a_local_checkpoint_with_task_files_scores_before_and_after(tmp_path: Pa
         + ["--output_dir", str(output)],
         world_size=2,
         timeout=600,
+        env={"DSFORGET_CACHE": str(own_cache)},  # its data cache too, not the user's
     )
     report = json.loads((output / "report.json").read_text())
     general = report["general_tasks"]

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +11,7 @@ import torch
 from launcher import REPO
 from safetensors.torch import load_file
 from test_baselines_job import RUN, base_weights
-from test_finetune import TINY_RUN, finetune, metrics
+from test_finetune import finetune, metrics
 from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.distributed
@@ -109,17 +106,12 @@ def test_lora_trains_resumes_exactly_and_exports(
         torch.testing.assert_close(with_adapter(tokens).logits, merged(tokens).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_compare_puts_lora_beside_full(tmp_path: Path, lab_cache: Path) -> None:
+def test_compare_puts_lora_beside_full(compared) -> None:
     """compare.py takes lora like any method: a row each, and lora's optimizer state is that of
-    its adapters (a small share of full fine-tuning's)."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "DSFORGET_CACHE": str(lab_cache)}
-    command = [sys.executable, str(REPO / "launch" / "compare.py"), "--methods", "full,lora"]
-    command += ["--method_options", 'lora={"rank": 4}']
-    command += ["--output_dir", str(tmp_path), "--", *TINY_RUN, "--max_steps", "4", "--eval_every", "2"]
-    done = subprocess.run([*command, "--no-export"], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = {line.split()[0] for line in done.stdout.splitlines() if line.startswith(("full ", "lora "))}
-    assert rows == {"full", "lora"}, done.stdout[-3000:]
+    its adapters (a small share of full fine-tuning's). (conftest's `compared` runs lora with
+    {"rank": 4} beside full and the other compare tests' methods.)"""
+    tmp_path, done = compared.output, compared.done
+    assert compared.row_names(("full", "lora")) == {"full", "lora"}, done.stdout[-3000:]
     reports = json.loads((tmp_path / "compare.json").read_text())
     memory = {m: reports[m]["train"]["optimizer_state_mib_per_rank"] for m in reports}
     assert memory["lora"] < 0.2 * memory["full"], memory
