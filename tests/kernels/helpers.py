@@ -50,6 +50,18 @@ def fused_backends(include_large: bool = False) -> list:
     return cases
 
 
+def triton_backends() -> list:
+    """("triton", device) cases of tests that only the Triton kernels concern: CUDA where usable,
+    and the interpreter, listed in every process (a process without TRITON_INTERPRET=1 deselects
+    it, tests/conftest.py; tests/kernels/test_triton.py runs it under the interpreter)."""
+    cases = []
+    if triton_usable(torch.device("cuda")):
+        cases.append(pytest.param("triton", "cuda", id="triton-cuda-small"))
+    no_triton = pytest.mark.skipif(triton is None, reason="Triton is not installed")
+    cases.append(pytest.param("triton", "cpu", id="triton-interpret-small", marks=no_triton))
+    return cases
+
+
 # ---------------------------------------------------------------------------- shard builders
 
 

@@ -38,6 +38,7 @@ from helpers import (
     run_ranks,
     select_thresholds,
     split_into_shards,
+    triton_backends,
 )
 from torch.overrides import TorchFunctionMode
 
@@ -317,10 +318,7 @@ class _HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize(
-    ("backend", "device"),
-    [pytest.param(c.values[0], c.values[1], id=c.id) for c in fused_backends() if c.values[0] == "triton"],
-)
+@pytest.mark.parametrize(("backend", "device"), triton_backends())
 def test_a_step_whose_windows_hit_reads_the_host_once(backend, device, monkeypatch):
     """Catches a host sync added to the hinted Triton step (a bool of a mask, an int of a count,
     a list length read back): a step whose windows all hit, deferring entries, reads the host

@@ -38,6 +38,18 @@ BACKENDS = [pytest.param("torch", "cpu", id="torch")] + [
 ]
 
 
+def step_cases(variants: dict[str, tuple]) -> list:
+    """(backend, device, *variant) for every backend and variant (id: backend-variant), the
+    one-pass variants (whose first value is True: speculate) on the cpu backend only, the one
+    backend that has the one-pass step."""
+    return [
+        pytest.param(*backend.values, *values, id=f"{backend.id}-{name}")
+        for backend in BACKENDS
+        for name, values in variants.items()
+        if backend.values[0] == "cpu" or not values[0]
+    ]
+
+
 def own_nonzero(exp_avg: torch.Tensor, table) -> torch.Tensor:
     """Each block's entries with |m| != 0, recounted from m."""
     counts = torch.zeros(table.num_blocks, dtype=torch.int64)
@@ -170,11 +182,15 @@ def previous_rule(state, nonzero):
 
 
 @pytest.mark.parametrize(
-    ("speculate", "scope"),
-    [(True, "all"), (False, "all"), (False, "selected")],
-    ids=["one-pass", "two-pass", "two-pass-decay-selected"],
+    ("backend", "device", "speculate", "scope"),
+    step_cases(
+        {
+            "one-pass": (True, "all"),
+            "two-pass": (False, "all"),
+            "two-pass-decay-selected": (False, "selected"),
+        }
+    ),
 )
-@pytest.mark.parametrize(("backend", "device"), BACKENDS)
 def test_blocks_at_zero_equal_the_full_select_and_count_nothing_more(
     backend, device, speculate, scope, monkeypatch
 ):
@@ -186,8 +202,6 @@ def test_blocks_at_zero_equal_the_full_select_and_count_nothing_more(
     step, or that misses its window after its first step (its hint: an empty window at 0).
     Weight decay on selected entries only makes the selection of the zeros visible in p (their
     AdamW step is 0)."""
-    if speculate and backend != "cpu":
-        pytest.skip("only the cpu backend has the one-pass step")
     generator = torch.Generator().manual_seed(17)
     params, masks = zero_layout(generator)
     shards, pieces = split_into_shards(params, cut=4200, device=device)
@@ -277,15 +291,14 @@ def topk_adamw_step_of(state, table, step, hint):
     return run
 
 
-@pytest.mark.parametrize("speculate", [True, False], ids=["one-pass", "two-pass"])
-@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize(
+    ("backend", "device", "speculate"), step_cases({"one-pass": (True,), "two-pass": (False,)})
+)
 def test_a_shard_of_blocks_at_zero_takes_no_pass_after_the_moments(backend, device, speculate, monkeypatch):
     """Catches any work past the moments pass for blocks whose threshold is 0: with every top-k
     block at 0 (90% and 100% zeros, k - 1 nonzero) no histogram pass over m runs in any step,
     nothing is deferred, and from the second step (hints: empty windows at 0) the one-pass step
     lists no window entries, leaves nothing untouched and corrects nothing."""
-    if speculate and backend != "cpu":
-        pytest.skip("only the cpu backend has the one-pass step")
     generator = torch.Generator().manual_seed(23)
     params, masks = zero_layout(generator, normal=False)
     renumbered = {0: 0, DENSE: DENSE, 1: 1, 2: 2, 4: 3}  # only blocks whose threshold is 0
