@@ -384,6 +384,8 @@ void correct_speculation(at::TensorList param, at::TensorList exp_avg, at::Tenso
 // The window entries' p once the thresholds are exact: the selected ones get the step added to
 // their unselected p (as speculate_piece), the others already hold theirs. Writes p, never reads
 // it (each entry's p is a cache miss: a store does not stall the loop, a load would).
+constexpr int64_t kResolveGrain = 1024;
+
 void resolve_window(at::TensorList param, const at::Tensor& tensor_starts, const at::Tensor& index, const at::Tensor& block,
                     const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& unselected,
                     const at::Tensor& thresholds, const c10::optional<at::Tensor>& block_corrections,
@@ -398,10 +400,14 @@ void resolve_window(at::TensorList param, const at::Tensor& tensor_starts, const
   const float* v = exp_avg_sq.data_ptr<float>();
   const float* p_unselected = unselected.data_ptr<float>();
   const int64_t* threshold = thresholds.data_ptr<int64_t>();
-  for (int64_t i = 0; i < index.numel(); ++i) {
-    if (abs_bits(m[i]) < uint32_t(threshold[blocks[i]])) continue;
-    p[at[i]] = p_unselected[i] + adamw_step(m[i], v[i], constants[blocks[i]]);
-  }
+  // entries are distinct elements: threads split the list (each entry a cache miss, ~1% of a
+  // shard: 1.3 ms of a 25 M-parameter step on one thread)
+  at::parallel_for(0, index.numel(), kResolveGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (abs_bits(m[i]) < uint32_t(threshold[blocks[i]])) continue;
+      p[at[i]] = p_unselected[i] + adamw_step(m[i], v[i], constants[blocks[i]]);
+    }
+  });
 }
 
 TORCH_LIBRARY_FRAGMENT(dsforget_cpu, ops) {
