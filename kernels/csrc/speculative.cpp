@@ -131,19 +131,20 @@ struct SpeculationLists {
     return false;
   }
 
-  // Moves every region's entries to the front of the arrays, in block order; returns how many
+  // Moves every region's entries to the front of the arrays, in block order, and writes their
+  // blocks there (a region is one block's: list_piece does not store them); returns how many
   // entries each list holds.
   std::pair<int64_t, int64_t> compact(int64_t n_blocks) {
     int64_t deferred = 0, rollbacks = 0;
     for (int64_t b = 0; b < n_blocks; ++b) {
       const int64_t from = region_start[b], d = deferred_used[b], r = rollback_used[b];
       std::memmove(deferred_index + deferred, deferred_index + from, size_t(d) * sizeof(int64_t));
-      std::memmove(deferred_block + deferred, deferred_block + from, size_t(d) * sizeof(int64_t));
+      std::fill(deferred_block + deferred, deferred_block + deferred + d, b);
       std::memmove(deferred_exp_avg + deferred, deferred_exp_avg + from, size_t(d) * sizeof(float));
       std::memmove(deferred_exp_avg_sq + deferred, deferred_exp_avg_sq + from, size_t(d) * sizeof(float));
       std::memmove(deferred_unselected + deferred, deferred_unselected + from, size_t(d) * sizeof(float));
       std::memmove(rollback_index + rollbacks, rollback_index + from, size_t(r) * sizeof(int64_t));
-      std::memmove(rollback_block + rollbacks, rollback_block + from, size_t(r) * sizeof(int64_t));
+      std::fill(rollback_block + rollbacks, rollback_block + rollbacks + r, b);
       std::memmove(rollback_unselected + rollbacks, rollback_unselected + from, size_t(r) * sizeof(float));
       deferred += d;
       rollbacks += r;
@@ -184,7 +185,6 @@ inline void list_piece(const float* m, const float* v, const float* before, cons
       if (flags[i] & 1) {
         histogram.add(block, (abs_bits(m[at]) >> shift) - first_prefix);
         lists.deferred_index[deferred_at] = at;
-        lists.deferred_block[deferred_at] = block;
         lists.deferred_exp_avg[deferred_at] = m[at];
         lists.deferred_exp_avg_sq[deferred_at] = v[at];
         lists.deferred_unselected[deferred_at] = p_unselected;
@@ -192,7 +192,6 @@ inline void list_piece(const float* m, const float* v, const float* before, cons
       }
       if (flags[i] & 2) {
         lists.rollback_index[rollback_at] = at;
-        lists.rollback_block[rollback_at] = block;
         lists.rollback_unselected[rollback_at] = p_unselected;
         ++rollback_at;
       }
