@@ -99,6 +99,7 @@ inline bool speculate_segment_piece(const Segment& s, const Grad* grad, float* p
 }
 
 constexpr int64_t kSpeculationPiece = 1024;
+constexpr int64_t kUsedStride = 64 / sizeof(int64_t);
 
 // Where the update lists entries: each block owns a region of region_size[b] slots from
 // region_start[b] in every array (buffers the caller keeps between steps: fresh ones would cost
@@ -109,6 +110,8 @@ struct SpeculationLists {
   int64_t *rollback_index, *rollback_block;
   float* rollback_unselected;
   const int64_t *region_start, *region_size;
+  // used[b * kUsedStride]: block b's slots taken, one cache line per block and list (threads
+  // reserving slots of different blocks would otherwise pass one line back and forth)
   int64_t *deferred_used, *rollback_used;
 
   // Takes n slots of block b's region in `used`: their first, or -1 (and none) if they do not fit.
@@ -123,11 +126,11 @@ struct SpeculationLists {
   // Slots for a piece's entries of block b (both lists, or neither): false if they do not fit.
   bool reserve(int64_t b, int64_t deferred, int64_t rollbacks, int64_t& deferred_slot,
                int64_t& rollback_slot) {
-    deferred_slot = take(deferred_used + b, region_size[b], deferred);
+    deferred_slot = take(deferred_used + b * kUsedStride, region_size[b], deferred);
     if (deferred_slot < 0) return false;
-    rollback_slot = take(rollback_used + b, region_size[b], rollbacks);
+    rollback_slot = take(rollback_used + b * kUsedStride, region_size[b], rollbacks);
     if (rollback_slot >= 0) return true;
-    if (deferred > 0) __atomic_fetch_sub(deferred_used + b, deferred, __ATOMIC_RELAXED);
+    if (deferred > 0) __atomic_fetch_sub(deferred_used + b * kUsedStride, deferred, __ATOMIC_RELAXED);
     return false;
   }
 
@@ -137,7 +140,8 @@ struct SpeculationLists {
   std::pair<int64_t, int64_t> compact(int64_t n_blocks) {
     int64_t deferred = 0, rollbacks = 0;
     for (int64_t b = 0; b < n_blocks; ++b) {
-      const int64_t from = region_start[b], d = deferred_used[b], r = rollback_used[b];
+      const int64_t from = region_start[b], d = deferred_used[b * kUsedStride],
+                    r = rollback_used[b * kUsedStride];
       std::memmove(deferred_index + deferred, deferred_index + from, size_t(d) * sizeof(int64_t));
       std::fill(deferred_block + deferred, deferred_block + deferred + d, b);
       std::memmove(deferred_exp_avg + deferred, deferred_exp_avg + from, size_t(d) * sizeof(float));
@@ -286,7 +290,7 @@ std::vector<at::Tensor> speculative_update(
   TORCH_CHECK(buffers.size() == 8, "expected the 8 list buffers");
   const std::vector<Segment> segments = gather_segments(segment_columns);
   const int64_t n_blocks = hint_above.numel();
-  std::vector<int64_t> deferred_used(n_blocks, 0), rollback_used(n_blocks, 0);
+  std::vector<int64_t> deferred_used(n_blocks * kUsedStride, 0), rollback_used(n_blocks * kUsedStride, 0);
   SpeculationLists lists{buffers[0].data_ptr<int64_t>(),  buffers[1].data_ptr<int64_t>(),
                          buffers[2].data_ptr<float>(),    buffers[3].data_ptr<float>(),
                          buffers[4].data_ptr<float>(),    buffers[5].data_ptr<int64_t>(),
