@@ -446,9 +446,11 @@ def _masked_adamw_triton(
 ) -> DeferredEntries | None:
     if tiles.num_tiles == 0:
         return None if defer_prefix is None else _no_entries(param.device)
+    buffers = [triton_buffer(shard) for shard in (param, exp_avg, exp_avg_sq)]
+    param_pointer = buffers[0][0]  # (also an fp32 stand-in for pointers a constexpr branch never reads)
     if defer_prefix is None:  # int64 and fp32 stand-ins for the list, which DEFER=False never touches
         capacity, slots_taken = 0, tiles.tile_start
-        listed = (tiles.tile_start,) * 2 + (triton_buffer(param)[0],) * 2
+        listed = (tiles.tile_start,) * 2 + (param_pointer,) * 2
     else:
         capacity = defer_capacity
         slots_taken = torch.zeros(1, dtype=torch.int64, device=param.device)
@@ -457,8 +459,6 @@ def _masked_adamw_triton(
         listed = (index, torch.zeros_like(index), *torch.empty(2, index.numel(), device=param.device))
     thresholds = addressable(thresholds, tiles.tile_start)
     corrections = scalars.counter_tensor(param.device)
-    buffers = [triton_buffer(shard) for shard in (param, exp_avg, exp_avg_sq)]
-    pointer = buffers[0][0]
     _masked_adamw_kernel[(tiles.num_tiles,)](
         *(pointer for pointer, _ in buffers),
         tiles.tile_segment,
@@ -471,9 +471,7 @@ def _masked_adamw_triton(
         slots_taken,
         *listed,
         table.counter,
-        pointer
-        if corrections is None
-        else corrections,  # (a valid fp32 pointer PER_COUNTER=False never reads)
+        param_pointer if corrections is None else corrections,
         *list_arguments(table, tiles, param, [addresses for _, addresses in buffers]),
         capacity,
         *scalars.kernel_arguments(),

@@ -24,8 +24,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 GPU = REPO / "tests" / "gpu"
 CHECK = (GPU / "gpu_check.sh").read_text()
-# the runtime skips among the triton-cuda cases: the one-pass step is the CPU backend's only
-ONE_PASS = "one-pass"
 # makes tests/kernels/helpers.py's fused_backends() add the triton-cuda cases (collection only)
 FAKE_CUDA = """
 import torch
@@ -204,12 +202,11 @@ def test_gpu_check_kernel_tests_select_todays_cuda_cases(passing_run, tmp_path) 
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     ids = [line for line in done.stdout.splitlines() if "::" in line]
     cuda = [test_id for test_id in ids if "triton-cuda" in test_id]
-    skipped = [test_id for test_id in cuda if ONE_PASS in test_id]
     required = int(re.search(r"GPUCHECK_KERNEL_CASES:-(\d+)", CHECK).group(1))
     assert any("test_backend_choice_per_device" in test_id for test_id in ids)
-    assert len(cuda) - len(skipped) == required, (
-        f"{len(cuda)} triton-cuda cases collected, {len(skipped)} of them skip on Triton: set KERNEL_CASES "
-        f"in tests/gpu/gpu_check.sh (and its header, README) to {len(cuda) - len(skipped)}"
+    assert len(cuda) == required, (
+        f"{len(cuda)} triton-cuda cases collected: set KERNEL_CASES in tests/gpu/gpu_check.sh (and its "
+        f"header, README) to {len(cuda)}"
     )
 
 

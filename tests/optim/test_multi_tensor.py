@@ -84,6 +84,19 @@ def both_ways(make_optimizer: Callable[..., torch.optim.Optimizer], model: nn.Mo
     return results
 
 
+def mofo(**options) -> Callable[[nn.Module, bool], torch.optim.Optimizer]:
+    """make(model, multi_tensor) for `both_ways`: MoFOAdamW at lr 1e-2, fraction 0.1, weight decay
+    0.1, with `options` (backend, decay scope, ...)."""
+    return lambda model, multi_tensor: MoFOAdamW(
+        model.named_parameters(),
+        lr=1e-2,
+        fraction=0.1,
+        weight_decay=0.1,
+        multi_tensor=multi_tensor,
+        **options,
+    )
+
+
 def drop_some(step: int, name: str) -> bool:
     """Gradients missing now and then: a layer every third step, a bias every other step."""
     return (name == "2.weight" and step % 3 == 1) or (name == "0.bias" and step % 2 == 0)
@@ -98,19 +111,7 @@ def test_mofo_multi_tensor_equals_per_tensor_bit_for_bit(decay_scope, topk, one_
     whose gradients were missing have fewer moment updates), and table caching across steps
     whose set of tensors with gradients changes."""
 
-    def make(model: nn.Module, multi_tensor: bool) -> torch.optim.Optimizer:
-        return MoFOAdamW(
-            model.named_parameters(),
-            lr=1e-2,
-            fraction=0.1,
-            weight_decay=0.1,
-            decay_scope=decay_scope,
-            topk=topk,
-            backend="cpu",
-            one_pass=one_pass,
-            multi_tensor=multi_tensor,
-        )
-
+    make = mofo(decay_scope=decay_scope, topk=topk, backend="cpu", one_pass=one_pass)
     (multi, multi_opt), (single, _) = both_ways(make, make_model(), steps=14, drop=drop)
     assert multi_opt._batches, "the multi-tensor step never ran"
     assert_bit_identical(multi, single)
@@ -125,17 +126,9 @@ def test_triton_multi_tensor_equals_per_tensor_bit_for_bit(backend) -> None:
     a deferred entry written into the wrong parameter (the apply kernel's search of the starts),
     and per-parameter step counts mixed up, with gradients missing now and then."""
 
-    def make(model: nn.Module, multi_tensor: bool) -> torch.optim.Optimizer:
-        return MoFOAdamW(
-            model.named_parameters(),
-            lr=1e-2,
-            fraction=0.1,
-            weight_decay=0.1,
-            backend=backend,
-            multi_tensor=multi_tensor,
-        )
-
-    (multi, multi_opt), (single, _) = both_ways(make, make_model(layers=2), steps=5, drop=drop_some)
+    (multi, multi_opt), (single, _) = both_ways(
+        mofo(backend=backend), make_model(layers=2), steps=5, drop=drop_some
+    )
     assert multi_opt._batches, "the multi-tensor step never ran"
     assert_bit_identical(multi, single)
 
@@ -256,16 +249,7 @@ def test_state_dict_round_trip_and_resume_across_paths(saver: bool, loader: bool
     """save -> load into a fresh optimizer -> more steps equals an uninterrupted run, whichever
     path saved and which loads: the checkpoint format (one state per parameter) is unchanged."""
 
-    def make(model: nn.Module, multi_tensor: bool) -> MoFOAdamW:
-        return MoFOAdamW(
-            model.named_parameters(),
-            lr=1e-2,
-            fraction=0.1,
-            weight_decay=0.1,
-            backend="cpu",
-            multi_tensor=multi_tensor,
-        )
-
+    make = mofo(backend="cpu")
     straight = make_model()
     opt = make(straight, saver)
     run(straight, opt, steps=6, drop=drop_some)
