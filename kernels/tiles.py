@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import pairwise
@@ -355,17 +356,32 @@ def _validate_in_tensors(table: SegmentTable, shard: TensorList) -> None:
             )
 
 
+# address tables on their devices by (device, addresses): a table holds nothing but its key, so a
+# hit is always right; bounded, since gradients reallocated every backward give new keys
+_ADDRESS_TABLES: OrderedDict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = OrderedDict()
+_ADDRESS_TABLES_KEPT = 64
+
+
 def triton_buffer(shard: Shard) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A Triton kernel's two arguments for one buffer: the pointer (a flat shard; a TensorList's
     first tensor, which gives the kernel the element type) and, for a TensorList, the tensors'
-    addresses (int64 [n_tensors] on the device; None for a flat shard). The addresses go to the
-    device without a host sync (pinned, non-blocking): they are read every step, because a
-    gradient may be a new tensor at each backward."""
+    addresses (int64 [n_tensors] on the device; None for a flat shard). The addresses are read
+    every step, because a gradient may be a new tensor at each backward; a table already on the
+    device for the same addresses is reused, and a new one goes there without a host sync
+    (pinned, non-blocking)."""
     if isinstance(shard, torch.Tensor):
         return shard, None
-    addresses = torch.tensor([tensor.data_ptr() for tensor in shard.tensors], dtype=torch.int64)
+    key = (shard.device, tuple(tensor.data_ptr() for tensor in shard.tensors))
+    addresses = _ADDRESS_TABLES.get(key)
+    if addresses is not None:
+        _ADDRESS_TABLES.move_to_end(key)
+        return shard.tensors[0], addresses
+    addresses = torch.tensor(key[1], dtype=torch.int64)
     if shard.device.type == "cuda":
         addresses = addresses.pin_memory().to(shard.device, non_blocking=True)
+    _ADDRESS_TABLES[key] = addresses
+    if len(_ADDRESS_TABLES) > _ADDRESS_TABLES_KEPT:
+        _ADDRESS_TABLES.popitem(last=False)
     return shard.tensors[0], addresses
 
 

@@ -24,6 +24,11 @@ inline uint32_t float_bits(float x) {
   return bits;
 }
 
+// A piece entry's flags (speculate_piece): 32 bits, as wide as its floats, so that the vectorised
+// loop stores them from the lanes that computed them (byte flags made GCC unroll it 4x to fill a
+// vector of bytes, and spill on AVX2's 16 registers).
+using Flags = uint32_t;
+
 // A piece's counts: entries inside the window, selected updates that cannot be undone, entries
 // above the window, entries whose |m| is not 0.
 struct PieceCounts {
@@ -45,7 +50,7 @@ enum class Moments { kUpdated, kLerpFromStart, kLerpFromEnd };
 // for the unselected p of such an entry is NaN and the step could not be added to it later.
 template <typename Grad, Moments kMoments>
 inline bool speculate_piece(const Grad* __restrict grad, float* __restrict p, float* __restrict m,
-                            float* __restrict v, float* __restrict before, uint8_t* __restrict flags,
+                            float* __restrict v, float* __restrict before, Flags* __restrict flags,
                             int64_t n, Window window, const MomentsConstants& moments,
                             const UpdateConstants& c, PieceCounts& counts) {
   // (int32 and & instead of &&: GCC vectorises)
@@ -69,7 +74,7 @@ inline bool speculate_piece(const Grad* __restrict grad, float* __restrict p, fl
     const bool lossy = selected & (float_bits(updated - step) != float_bits(unselected));
     before[i] = old;
     p[i] = selected ? updated : unselected;
-    flags[i] = uint8_t(in_window) | uint8_t(uint8_t(lossy) << 1);
+    flags[i] = Flags(in_window) | (Flags(lossy) << 1);
     inside += in_window;
     irreversible += lossy;
     above += selected;
@@ -83,7 +88,7 @@ inline bool speculate_piece(const Grad* __restrict grad, float* __restrict p, fl
 // speculate_piece with the moments form of segment s and these constants
 template <typename Grad>
 inline bool speculate_segment_piece(const Segment& s, const Grad* grad, float* p, float* m, float* v,
-                                    float* before, uint8_t* flags, int64_t n, Window window,
+                                    float* before, Flags* flags, int64_t n, Window window,
                                     const MomentsConstants& moments, const UpdateConstants& c,
                                     PieceCounts& counts) {
   if (s.rowscale_start >= 0) {
@@ -157,12 +162,28 @@ struct SpeculationLists {
   }
 };
 
-// Bit j of the result: flags[j] != 0, for j < n <= 64 (AVX-512BW: one compare for 64 flags).
-inline uint64_t nonzero_mask(const uint8_t* flags, int64_t n) {
-#if defined(__AVX512BW__)
+// Bit j of the result: flags[j] != 0, for j < n <= 64 (AVX-512F: four compares of 16 flags;
+// AVX2: eight of 8).
+inline uint64_t nonzero_mask(const Flags* flags, int64_t n) {
+#if defined(__AVX512F__)
   if (n == 64) {
-    const __m512i bytes = _mm512_loadu_si512(flags);
-    return _mm512_test_epi8_mask(bytes, bytes);
+    uint64_t mask = 0;
+    for (int j = 0; j < 4; ++j) {
+      const __m512i lanes = _mm512_loadu_si512(flags + 16 * j);
+      mask |= uint64_t(_mm512_test_epi32_mask(lanes, lanes)) << (16 * j);
+    }
+    return mask;
+  }
+#elif defined(__AVX2__)
+  if (n == 64) {
+    const __m256i zero = _mm256_setzero_si256();
+    uint64_t zeros = 0;
+    for (int j = 0; j < 8; ++j) {
+      const __m256i lanes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(flags + 8 * j));
+      zeros |= uint64_t(uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(lanes, zero)))))
+               << (8 * j);
+    }
+    return ~zeros;
   }
 #endif
   uint64_t mask = 0;
@@ -173,7 +194,7 @@ inline uint64_t nonzero_mask(const uint8_t* flags, int64_t n) {
 // Lists the flagged entries of a committed piece starting at shard element `start` into the
 // reserved slots, and counts its window entries by level-1 prefix. A piece lists ~1% of its
 // entries: the flags are scanned 64 at a time and only the set ones visited.
-inline void list_piece(const float* m, const float* v, const float* before, const uint8_t* flags,
+inline void list_piece(const float* m, const float* v, const float* before, const Flags* flags,
                        int64_t start, int64_t n, int64_t block, Window window, int64_t shift,
                        const UpdateConstants& c, LocalHistogram& histogram, SpeculationLists& lists,
                        int64_t deferred_slot, int64_t rollback_slot) {
@@ -231,7 +252,7 @@ Leftovers speculative_update_impl(const std::vector<const Grad*>& grads, const s
     const uint32_t width = (window.high - window.low) >> hints.shift;
     LocalHistogram& histogram = context.histograms[1];
     alignas(64) float before[kSpeculationPiece];
-    alignas(64) uint8_t flags[kSpeculationPiece];
+    alignas(64) Flags flags[kSpeculationPiece];
     int64_t above = 0, nonzero = 0;
     for (int64_t start = first; start < last; start += kSpeculationPiece) {
       const int64_t stop = std::min(start + kSpeculationPiece, last);

@@ -14,8 +14,10 @@ from dsforget.kernels.moments import HINT_SHIFT, HINT_WINDOW, HintedCounts
 from dsforget.kernels.radix import abs_bits, digit_and_prefix
 from dsforget.kernels.tiles import (
     TRITON_LAUNCH,
+    TensorList,
     forced_triton_launch,
     tile_table,
+    triton_buffer,
     triton_launch,
     triton_launches,
     triton_tiles,
@@ -229,3 +231,23 @@ def test_every_launch_of_the_table_gives_the_same_bits(tile_size, num_warps, ali
     assert_bitwise(actual["nonzero"], own_nonzero, "nonzero")
     after = {name: actual[name] for name in ("exp_avg", "exp_avg_sq", "param")}
     assert_padding_untouched(after, {name: before[name] for name in after}, shard)
+
+
+def test_a_lists_address_table_is_reused_while_its_tensors_stay():
+    """The Triton kernels' address table of a TensorList holds its tensors' addresses; a second
+    call for the same tensors reuses the table on the device (no copy per step), and a list with
+    a new tensor (a gradient reallocated by backward) gets a table with the new address."""
+
+    def listed(tensors: list[torch.Tensor]) -> TensorList:
+        return TensorList(tuple(tensors), TensorList.starts_of([t.numel() for t in tensors]))
+
+    tensors = [torch.zeros(5), torch.zeros(3)]
+    pointer, table = triton_buffer(listed(tensors))
+    assert pointer is tensors[0]
+    assert table.tolist() == [t.data_ptr() for t in tensors]
+    assert triton_buffer(listed(tensors))[1] is table
+    replaced = [tensors[0], torch.zeros(3)]
+    _, new_table = triton_buffer(listed(replaced))
+    assert new_table is not table
+    assert new_table.tolist() == [t.data_ptr() for t in replaced]
+    assert triton_buffer(tensors[0]) == (tensors[0], None)
