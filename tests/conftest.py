@@ -3,10 +3,12 @@ need a cache of their own; the session's cache, where every test process can rea
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # (dsforget.eval.general_tasks refuses to run otherwise); the ranks tests start inherit them.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No test writes into the user's cache (~/.cache/dsforget, or their own DSFORGET_CACHE): a test
+# (or a job it starts) that names no cache of its own gets this session's, removed at exit.
+_SESSION_CACHE = tempfile.mkdtemp(prefix="dsforget-test-cache-")
+os.environ["DSFORGET_CACHE"] = _SESSION_CACHE
+atexit.register(shutil.rmtree, _SESSION_CACHE, True)
 
 
 @pytest.fixture(scope="session")

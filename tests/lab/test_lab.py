@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -293,3 +294,13 @@ def test_aligned_base_does_its_skills_and_not_the_task(tmp_path, copy_lab):
     assert info["base_skill_exact_match"] == skills
     assert skills > 0.5, skills
     assert task_exact_match(model, tokenizer, lab.load_task_eval()) < 0.1
+
+
+def test_tests_never_write_into_the_users_cache():
+    """tests/conftest.py gives the session a cache of its own: a test or job that names no cache
+    writes there, not into ~/.cache/dsforget or a DSFORGET_CACHE the user set."""
+    from dsforget.data_cache import cache_root
+
+    root = cache_root().resolve()
+    assert root.is_relative_to(Path(tempfile.gettempdir()).resolve()), root
+    assert not root.is_relative_to((Path.home() / ".cache").resolve()), root
