@@ -312,6 +312,13 @@ def list_tiles(table: SegmentTable, tiles: TileTable, shard: TensorList) -> List
     return cached
 
 
+def _on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on `device`; on CUDA without a host sync (pinned, non-blocking)."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 _STARTS_CACHE: dict[tuple[int, str], torch.Tensor] = {}
 
 
@@ -321,9 +328,7 @@ def device_starts(shard: TensorList) -> torch.Tensor:
     key = (id(shard.starts), str(shard.device))
     cached = _STARTS_CACHE.get(key)
     if cached is None:
-        cached = shard.starts
-        if shard.device.type == "cuda":
-            cached = cached.pin_memory().to(shard.device, non_blocking=True)
+        cached = _on_device(shard.starts, shard.device)
         _STARTS_CACHE[key] = cached
         weakref.finalize(shard.starts, _STARTS_CACHE.pop, key, None)
     return cached
@@ -376,9 +381,7 @@ def triton_buffer(shard: Shard) -> tuple[torch.Tensor, torch.Tensor | None]:
     if addresses is not None:
         _ADDRESS_TABLES.move_to_end(key)
         return shard.tensors[0], addresses
-    addresses = torch.tensor(key[1], dtype=torch.int64)
-    if shard.device.type == "cuda":
-        addresses = addresses.pin_memory().to(shard.device, non_blocking=True)
+    addresses = _on_device(torch.tensor(key[1], dtype=torch.int64), shard.device)
     _ADDRESS_TABLES[key] = addresses
     if len(_ADDRESS_TABLES) > _ADDRESS_TABLES_KEPT:
         _ADDRESS_TABLES.popitem(last=False)
