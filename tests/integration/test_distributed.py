@@ -59,7 +59,7 @@ MATRIX = [
     Config("zero2-full", stage=2, method="full", options={}),
     Config("zero3-mofo-dropin", stage=3, dropin=True),
     Config("zero3-torch-path", stage=3, backend="torch"),
-    Config("zero2-triton-interpreted", stage=2, backend="triton"),
+    Config("zero2-triton-in-the-interpreter", stage=2, backend="triton"),
     Config("zero2-plain-deepspeed-initialize", stage=2, plain=True),
     Config("zero3-plain-deepspeed-initialize", stage=3, plain=True, weight_decay=0.1),
     Config("zero3-hft", stage=3, method="hft", options={"seed": 3}, weight_decay=0.1),
@@ -105,22 +105,34 @@ def method_options(config: Config, directory: Path) -> dict:
     return dict(config.options)
 
 
-def run_config(config: Config, tmp_path: Path, steps: int = STEPS, **extra) -> dict:
-    torch.save(initial_state(family=config.family), tmp_path / "init.pt")
-    torch.save(batches(steps, WORLD, MICRO_BATCH), tmp_path / "data.pt")
-    spec = {
+def write_spec(config: Config, directory: Path, steps: int = STEPS, **extra) -> dict:
+    """The worker's spec of one run, its initial weights and data written into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(initial_state(family=config.family), directory / "init.pt")
+    torch.save(batches(steps, WORLD, MICRO_BATCH), directory / "data.pt")
+    return {
         **asdict(config),
         **extra,
-        "options": method_options(config, tmp_path),
+        "options": method_options(config, directory),
         "fraction": config.options.get("fraction", 1.0),
         "micro_batch": MICRO_BATCH,
-        "init": str(tmp_path / "init.pt"),
-        "data": str(tmp_path / "data.pt"),
-        "out": str(tmp_path / "out.pt"),
+        "init": str(directory / "init.pt"),
+        "data": str(directory / "data.pt"),
+        "out": str(directory / "out.pt"),
     }
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    env = {"TRITON_INTERPRET": "1"} if config.backend == "triton" else None
-    run_ranks([WORKER, str(tmp_path / "spec.json")], WORLD, env=env)
+
+
+def run_specs(specs: list[dict], spec_file: Path, interpreted: bool, timeout: float = 300) -> None:
+    """The runs of `specs` one after another in one 2-rank job."""
+    spec_file.write_text(json.dumps(specs))
+    env = {"TRITON_INTERPRET": "1"} if interpreted else None
+    run_ranks([WORKER, str(spec_file)], WORLD, env=env, timeout=timeout)
+
+
+def run_config(config: Config, tmp_path: Path, steps: int = STEPS, **extra) -> dict:
+    """One run in a job of its own: its final parameters, losses and collective counts."""
+    spec = write_spec(config, tmp_path, steps, **extra)
+    run_specs([spec], tmp_path / "spec.json", config.backend == "triton")
     return torch.load(tmp_path / "out.pt")
 
 
@@ -166,12 +178,26 @@ def assert_same_parameters(reference: TinyLM, sharded: dict[str, torch.Tensor], 
     assert flips <= max(1, total // 10_000), "\n".join(report)
 
 
+@pytest.fixture(scope="module")
+def matrix_runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """Every MATRIX run, in one 2-rank job per TRITON_INTERPRET setting (start-up is most of a
+    tiny run's time: one job per run took ~3x as long): name -> (its directory, its result).
+    Each run builds its own model, optimizer and engine; a failing run fails the job, and its
+    rank output names the run."""
+    root = tmp_path_factory.mktemp("matrix")
+    for interpreted in (False, True):
+        group = [config for config in MATRIX if (config.backend == "triton") == interpreted]
+        specs = [write_spec(config, root / config.name) for config in group]
+        run_specs(specs, root / f"specs-{interpreted}.json", interpreted, timeout=120 + 30 * len(group))
+    return {config.name: (root / config.name, torch.load(root / config.name / "out.pt")) for config in MATRIX}
+
+
 @pytest.mark.parametrize("config", MATRIX, ids=[c.name for c in MATRIX])
-def test_sharded_run_equals_dense_single_process(config: Config, tmp_path: Path) -> None:
+def test_sharded_run_equals_dense_single_process(config: Config, matrix_runs: dict) -> None:
     """Catches layouts that map shard elements to the wrong parameter entries, top-k taken per
     shard instead of per parameter, row scales tiled from the shard start, and DeepSpeed
     configurations the optimizer silently mis-binds."""
-    result = run_config(config, tmp_path)
+    tmp_path, result = matrix_runs[config.name]
     assert_same_parameters(dense_reference(config, tmp_path), result["params"], config.lr)
     initial = initial_state(family=config.family)
     moved = [name for name, p in result["params"].items() if not torch.equal(p, initial[name])]

@@ -1,6 +1,10 @@
-"""One rank of a DeepSpeed run of TinyLM; rank 0 saves the final full parameters.
+"""One rank of DeepSpeed runs of TinyLM; rank 0 saves each run's final full parameters.
 
 Usage: python train_tiny.py SPEC.json   (SPEC: see tests/integration/test_distributed.py)
+
+SPEC.json holds one run's spec, or a list of them: the runs then follow one another in this
+process group, each with a model, optimizer and engine of its own (a rank's start-up, ~5 s of
+imports, is most of a tiny run's time).
 """
 
 from __future__ import annotations
@@ -33,10 +37,9 @@ def zero_config(spec: dict) -> dict:
     }
 
 
-def main() -> None:
-    spec = json.loads(open(sys.argv[1]).read())
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank = deepspeed.comm.get_rank()
+def run(spec: dict, rank: int) -> None:
+    """One run: train, then save the final full parameters (rank 0)."""
+    print(f"rank {rank} run {spec.get('name', '')}", flush=True)
     model = TinyLM(spec.get("family", "llama"))
     model.load_state_dict(torch.load(spec["init"]))
     hyper = dict(lr=spec["lr"], weight_decay=spec.get("weight_decay", 0.0))
@@ -88,8 +91,16 @@ def main() -> None:
         final = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
     if rank == 0:
         torch.save({"params": final, "losses": losses, "collectives": collectives}, spec["out"])
-    print(f"rank {rank} done, losses {losses}")
+    print(f"rank {rank} done, losses {losses}", flush=True)
     deepspeed.comm.barrier()
+
+
+def main() -> None:
+    specs = json.loads(open(sys.argv[1]).read())
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = deepspeed.comm.get_rank()
+    for spec in specs if isinstance(specs, list) else [specs]:
+        run(spec, rank)
     deepspeed.comm.destroy_process_group()
     # After a finished ZeRO-3 run on CPU ranks, interpreter teardown sometimes aborts in native
     # code ("terminate called without an active exception", about 1 run in 10 here); the result
