@@ -4,6 +4,7 @@ its own process: the multi-tensor step against torch's fused AdamW.
     python -m dsforget.kernels.bench_model --matrices 6x2048              # issue 19's configuration
     python -m dsforget.kernels.bench_model --matrices 6x2048 --fraction 0.1 --steps 40 --timed 15
     python -m dsforget.kernels.bench_model --matrices 3x64 --tiny         # smoke run (the tests run it)
+    python -m dsforget.kernels.bench_model --matrices 6x2048 --paired     # one process, steps alternate
 
 The parameters are N matrices of D x D fp32 (an nn.ParameterList, no ZeRO, no DeepSpeed); every
 implementation steps all of them: ``MoFOAdamW(model.named_parameters(), fraction=...)`` with its
@@ -14,6 +15,12 @@ state), taking --steps steps of which the last --timed are timed (by default ste
 gradient stream is stationary: g = mean + noise, the mean fixed per matrix and the noise (same
 scale) drawn fresh, untimed, before every step, so |m| and the MoFO thresholds settle and then
 jitter as in a long fine-tune.
+
+With --paired every implementation runs in this one process instead, on its own copy of the
+matrices, and their steps alternate (the order rotated every step) with the same gradients: the
+ratio then compares steps timed within milliseconds of each other, where the separate processes
+can land in different phases of a shared machine (kernels/RESULTS.md, session 13: one process of
+AdamW took 12.1 ms and the next 15.8 ms). Peak memory is not measured in that mode.
 
 Columns: median step time with p20/p80 over the timed steps; the ratio to torch's fused AdamW;
 peak extra memory in fp32 copies of the parameters beyond the Adam moments: the process's peak
@@ -77,13 +84,21 @@ def _reset_peak() -> bool:
         return False
 
 
+def _matrices(
+    count: int, dim: int, generator: torch.Generator
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The initial weights and the fixed gradient means of the benchmark's matrices."""
+    weights = [torch.randn(dim, dim, generator=generator) * 0.02 for _ in range(count)]
+    return weights, [torch.randn(dim, dim, generator=generator) * GRAD_SCALE for _ in weights]
+
+
 def measure(name: str, count: int, dim: int, fraction: float, steps: int, timed: int, seed: int) -> dict:
     """One implementation in this process: times of its last `timed` steps, and its peak extra
     memory (see the module docstring)."""
     generator = torch.Generator().manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(dim, dim, generator=generator) * 0.02) for _ in range(count)]
+    weights, means = _matrices(count, dim, generator)
+    params = [torch.nn.Parameter(weight) for weight in weights]
     named = [(f"layers.{i}.weight", param) for i, param in enumerate(params)]
-    means = [torch.randn(dim, dim, generator=generator) * GRAD_SCALE for _ in params]
     # written now, so their pages are resident before the baseline (an empty tensor's are not,
     # and the first step would count them)
     noise = torch.zeros(dim, dim)
@@ -113,6 +128,40 @@ def measure(name: str, count: int, dim: int, fraction: float, steps: int, timed:
         "peak_extra_copies": extra / param_bytes if peak_reset else None,
         "threads": torch.get_num_threads(),
     }
+
+
+def measure_paired(count: int, dim: int, fraction: float, steps: int, timed: int, seed: int) -> list[dict]:
+    """Every implementation in this process, each on its own copy of the matrices, their steps
+    alternating (the order rotated every step) with the same gradients: times of the last
+    `timed` steps of each (see the module docstring)."""
+    generator = torch.Generator().manual_seed(seed)
+    weights, means = _matrices(count, dim, generator)
+    runs = []
+    for name, factory in implementations(fraction).items():
+        params = [torch.nn.Parameter(weight.clone()) for weight in weights]
+        for param in params:
+            param.grad = torch.zeros_like(param)
+        optimizer = factory([(f"layers.{i}.weight", param) for i, param in enumerate(params)])
+        if hasattr(optimizer, "prepare_kernels"):
+            optimizer.prepare_kernels()
+        runs.append((name, params, optimizer, []))
+    noise = torch.zeros(dim, dim)
+    for step in range(1, steps + 1):
+        for index, mean in enumerate(means):
+            noise.normal_(0.0, GRAD_SCALE, generator=generator)
+            for _, params, _, _ in runs:
+                torch.add(mean, noise, out=params[index].grad)
+        for turn in range(len(runs)):
+            _, _, optimizer, times = runs[(step + turn) % len(runs)]
+            start = time.perf_counter()
+            optimizer.step()
+            if step > steps - timed:
+                times.append((time.perf_counter() - start) * 1e3)
+    threads = torch.get_num_threads()
+    return [
+        {"name": name, "times": times, "peak_extra_copies": None, "threads": threads}
+        for name, *_, times in runs
+    ]
 
 
 def run_isolated(name: str, argv: list[str]) -> dict:
@@ -149,7 +198,15 @@ def format_table(title: str, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(matrices: str, fraction: float, steps: int, timed: int, only: str | None, argv: list[str]) -> int:
+def main(
+    matrices: str,
+    fraction: float,
+    steps: int,
+    timed: int,
+    only: str | None,
+    argv: list[str],
+    paired: bool = False,
+) -> int:
     count, dim = (int(part) for part in matrices.lower().split("x"))
     if only is not None:
         result = measure(only, count, dim, fraction, steps, timed, seed=0)
@@ -161,11 +218,15 @@ def main(matrices: str, fraction: float, steps: int, timed: int, only: str | Non
         + ", ".join(f"{k} {v}" for k, v in versions().items())
         + f"; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
-    results = [run_isolated(name, argv) for name in implementations(fraction)]
+    if paired:
+        results = measure_paired(count, dim, fraction, steps, timed, seed=0)
+        how = "all implementations in one process, their steps alternating (peak memory not measured)"
+    else:
+        results = [run_isolated(name, argv) for name in implementations(fraction)]
+        how = "each implementation in its own process"
     title = (
         f"### {count} matrices of {dim} x {dim} fp32 ({count * dim * dim / 1e6:.1f} M parameters), "
-        f"fraction {fraction}, no ZeRO; steps {steps - timed + 1}-{steps} timed, each implementation "
-        "in its own process"
+        f"fraction {fraction}, no ZeRO; steps {steps - timed + 1}-{steps} timed, {how}"
     )
     print("\n" + format_table(title, results), flush=True)
     return 0

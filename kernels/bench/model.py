@@ -5,6 +5,8 @@
     python -m dsforget.kernels.bench_model --tiny                    # smoke run (the tests run it)
     python -m dsforget.kernels.bench_model --matrices 6x2048         # N separate D x D matrices,
                                                                      # one process each: matrices.py
+    python -m dsforget.kernels.bench_model --matrices 6x2048 --paired  # the same, steps alternating
+                                                                       # in one process
 
 Where `python -m dsforget.kernels.bench` times one flat shard (what ZeRO hands the optimizer),
 this times `optimizer.step()` over every parameter tensor of a LlamaForCausalLM built from a
@@ -172,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     matrices.add_argument("--fraction", type=float, default=0.1, help="MoFO's fraction (with --matrices)")
     matrices.add_argument("--steps", type=int, default=40, help="steps per process (with --matrices)")
     matrices.add_argument("--timed", type=int, default=15, help="the last steps, timed (with --matrices)")
+    matrices.add_argument(
+        "--paired",
+        action="store_true",
+        help="every implementation in one process, steps alternating (with --matrices; no peak memory)",
+    )
     matrices.add_argument("--only", help=argparse.SUPPRESS)  # a measuring child process's implementation
     args = parser.parse_args(argv)
     if args.matrices:
@@ -183,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
             "--matrices", args.matrices, "--fraction", str(args.fraction),
             "--steps", str(args.steps), "--timed", str(args.timed),
         ]  # fmt: skip
-        return separate.main(args.matrices, args.fraction, args.steps, args.timed, args.only, child_argv)
+        return separate.main(
+            args.matrices, args.fraction, args.steps, args.timed, args.only, child_argv, paired=args.paired
+        )
     device = torch.device(args.device)
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU ops, before it is imported

@@ -77,11 +77,15 @@ def test_benchmark_does_not_hang_on_a_stale_deepspeed_build_lock(tmp_path, monke
     assert time.monotonic() - started < 10
 
 
-def test_separate_matrices_benchmark_tiny_run():
+@pytest.mark.parametrize("paired", [False, True], ids=["own-processes", "paired"])
+def test_separate_matrices_benchmark_tiny_run(paired: bool):
     """Keeps `python -m dsforget.kernels.bench_model --matrices` from rotting: each implementation
-    runs in its own process and reports a time, a ratio to torch's fused AdamW and its peak extra
-    memory."""
-    result = run_python(["-m", "dsforget.kernels.bench_model", "--matrices", "3x64", "--tiny"])
+    runs in its own process (or, with --paired, all in one, their steps alternating) and reports
+    a time, a ratio to torch's fused AdamW and its peak extra memory (not measured when paired)."""
+    flags = ["--paired"] if paired else []
+    result = run_python(["-m", "dsforget.kernels.bench_model", "--matrices", "3x64", "--tiny", *flags])
+    how = "all implementations in one process" if paired else "each implementation in its own process"
+    assert how in result.stdout, result.stdout
     rows = {
         cells[0]: cells[1:]
         for line in result.stdout.splitlines()
@@ -92,6 +96,7 @@ def test_separate_matrices_benchmark_tiny_run():
     assert set(rows) == {f"mofo-{backend}", f"mofo-{backend}-per-tensor", "torch-adamw-fused"}, result.stdout
     for cells in rows.values():
         assert float(cells[0]) > 0 and float(cells[2]) > 0, result.stdout
+        assert cells[3] == "n/a" or not paired, result.stdout  # one process: no peak per implementation
     assert float(rows["torch-adamw-fused"][2]) == 1.0
 
 
