@@ -92,21 +92,28 @@ def _matrices(
     return weights, [torch.randn(dim, dim, generator=generator) * GRAD_SCALE for _ in weights]
 
 
+def _stepping(
+    factory: Factory, weights: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+    """Parameters on `weights`, with zero gradients written now (their pages resident before a
+    memory baseline: an empty tensor's are not, and the first step would count them), and the
+    factory's optimizer over them with its kernels loaded."""
+    params = [torch.nn.Parameter(weight) for weight in weights]
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    optimizer = factory([(f"layers.{i}.weight", param) for i, param in enumerate(params)])
+    if hasattr(optimizer, "prepare_kernels"):
+        optimizer.prepare_kernels()  # the C++ extension loaded before the first step
+    return params, optimizer
+
+
 def measure(name: str, count: int, dim: int, fraction: float, steps: int, timed: int, seed: int) -> dict:
     """One implementation in this process: times of its last `timed` steps, and its peak extra
     memory (see the module docstring)."""
     generator = torch.Generator().manual_seed(seed)
     weights, means = _matrices(count, dim, generator)
-    params = [torch.nn.Parameter(weight) for weight in weights]
-    named = [(f"layers.{i}.weight", param) for i, param in enumerate(params)]
-    # written now, so their pages are resident before the baseline (an empty tensor's are not,
-    # and the first step would count them)
-    noise = torch.zeros(dim, dim)
-    for param in params:
-        param.grad = torch.zeros_like(param)
-    optimizer = implementations(fraction)[name](named)
-    if hasattr(optimizer, "prepare_kernels"):
-        optimizer.prepare_kernels()  # the C++ extension loaded before the baseline
+    noise = torch.zeros(dim, dim)  # written now, as the gradients (see _stepping)
+    params, optimizer = _stepping(implementations(fraction)[name], weights)
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     peak_reset = _reset_peak()
     baseline_kib = _resident_kib("VmRSS")
@@ -138,12 +145,7 @@ def measure_paired(count: int, dim: int, fraction: float, steps: int, timed: int
     weights, means = _matrices(count, dim, generator)
     runs = []
     for name, factory in implementations(fraction).items():
-        params = [torch.nn.Parameter(weight.clone()) for weight in weights]
-        for param in params:
-            param.grad = torch.zeros_like(param)
-        optimizer = factory([(f"layers.{i}.weight", param) for i, param in enumerate(params)])
-        if hasattr(optimizer, "prepare_kernels"):
-            optimizer.prepare_kernels()
+        params, optimizer = _stepping(factory, [weight.clone() for weight in weights])
         runs.append((name, params, optimizer, []))
     noise = torch.zeros(dim, dim)
     for step in range(1, steps + 1):
