@@ -240,20 +240,10 @@ def test_shard_mode_selects_per_rank_slice(tmp_path: Path) -> None:
 
 def test_rank_with_other_plan_fails_fast(tmp_path: Path) -> None:
     """A rank that built its own plan (other fraction) must stop before training, naming itself."""
-    torch.save(initial_state(), tmp_path / "init.pt")
-    torch.save(batches(1, WORLD, MICRO_BATCH), tmp_path / "data.pt")
-    spec = {
-        **asdict(Config("mismatch", stage=2)),
-        "fraction": 0.3,
-        "corrupt_plan_on_rank": 1,
-        "micro_batch": MICRO_BATCH,
-        "init": str(tmp_path / "init.pt"),
-        "data": str(tmp_path / "data.pt"),
-        "out": str(tmp_path / "out.pt"),
-    }
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    config = Config("mismatch", stage=2)  # its fraction, 0.3, is what rank 0 keeps
+    spec = write_spec(config, tmp_path, steps=1, corrupt_plan_on_rank=1)
     with pytest.raises(RankFailure) as failure:
-        run_ranks([WORKER, str(tmp_path / "spec.json")], WORLD, timeout=120)
+        run_specs([spec], tmp_path / "spec.json", interpreted=False, timeout=120)
     assert failure.value.ranks == [0, 1]
     assert "rank(s) [1] hold a plan whose digest differs from rank 0" in failure.value.outputs[0]
     assert not (tmp_path / "out.pt").exists()
